@@ -1,0 +1,101 @@
+"""Frozen configuration dataclasses for every component.
+
+The defaults are Stable Diffusion 1.5; `TINY` is a small model of the same architecture that
+runs in seconds on a CPU. Nothing here imports torch, so configs load before any model does.
+"""
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class TextEncoderConfig:
+    """CLIP text transformer (SD 1.x: OpenAI CLIP ViT-L/14's text tower)."""
+
+    vocab_size: int = 49408
+    context_length: int = 77  # number of positions; prompts are padded/truncated to this
+    width: int = 768
+    layers: int = 12
+    heads: int = 12
+    mlp_width: int = 3072
+    activation: str = "quick_gelu"  # OpenCLIP encoders (SD 2.x) use "gelu"
+    layer_norm_eps: float = 1e-5
+    eos_token_id: int = 49407  # the pooled output is taken at the first EOS token
+    clip_skip: int = 1  # 1 = last layer; 2 = penultimate layer (+ final norm), as UIs do
+
+
+@dataclass(frozen=True)
+class UNetConfig:
+    """LDM UNet with cross-attention (SD 1.x; SD 2.x differs only in the knobs marked)."""
+
+    in_channels: int = 4
+    out_channels: int = 4
+    model_channels: int = 320
+    channel_mult: tuple[int, ...] = (1, 2, 4, 4)
+    num_res_blocks: int = 2
+    attention_levels: tuple[int, ...] = (0, 1, 2)  # levels (by index into channel_mult) with cross-attention
+    num_heads: int = 8  # SD 1.x: a fixed head count
+    head_dim: int | None = None  # SD 2.x: a fixed head size (64); overrides num_heads when set
+    transformer_depth: int = 1
+    context_dim: int = 768  # SD 2.x: 1024
+    use_linear_proj: bool = False  # SD 2.x: proj_in/proj_out are Linear instead of 1x1 Conv
+    norm_groups: int = 32
+    norm_eps: float = 1e-5
+
+
+@dataclass(frozen=True)
+class VAEConfig:
+    """AutoencoderKL with 8x spatial downsampling (SD 1.x/2.x)."""
+
+    in_channels: int = 3
+    out_channels: int = 3
+    channels: int = 128
+    channel_mult: tuple[int, ...] = (1, 2, 4, 4)
+    num_res_blocks: int = 2
+    latent_channels: int = 4
+    norm_groups: int = 32
+    norm_eps: float = 1e-6
+    scaling_factor: float = 0.18215  # applied outside the VAE: latents = scaling_factor * z
+
+
+@dataclass(frozen=True)
+class ScheduleConfig:
+    """The training noise schedule and inference timestep spacing (SD 1.x's scheduler config)."""
+
+    num_train_timesteps: int = 1000
+    beta_schedule: str = "scaled_linear"  # "scaled_linear" | "linear" | "squaredcos_cap_v2"
+    beta_start: float = 0.00085
+    beta_end: float = 0.012
+    prediction_type: str = "epsilon"  # "epsilon" | "v_prediction"
+    timestep_spacing: str = "leading"  # "leading" | "trailing" | "linspace"
+    steps_offset: int = 1
+    set_alpha_to_one: bool = False
+    clip_sample: bool = False
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """All parts of a Stable Diffusion pipeline."""
+
+    text_encoder: TextEncoderConfig = field(default_factory=TextEncoderConfig)
+    unet: UNetConfig = field(default_factory=UNetConfig)
+    vae: VAEConfig = field(default_factory=VAEConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+
+
+SD15 = ModelConfig()
+
+# Same architecture, a few hundred thousand parameters per part: for CPU tests and the
+# embedded default run. Channels stay multiples of norm_groups.
+TINY = ModelConfig(
+    text_encoder=TextEncoderConfig(width=32, layers=2, heads=4, mlp_width=64),
+    unet=UNetConfig(
+        model_channels=32,
+        channel_mult=(1, 2),
+        num_res_blocks=1,
+        attention_levels=(0, 1),
+        num_heads=2,
+        context_dim=32,
+        norm_groups=8,
+    ),
+    vae=VAEConfig(channels=32, channel_mult=(1, 2, 2, 2), num_res_blocks=1, norm_groups=8),
+)

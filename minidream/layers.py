@@ -1,0 +1,73 @@
+"""Building blocks shared by the text encoder, the UNet and the VAE."""
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+
+class GroupNorm32(nn.GroupNorm):
+    """GroupNorm computed in fp32 whatever the input dtype.
+
+    Half-precision variance over large groups loses enough precision to shift SD's outputs
+    visibly, so the statistics are always taken in fp32 and the result cast back.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight = None if self.weight is None else self.weight.float()
+        bias = None if self.bias is None else self.bias.float()
+        return F.group_norm(x.float(), self.num_groups, weight, bias, self.eps).to(x.dtype)
+
+
+def multihead_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, causal: bool = False
+) -> torch.Tensor:
+    """Scaled dot-product attention over B x N x (heads * d) projections.
+
+    Splits heads to B x heads x N x d for `F.scaled_dot_product_attention` (flash / memory-
+    efficient kernels where available) and merges them back to B x N x (heads * d).
+    """
+    b, n, inner = q.shape
+    d = inner // heads
+    q, k, v = (x.reshape(b, -1, heads, d).transpose(1, 2) for x in (q, k, v))
+    out = F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+    return out.transpose(1, 2).reshape(b, n, inner)
+
+
+def timestep_embedding(timesteps: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
+    """Sinusoidal embedding of (possibly fractional) timesteps, B -> B x dim.
+
+    LDM's convention: frequencies exp(-ln(max_period) * i / half) for i < half, and the
+    cosines come before the sines (diffusers: flip_sin_to_cos=True, freq_shift=0).
+    """
+    half = dim // 2
+    exponent = -math.log(max_period) * torch.arange(half, dtype=torch.float32, device=timesteps.device) / half
+    args = timesteps.float()[:, None] * torch.exp(exponent)[None, :]
+    embedding = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+    if dim % 2:
+        embedding = F.pad(embedding, (0, 1))
+    return embedding
+
+
+class Upsample(nn.Module):
+    """Nearest-neighbour 2x upsampling, then a 3x3 conv (the UNet's and the VAE decoder's `upsample.conv`)."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+
+
+def maybe_checkpoint(enabled: bool, block: nn.Module, *inputs: torch.Tensor | None) -> torch.Tensor:
+    """block(*inputs), recomputing its activations during backward instead of storing them when enabled.
+
+    Non-reentrant checkpointing replays the same ops, so it trades compute for memory and
+    never changes the numbers. Without autograd there is nothing to save, so it is skipped.
+    """
+    if enabled and torch.is_grad_enabled():
+        return checkpoint(block, *inputs, use_reentrant=False)
+    return block(*inputs)
