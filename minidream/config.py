@@ -99,3 +99,91 @@ TINY = ModelConfig(
     ),
     vae=VAEConfig(channels=32, channel_mult=(1, 2, 2, 2), num_res_blocks=1, norm_groups=8),
 )
+
+
+@dataclass(frozen=True)
+class ModelSection:
+    architecture: str = "sd15"  # "sd15" | "tiny": the shapes to build when no weights are given
+    weights: str | None = None  # checkpoint file or folder; None = random init (tiny runs, tests)
+    use_ema: bool = False  # take model_ema.* weights from single files that carry them
+
+
+@dataclass(frozen=True)
+class DataSection:
+    instance_dir: str = ""
+    instance_prompt: str = "a photo of sks dog"
+    example_subject: bool = False  # draw the built-in example subject into instance_dir (embedded default)
+    class_dir: str | None = None  # None = no prior preservation
+    class_prompt: str = "a photo of dog"
+    num_class_images: int = 200
+    resolution: int = 512
+    center_crop: bool = True  # False = random crop
+    random_flip: bool = False
+    skip_bad_images: bool = False  # True = warn and skip undecodable files instead of stopping
+    class_sampler: str = "ddim"
+    class_steps: int = 50
+    class_guidance: float = 7.5
+    class_batch_size: int = 4
+
+
+@dataclass(frozen=True)
+class TrainSection:
+    max_steps: int = 800
+    batch_size: int = 1  # instance images per optimizer step per rank (class images double it)
+    lr: float = 2e-6
+    text_encoder_lr: float | None = None  # None = same as lr
+    lr_schedule: str = "constant"  # "constant" | "linear" | "cosine"
+    warmup_steps: int = 0
+    prior_loss_weight: float = 1.0
+    train_text_encoder: bool = False
+    mixed_precision: str = "no"  # "no" | "fp16" | "bf16"
+    gradient_accumulation_steps: int = 1
+    gradient_checkpointing: bool = False
+    max_grad_norm: float = 1.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_eps: float = 1e-8
+    weight_decay: float = 1e-2
+    seed: int = 0
+    cache_latents: bool = True  # encode each image once when the transforms are deterministic
+    compile: bool = False
+    device: str = "auto"  # "auto" (this rank's GPU if any, else CPU) | "cpu" | "cuda"
+    max_nonfinite_steps: int = 5  # stop after this many consecutive non-finite losses
+
+
+@dataclass(frozen=True)
+class CheckpointSection:
+    every_n_steps: int = 200
+    keep_last: int = 2
+
+
+@dataclass(frozen=True)
+class RunSection:
+    output_dir: str = "runs/dreambooth"
+    resume: str = "none"  # "none" | "latest" | a checkpoint folder
+    tensorboard: bool = False
+    export_dtype: str = "fp16"  # dtype of the exported model.safetensors: "fp16" | "fp32"
+
+
+@dataclass(frozen=True)
+class ValidationSection:
+    prompts: tuple[str, ...] = ()
+    every_n_steps: int = 200
+    steps: int = 25
+    guidance: float = 7.5
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything `train.py` reads; YAML files and `a.b=c` overrides fill it (see config_file.py)."""
+
+    model: ModelSection = field(default_factory=ModelSection)
+    data: DataSection = field(default_factory=DataSection)
+    train: TrainSection = field(default_factory=TrainSection)
+    checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
+    run: RunSection = field(default_factory=RunSection)
+    validation: ValidationSection = field(default_factory=ValidationSection)
+
+
+ARCHITECTURES = {"sd15": SD15, "tiny": TINY}

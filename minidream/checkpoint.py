@@ -1,0 +1,132 @@
+"""Training-state checkpoints: everything needed to resume as if the run had never stopped.
+
+A checkpoint is a folder `checkpoints/step-NNNNNNNN/` holding
+  <module>.safetensors  the trainable weights (frozen ones are never copied here)
+  optimizer.pt          the optimizer state (tensors and numbers only: read with weights_only=True)
+  trainer.pt            step, data position, LR-schedule and GradScaler state, every rank's RNG states,
+                        and what was trained (to refuse resuming into a different setup)
+It is written under a temporary name and renamed when complete, so a crash mid-write leaves
+only a `.tmp` folder that resume ignores, and the previous checkpoint untouched.
+"""
+
+import random
+import re
+import shutil
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+NAME = re.compile(r"^step-(\d{8})$")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be written or resumed from, with the path and what to do."""
+
+
+def checkpoint_dir(run_dir: Path, step: int) -> Path:
+    return Path(run_dir) / "checkpoints" / f"step-{step:08d}"
+
+
+def capture_rng() -> dict:
+    """This process's global random states. (Training noise does not use them — it comes from
+    per-sample generators keyed by the data position — but dropout or user code might.)"""
+    numpy_state = np.random.get_state()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "numpy": (numpy_state[0], torch.from_numpy(numpy_state[1].astype(np.int64)), *numpy_state[2:]),
+        "python": random.getstate(),
+    }
+
+
+def restore_rng(states: dict) -> None:
+    torch.set_rng_state(states["torch"])
+    if states["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+    kind, keys, *rest = states["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), *rest))
+    random.setstate(states["python"])
+
+
+def save_checkpoint(
+    run_dir: Path, step: int, modules: dict[str, nn.Module], optimizer: torch.optim.Optimizer, trainer_state: dict
+) -> Path:
+    """Write the checkpoint of `step` atomically; return its folder. Call on the main rank only.
+
+    On any failure (disk full, permissions) the partial folder is removed, earlier
+    checkpoints are untouched, and a CheckpointError says what happened.
+    """
+    final = checkpoint_dir(run_dir, step)
+    tmp = final.with_name(final.name + ".tmp")
+    try:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        for name, module in modules.items():
+            state = {k: v.detach().contiguous().cpu() for k, v in module.state_dict().items()}
+            save_file(state, tmp / f"{name}.safetensors")
+        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        torch.save(trainer_state, tmp / "trainer.pt")
+        if final.exists():  # a rerun of the same step: replace it only now that the new one is whole
+            shutil.rmtree(final)
+        tmp.rename(final)
+    except OSError as error:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise CheckpointError(
+            f"could not write checkpoint {final} ({error.strerror or error}); the previous checkpoint is intact — "
+            "free disk space or fix permissions, then resume with run.resume=latest"
+        ) from None
+    return final
+
+
+def list_checkpoints(run_dir: Path) -> list[Path]:
+    """Complete checkpoints, oldest first. Incomplete (`.tmp`) ones are reported and skipped."""
+    folder = Path(run_dir) / "checkpoints"
+    if not folder.is_dir():
+        return []
+    for partial in sorted(folder.glob("step-*.tmp")):
+        warnings.warn(f"ignoring incomplete checkpoint {partial} (interrupted while writing)", stacklevel=2)
+    return sorted(p for p in folder.iterdir() if NAME.match(p.name) and p.is_dir())
+
+
+def rotate(run_dir: Path, keep_last: int) -> None:
+    """Delete all but the newest `keep_last` complete checkpoints (never the newest one)."""
+    for old in list_checkpoints(run_dir)[: -max(1, keep_last)]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def resolve_resume(run_dir: Path, resume: str) -> Path | None:
+    """`run.resume`: "none", "latest" (newest complete checkpoint, if any), or a folder."""
+    if resume == "none":
+        return None
+    if resume == "latest":
+        found = list_checkpoints(run_dir)
+        return found[-1] if found else None
+    path = Path(resume)
+    if not (path / "trainer.pt").is_file():
+        raise CheckpointError(f"run.resume={resume}: not a checkpoint folder (no trainer.pt); use latest or a checkpoints/step-* folder")
+    return path
+
+
+def load_checkpoint(
+    path: Path, modules: dict[str, nn.Module], optimizer: torch.optim.Optimizer, expected: dict
+) -> dict:
+    """Load weights and optimizer state in place; return the trainer state.
+
+    `expected` holds what must match the current run (architecture, trainable modules);
+    a mismatch is refused with both values named.
+    """
+    trainer_state = torch.load(path / "trainer.pt", weights_only=True)
+    for key, value in expected.items():
+        if trainer_state["setup"].get(key) != value:
+            raise CheckpointError(
+                f"{path} was written with {key}={trainer_state['setup'].get(key)!r} but this run has {key}={value!r}; "
+                "resume with the same setup or start a new run.output_dir"
+            )
+    for name, module in modules.items():
+        module.load_state_dict(load_file(path / f"{name}.safetensors", device=str(next(module.parameters()).device)))
+    optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
+    return trainer_state

@@ -1,0 +1,126 @@
+"""DreamBooth data: instance and class images, their prompts, transforms and the data order.
+
+Everything that can be wrong with the data (missing folder, no images, undecodable or too
+small files) is found by `scan_images` before any model is loaded.
+"""
+
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
+SIXTEEN_BIT_MODES = ("I", "I;16", "I;16B", "I;16L", "F")
+
+
+class DataError(ValueError):
+    """Training images that cannot be used, with the file and what to do."""
+
+
+@dataclass(frozen=True)
+class Example:
+    """One training image and the prompt it is trained with."""
+
+    path: Path
+    prompt: str
+
+
+def load_image(path: Path) -> Image.Image:
+    """Decode an image file to 8-bit RGB, upright, transparency composited on white."""
+    try:
+        with Image.open(path) as opened:
+            opened.load()  # decode now: a truncated file fails here, not mid-training
+            image = ImageOps.exif_transpose(opened)
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
+        raise DataError(f"{path}: cannot decode image ({error}); remove it or set data.skip_bad_images=true") from None
+    if image.mode in SIXTEEN_BIT_MODES:
+        # 16-bit (or float) grayscale: scale the full range down to 8 bits rather than clipping.
+        values = np.asarray(image, dtype=np.float64)
+        top = 65535.0 if values.max() > 255 else 255.0
+        image = Image.fromarray(np.clip(np.round(values * 255.0 / top), 0, 255).astype(np.uint8), "L")
+    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+        rgba = image.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        image = Image.alpha_composite(white, rgba)
+    return image.convert("RGB")
+
+
+def image_to_tensor(
+    image: Image.Image, resolution: int, center_crop: bool, flip: bool, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """Resize the shorter side to `resolution` (antialiased), crop a square, maybe flip.
+
+    Returns a 3 x resolution x resolution float32 tensor in [-1, 1]. A random crop draws its
+    offsets from `generator`, so the data order is reproducible.
+    """
+    width, height = image.size
+    scale = resolution / min(width, height)
+    size = (max(resolution, round(width * scale)), max(resolution, round(height * scale)))
+    image = image.resize(size, Image.Resampling.BICUBIC)  # PIL widens the filter when shrinking: antialiased
+    if center_crop:
+        left, top = (size[0] - resolution) // 2, (size[1] - resolution) // 2
+    else:
+        left = int(torch.randint(0, size[0] - resolution + 1, (), generator=generator))
+        top = int(torch.randint(0, size[1] - resolution + 1, (), generator=generator))
+    image = image.crop((left, top, left + resolution, top + resolution))
+    if flip:
+        image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    pixels = torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1)
+    return pixels.float() / 127.5 - 1.0
+
+
+def find_images(folder: str | Path, what: str) -> list[Path]:
+    """The image files directly in `folder`, sorted by name."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise DataError(f"{what} folder {folder} does not exist")
+    return sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+
+
+def scan_images(
+    folder: str | Path, prompt: str, resolution: int, skip_bad: bool, what: str, use_captions: bool = True
+) -> list[Example]:
+    """Check every image in `folder` decodes and is at least `resolution` on its shorter side.
+
+    A `name.txt` beside `name.jpg` overrides the prompt for that image (when use_captions).
+    Bad files stop with an error naming them, or are skipped with a warning when skip_bad.
+    """
+    examples, small = [], []
+    for path in find_images(folder, what):
+        try:
+            image = load_image(path)
+        except DataError as error:
+            if not skip_bad:
+                raise
+            warnings.warn(f"skipping {error}", stacklevel=2)
+            continue
+        if min(image.size) < resolution:
+            small.append(f"{path.name} ({image.size[0]}x{image.size[1]})")
+            continue
+        caption = path.with_suffix(".txt")
+        text = caption.read_text().strip() if use_captions and caption.is_file() else ""
+        examples.append(Example(path, text or prompt))
+    if small:
+        listed = ", ".join(small[:5]) + (f" and {len(small) - 5} more" if len(small) > 5 else "")
+        raise DataError(
+            f"{what} folder {folder}: {len(small)} image(s) smaller than data.resolution={resolution}: {listed}; "
+            "use larger images or lower data.resolution"
+        )
+    if not examples:
+        raise DataError(f"{what} folder {folder} holds no usable images ({', '.join(IMAGE_SUFFIXES)})")
+    return examples
+
+
+def epoch_order(length: int, epoch: int, seed: int, rank: int, world_size: int) -> list[int]:
+    """This rank's dataset indices for one epoch: a seeded shuffle, then every world_size-th.
+
+    The tail that does not divide evenly is dropped so every rank runs the same number of
+    steps. Depends only on its arguments, so a resumed run continues the same order.
+    """
+    generator = torch.Generator().manual_seed(seed * 100_003 + epoch)
+    order = torch.randperm(length, generator=generator).tolist()
+    usable = length // world_size * world_size
+    return order[rank:usable:world_size]

@@ -1,0 +1,118 @@
+"""The pieces of a DreamBooth optimizer step, each a plain function train.py composes.
+
+Randomness: every training sample gets its own CPU generator keyed by (seed, epoch, its
+position in the epoch's shuffled order, instance/class part). Its crop, flip, VAE sample,
+timestep and noise all come from that generator. So the draws of a sample do not depend on
+which rank processes it or on the batch it lands in: N processes reproduce one process with
+the same global batch, and a resumed run reproduces the uninterrupted one.
+"""
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from minidream import schedule
+from minidream.data import epoch_order
+
+MASK64 = (1 << 63) - 1
+
+
+def sample_generator(seed: int, epoch: int, position: int, part: int) -> torch.Generator:
+    """The generator of one training sample (part 0: instance image, 1: class image)."""
+    key = (((seed * 1_000_003 + epoch) * 1_000_003 + position) * 2 + part) & MASK64
+    return torch.Generator("cpu").manual_seed(key)
+
+
+@dataclass(frozen=True)
+class Cursor:
+    """Where this rank is in the data: the epoch, and how many of its shard it has used."""
+
+    epoch: int = 0
+    position: int = 0
+
+
+@dataclass(frozen=True)
+class Item:
+    """One dataset item drawn for training: which item, and the key of its randomness."""
+
+    index: int  # into the dataset: instance index % n_instance, class index % n_class
+    epoch: int
+    position: int  # in the epoch's global shuffled order
+
+
+def take_items(
+    cursor: Cursor, count: int, length: int, seed: int, rank: int, world_size: int
+) -> tuple[list[Item], Cursor]:
+    """The next `count` items of this rank's shard, moving to the next epoch when it runs out.
+
+    Rank r's shard of an epoch is positions r, r + W, r + 2W, ... of the shuffled order
+    (`epoch_order`), so in lockstep the ranks take consecutive runs of the global order.
+    """
+    shard_length = length // world_size
+    if shard_length < count:
+        raise ValueError(
+            f"{length} training items cannot give {world_size} process(es) {count} item(s) each per step; "
+            "add images, or lower train.batch_size or the number of processes"
+        )
+    if cursor.position + count > shard_length:
+        cursor = Cursor(cursor.epoch + 1, 0)
+    order = epoch_order(length, cursor.epoch, seed, rank, world_size)
+    items = [
+        Item(order[j], cursor.epoch, rank + j * world_size) for j in range(cursor.position, cursor.position + count)
+    ]
+    return items, Cursor(cursor.epoch, cursor.position + count)
+
+
+def noise_and_timesteps(
+    latent_shape: tuple[int, ...], generators: list[torch.Generator], num_train_timesteps: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each sample's timestep and noise from its own generator: (B x latent_shape, B)."""
+    timesteps, noises = [], []
+    for g in generators:
+        timesteps.append(torch.randint(0, num_train_timesteps, (1,), generator=g))
+        noises.append(torch.randn((1, *latent_shape), generator=g))
+    return torch.cat(noises), torch.cat(timesteps)
+
+
+def noisy_latents(
+    latents: torch.Tensor, noise: torch.Tensor, t: torch.Tensor, alphas_cumprod: torch.Tensor, prediction_type: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Noise clean latents at timesteps t (Ho et al. Algorithm 1): (x_t, the UNet's target)."""
+    alpha_bar = schedule.alpha_bar_at(alphas_cumprod, t, latents)
+    target = schedule.training_target(latents, noise, alpha_bar, prediction_type)
+    return schedule.add_noise(latents, noise, alpha_bar), target
+
+
+def dreambooth_loss(
+    prediction: torch.Tensor, target: torch.Tensor, num_instance: int, prior_loss_weight: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Ruiz et al. 2023 eq. 2: MSE on the instance images + weight * MSE on the class images.
+
+    The batch holds the instance samples first, then (with prior preservation) the class
+    samples, so one forward serves both. Computed in fp32 whatever the AMP dtype.
+    Returns (total loss, instance loss, prior loss; 0 without class samples).
+    """
+    errors = (prediction.float() - target.float()) ** 2
+    loss_instance = errors[:num_instance].mean()
+    if num_instance == prediction.shape[0]:
+        return loss_instance, loss_instance, torch.zeros((), device=prediction.device)
+    loss_prior = errors[num_instance:].mean()
+    return loss_instance + prior_loss_weight * loss_prior, loss_instance, loss_prior
+
+
+def lr_factor(step: int, schedule_name: str, warmup_steps: int, max_steps: int) -> float:
+    """Multiplier on the base learning rate at optimizer step `step` (0-based).
+
+    Linear warmup from 0 over warmup_steps, then constant, linear decay to 0, or half a cosine.
+    """
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    if schedule_name == "constant":
+        return 1.0
+    progress = (step - warmup_steps) / max(1, max_steps - warmup_steps)
+    if schedule_name == "linear":
+        return max(0.0, 1.0 - progress)
+    if schedule_name == "cosine":
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+    raise ValueError(f"unknown lr schedule {schedule_name!r}; choose constant, linear or cosine")
