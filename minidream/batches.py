@@ -1,0 +1,76 @@
+"""Training images to latents and prompts to text states, with caching where it is exact.
+
+Latents: when crops are centred and nothing is flipped, the VAE's output distribution of an
+image never changes, so each image is encoded once and only the sample from that
+distribution is drawn per step (from the sample's generator, as without the cache).
+Prompts: with a frozen text encoder each distinct prompt is encoded once.
+"""
+
+import torch
+
+from minidream.clip import CLIPTextModel
+from minidream.data import Example, image_to_tensor, load_image
+from minidream.tokenizer import CLIPTokenizer
+from minidream.vae import AutoencoderKL
+
+
+class LatentSource:
+    """Scaled VAE latents (B x 4 x h x w) of a folder's images, one generator per sample."""
+
+    def __init__(
+        self,
+        examples: list[Example],
+        vae: AutoencoderKL,
+        resolution: int,
+        center_crop: bool,
+        random_flip: bool,
+        cache: bool,
+        scaling_factor: float,
+    ):
+        self.vae = vae
+        self.resolution, self.center_crop, self.random_flip = resolution, center_crop, random_flip
+        self.scaling_factor = scaling_factor
+        self.images = [load_image(example.path) for example in examples]  # a few MB each: decode once
+        self.moments = None
+        if cache and center_crop and not random_flip:
+            self.moments = [self._encode(image, flip=False, generator=None) for image in self.images]
+
+    @torch.no_grad()
+    def _encode(self, image, flip: bool, generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
+        pixels = image_to_tensor(image, self.resolution, self.center_crop, flip, generator)
+        param = next(self.vae.parameters())
+        posterior = self.vae.encode(pixels[None].to(param.device, param.dtype))
+        return posterior.mean.float(), posterior.std.float()
+
+    def latents(self, indices: list[int], generators: list[torch.Generator]) -> torch.Tensor:
+        out = []
+        for index, g in zip(indices, generators):
+            if self.moments is not None:
+                mean, std = self.moments[index]
+            else:
+                flip = self.random_flip and bool(torch.rand((), generator=g) < 0.5)
+                mean, std = self._encode(self.images[index], flip, g)
+            noise = torch.randn(mean.shape, generator=g).to(mean.device)
+            out.append((mean + std * noise) * self.scaling_factor)
+        return torch.cat(out)
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+
+class PromptEncoder:
+    """Prompts -> text-encoder states; remembers them when the encoder is frozen."""
+
+    def __init__(self, tokenizer: CLIPTokenizer, text_encoder: CLIPTextModel, trainable: bool):
+        self.tokenizer, self.text_encoder, self.trainable = tokenizer, text_encoder, trainable
+        self.cache: dict[str, torch.Tensor] = {}
+
+    def __call__(self, prompts: list[str], device: torch.device) -> torch.Tensor:
+        if self.trainable:
+            return self.text_encoder(self.tokenizer(prompts).to(device))
+        missing = sorted(set(prompts) - self.cache.keys())
+        if missing:
+            with torch.no_grad():
+                states = self.text_encoder(self.tokenizer(missing).to(device))
+            self.cache.update({p: s for p, s in zip(missing, states)})
+        return torch.stack([self.cache[p] for p in prompts])

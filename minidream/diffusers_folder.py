@@ -1,0 +1,273 @@
+"""The diffusers folder layout: one subfolder per component, each with a config.json and weights.
+
+    model_index.json           the pipeline class and which library builds each component
+    unet/  vae/                config.json + diffusion_pytorch_model.safetensors (diffusers names)
+    text_encoder/              config.json (transformers' CLIPTextConfig) + model.safetensors
+    tokenizer/                 vocab.json + merges.txt, or tokenizer.json
+    scheduler/                 scheduler_config.json: the noise schedule and timestep spacing
+
+The UNet and VAE tensor names and config.json fields are translated by `diffusers_layout`; the
+text encoder's names are minidream's already (transformers >= 5 writes them without the
+`text_model.` level, which is put back on reading). Written folders open with
+`diffusers.StableDiffusionPipeline.from_pretrained(folder)`; the scheduler written is DDIM,
+minidream's default sampler, with the pipeline's schedule settings.
+"""
+
+import dataclasses
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from minidream import schedule
+from minidream.config import ModelConfig, ScheduleConfig, TextEncoderConfig, UNetConfig, VAEConfig
+from minidream.diffusers_layout import (
+    unet_config_from_diffusers,
+    unet_config_to_diffusers,
+    unet_from_diffusers,
+    unet_to_diffusers,
+    vae_config_from_diffusers,
+    vae_config_to_diffusers,
+    vae_from_diffusers,
+    vae_to_diffusers,
+)
+from minidream.pipeline import Pipeline
+from minidream.single_file import cast, with_text_model_prefix
+from minidream.tensor_files import (
+    Checkpoint,
+    Tensors,
+    WeightsError,
+    atomic_folder,
+    check_tensors,
+    read_tensor_file,
+    unsupported,
+    write_safetensors,
+)
+from minidream.tokenizer import CLIPTokenizer
+from minidream.unet import UNet
+from minidream.vae import AutoencoderKL
+
+PARTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+# Weights file names in order of preference; the fp16 "variants" are what some repositories hold alone.
+DIFFUSERS_WEIGHTS = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.fp16.safetensors",
+                     "diffusion_pytorch_model.bin", "diffusion_pytorch_model.fp16.bin")
+TRANSFORMERS_WEIGHTS = ("model.safetensors", "model.fp16.safetensors", "pytorch_model.bin", "pytorch_model.fp16.bin")
+DIFFUSERS_VERSION = "0.42.1"  # the diffusers release the written folders are tested with
+
+# transformers' CLIPTextConfig field -> TextEncoderConfig field
+TEXT_ENCODER_FIELDS = {
+    "vocab_size": "vocab_size",
+    "max_position_embeddings": "context_length",
+    "hidden_size": "width",
+    "num_hidden_layers": "layers",
+    "num_attention_heads": "heads",
+    "intermediate_size": "mlp_width",
+    "hidden_act": "activation",
+    "layer_norm_eps": "layer_norm_eps",
+    "eos_token_id": "eos_token_id",
+}
+TEXT_ENCODER_OPTIONAL = {"hidden_act", "layer_norm_eps", "eos_token_id"}  # absent: transformers' defaults = SD's
+# SD 1.x's text_encoder/config.json predates real special-token ids and says eos_token_id=2;
+# transformers then takes the largest id in each row, which is EOS (49407), the default here.
+LEGACY_EOS_TOKEN_ID = 2
+# Scheduler options diffusers offers that SD 1.x does not use, with their off values.
+SCHEDULER_OFF = {"trained_betas": None, "thresholding": False, "rescale_betas_zero_snr": False}
+
+
+def is_diffusers_folder(path: Path) -> bool:
+    return (path / "model_index.json").is_file() or (path / "unet").is_dir()
+
+
+def read_diffusers_folder(path: Path) -> Checkpoint:
+    missing = [f"{part}/" for part in PARTS if not (path / part).is_dir()]
+    if missing:
+        raise WeightsError(
+            f"{path}: incomplete diffusers folder: no {', '.join(missing)} "
+            f"(a diffusers folder has {', '.join(part + '/' for part in PARTS)})"
+        )
+    model_index = _read_json(path / "model_index.json") if (path / "model_index.json").is_file() else {}
+    unet_json = _read_json(path / "unet" / "config.json")
+    text_json = _read_json(path / "text_encoder" / "config.json")
+    what = _identify(path, model_index, unet_json, text_json)
+    if what is not None:
+        raise unsupported(path, what)
+
+    config = ModelConfig(
+        text_encoder=_parse(path / "text_encoder" / "config.json", text_encoder_config_from_transformers, text_json),
+        unet=_parse(path / "unet" / "config.json", unet_config_from_diffusers, unet_json),
+        vae=_parse(path / "vae" / "config.json", vae_config_from_diffusers, _read_json(path / "vae" / "config.json")),
+        schedule=_parse(
+            path / "scheduler" / "scheduler_config.json",
+            schedule_config_from_diffusers,
+            _read_json(path / "scheduler" / "scheduler_config.json"),
+        ),
+    )
+    try:
+        tokenizer = CLIPTokenizer.from_folder(path / "tokenizer", context_length=config.text_encoder.context_length)
+    except (OSError, ValueError, KeyError) as error:
+        raise WeightsError(f"{path / 'tokenizer'}: unreadable tokenizer ({error})") from None
+    return Checkpoint(
+        config=config,
+        tokenizer=tokenizer,
+        unet=_read_renamed(path / "unet", config.unet, UNet, unet_to_diffusers, unet_from_diffusers),
+        vae=_read_renamed(path / "vae", config.vae, AutoencoderKL, vae_to_diffusers, vae_from_diffusers),
+        text_encoder=_read_text_encoder(path / "text_encoder"),
+    )
+
+
+def _identify(path: Path, model_index: dict, unet_json: dict, text_json: dict) -> str | None:
+    """What the folder is when it is not an SD 1.x pipeline (None when it is one)."""
+    pipeline_class = str(model_index.get("_class_name", ""))
+    if "XL" in pipeline_class or (path / "text_encoder_2").is_dir():
+        return "an SDXL pipeline"
+    if "Inpaint" in pipeline_class or unet_json.get("in_channels") == 9:
+        return "an inpainting pipeline (UNet with 9 input channels)"
+    if unet_json.get("cross_attention_dim") == 1024 or text_json.get("hidden_size") == 1024:
+        return "an SD 2.x pipeline (1024-wide text context)"
+    return None
+
+
+def _read_renamed(
+    folder: Path, cfg: UNetConfig | VAEConfig, model_class: type, to_diffusers: Callable, from_diffusers: Callable
+) -> Tensors:
+    """A UNet or VAE file, checked in diffusers' names (as the file spells them), then renamed."""
+    file = _weights_file(folder, DIFFUSERS_WEIGHTS)
+    tensors, _ = read_tensor_file(file)
+    with torch.device("meta"):
+        expected = to_diffusers(model_class(cfg).state_dict(), cfg)
+    check_tensors(str(file), f"the diffusers {model_class.__name__} of {folder.name}/config.json", expected, tensors)
+    return Tensors(from_diffusers(tensors, cfg), str(file))
+
+
+def _read_text_encoder(folder: Path) -> Tensors:
+    file = _weights_file(folder, TRANSFORMERS_WEIGHTS)
+    tensors, _ = read_tensor_file(file)
+    return Tensors(with_text_model_prefix(tensors), str(file))
+
+
+def _weights_file(folder: Path, names: tuple[str, ...]) -> Path:
+    for name in names:
+        if (folder / name).is_file():
+            return folder / name
+    raise WeightsError(f"{folder}: no weights file (looked for {', '.join(names)})")
+
+
+def _read_json(file: Path) -> dict:
+    try:
+        data = json.loads(file.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise WeightsError(f"{file}: missing") from None
+    except (OSError, ValueError) as error:
+        raise WeightsError(f"{file}: unreadable JSON ({error})") from None
+    if not isinstance(data, dict):
+        raise WeightsError(f"{file}: expected a JSON object, got {type(data).__name__}")
+    return data
+
+
+def _parse(file: Path, parse: Callable, data: dict):
+    """`parse(data)`, its ValueError turned into one line that names the file."""
+    try:
+        return parse(data)
+    except (ValueError, TypeError) as error:
+        raise WeightsError(f"{file}: " + " ".join(str(error).split())) from None
+
+
+def text_encoder_config_from_transformers(config: dict) -> TextEncoderConfig:
+    missing = sorted(set(TEXT_ENCODER_FIELDS) - TEXT_ENCODER_OPTIONAL - config.keys())
+    if missing:
+        raise ValueError(f"missing text encoder config fields: {', '.join(missing)}")
+    values = {ours: config[theirs] for theirs, ours in TEXT_ENCODER_FIELDS.items() if theirs in config}
+    if values.get("eos_token_id") == LEGACY_EOS_TOKEN_ID:
+        del values["eos_token_id"]
+    if values.get("activation", "quick_gelu") not in ("quick_gelu", "gelu"):
+        raise ValueError(f"unsupported hidden_act {values['activation']!r}: expected quick_gelu (SD 1.x) or gelu")
+    return TextEncoderConfig(**values)
+
+
+def text_encoder_config_to_transformers(cfg: TextEncoderConfig) -> dict:
+    """transformers' CLIPTextConfig as config.json; fields left out take transformers' defaults.
+    clip_skip is a sampling option in diffusers, not part of this file."""
+    return {
+        "architectures": ["CLIPTextModel"],
+        "model_type": "clip_text_model",
+        **{theirs: getattr(cfg, ours) for theirs, ours in TEXT_ENCODER_FIELDS.items()},
+    }
+
+
+def schedule_config_from_diffusers(config: dict) -> ScheduleConfig:
+    """ScheduleConfig's fields have diffusers' names; absent ones take SD 1.x's values."""
+    refused = [f"{key}={config[key]!r}" for key, off in SCHEDULER_OFF.items() if config.get(key, off) != off]
+    if refused:
+        raise ValueError(f"unsupported scheduler options {', '.join(refused)}")
+    names = [field.name for field in dataclasses.fields(ScheduleConfig)]
+    cfg = ScheduleConfig(**{name: config[name] for name in names if name in config})
+    if cfg.prediction_type not in schedule.PREDICTION_TYPES:
+        raise ValueError(
+            f"unsupported prediction_type {cfg.prediction_type!r}: expected one of {schedule.PREDICTION_TYPES}"
+        )
+    if cfg.timestep_spacing not in schedule.SPACINGS:
+        raise ValueError(f"unsupported timestep_spacing {cfg.timestep_spacing!r}: expected one of {schedule.SPACINGS}")
+    schedule.make_betas(cfg.beta_schedule, cfg.num_train_timesteps, cfg.beta_start, cfg.beta_end)  # raises if unknown
+    return cfg
+
+
+def schedule_config_to_diffusers(cfg: ScheduleConfig) -> dict:
+    return {
+        "_class_name": "DDIMScheduler",
+        "_diffusers_version": DIFFUSERS_VERSION,
+        **dataclasses.asdict(cfg),
+        **SCHEDULER_OFF,
+    }
+
+
+def model_index() -> dict:
+    """An SD 1.x pipeline without safety checker (null components are what diffusers itself
+    writes for a pipeline saved with safety_checker=None)."""
+    return {
+        "_class_name": "StableDiffusionPipeline",
+        "_diffusers_version": DIFFUSERS_VERSION,
+        "unet": ["diffusers", "UNet2DConditionModel"],
+        "vae": ["diffusers", "AutoencoderKL"],
+        "text_encoder": ["transformers", "CLIPTextModel"],
+        "tokenizer": ["transformers", "CLIPTokenizer"],
+        "scheduler": ["diffusers", "DDIMScheduler"],
+        "safety_checker": [None, None],
+        "feature_extractor": [None, None],
+        "image_encoder": [None, None],
+        "requires_safety_checker": False,
+    }
+
+
+def write_diffusers_folder(pipe: Pipeline, path: Path, dtype: torch.dtype | None) -> None:
+    """All of the folder, written under a temporary name and renamed into place when complete."""
+    cfg = pipe.config
+    try:  # configs first: a pipeline diffusers cannot express fails before anything is written
+        unet_json = {**unet_config_to_diffusers(cfg.unet), "_diffusers_version": DIFFUSERS_VERSION}
+        vae_json = {**vae_config_to_diffusers(cfg.vae), "_diffusers_version": DIFFUSERS_VERSION}
+    except ValueError as error:
+        raise WeightsError(f"{path}: cannot write a diffusers folder: {error}") from None
+    components = (
+        ("unet", unet_json, unet_to_diffusers(pipe.unet.state_dict(), cfg.unet), DIFFUSERS_WEIGHTS[0]),
+        ("vae", vae_json, vae_to_diffusers(pipe.vae.state_dict(), cfg.vae), DIFFUSERS_WEIGHTS[0]),
+        (
+            "text_encoder",
+            text_encoder_config_to_transformers(cfg.text_encoder),
+            pipe.text_encoder.state_dict(),
+            TRANSFORMERS_WEIGHTS[0],
+        ),
+    )
+    with atomic_folder(path) as folder:
+        for name, config_json, tensors, weights_name in components:
+            (folder / name).mkdir()
+            _write_json(folder / name / "config.json", config_json)
+            cast_tensors = {key: cast(tensor, dtype) for key, tensor in tensors.items()}
+            write_safetensors(cast_tensors, folder / name / weights_name, {"format": "pt"})
+        pipe.tokenizer.save_folder(folder / "tokenizer")
+        (folder / "scheduler").mkdir()
+        _write_json(folder / "scheduler" / "scheduler_config.json", schedule_config_to_diffusers(cfg.schedule))
+        _write_json(folder / "model_index.json", model_index())
+
+
+def _write_json(file: Path, data: dict) -> None:
+    file.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")

@@ -1,0 +1,56 @@
+"""The four parts of a Stable Diffusion model, held together with their config."""
+
+from dataclasses import dataclass
+
+import torch
+
+from minidream.clip import CLIPTextModel
+from minidream.config import ModelConfig
+from minidream.tokenizer import CLIPTokenizer
+from minidream.unet import UNet
+from minidream.vae import AutoencoderKL
+
+
+@dataclass
+class Pipeline:
+    """What `load_pipeline` returns: the models, the tokenizer, and the config they were built
+    from (its `schedule` part is the scheduler setting of the checkpoint)."""
+
+    unet: UNet
+    vae: AutoencoderKL
+    text_encoder: CLIPTextModel
+    tokenizer: CLIPTokenizer
+    config: ModelConfig
+
+    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> "Pipeline":
+        """Move the models in place; fp16 keeps the VAE in fp32 (see `vae_dtype`)."""
+        for module in (self.unet, self.text_encoder):
+            module.to(device=device, dtype=dtype)
+        self.vae.to(device=device, dtype=vae_dtype(dtype))
+        return self
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.unet.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.unet.parameters()).dtype
+
+
+def vae_dtype(dtype: torch.dtype | None) -> torch.dtype | None:
+    """The VAE's dtype in a pipeline of `dtype`: fp32 for fp16, since SD's VAE decoder overflows fp16."""
+    return torch.float32 if dtype == torch.float16 else dtype
+
+
+def random_pipeline(config: ModelConfig, seed: int = 0) -> Pipeline:
+    """A pipeline with freshly initialised weights, reproducible from `seed` (tests, tiny runs)."""
+    with torch.random.fork_rng(devices=[]):  # leave the caller's global RNG untouched
+        torch.manual_seed(seed)
+        return Pipeline(
+            unet=UNet(config.unet),
+            vae=AutoencoderKL(config.vae),
+            text_encoder=CLIPTextModel(config.text_encoder),
+            tokenizer=CLIPTokenizer(context_length=config.text_encoder.context_length),
+            config=config,
+        )

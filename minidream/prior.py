@@ -1,0 +1,62 @@
+"""Class images for prior preservation, generated with the base model before training.
+
+Image k is always `class-NNNNN.png` made from seed k, so a rerun (or a resumed run) only
+makes what is missing and makes the same images; ranks split the missing indices.
+"""
+
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+from minidream.data import find_images
+from minidream.pipeline import Pipeline
+from minidream.sampling import generate
+
+
+def class_image_path(class_dir: Path, index: int) -> Path:
+    return Path(class_dir) / f"class-{index:05d}.png"
+
+
+def missing_class_indices(class_dir: Path, num_class_images: int) -> list[int]:
+    """Indices still to generate so the folder holds `num_class_images` images.
+
+    Images the user put there count too; generated names are skipped where they exist.
+    """
+    class_dir = Path(class_dir)
+    have = len(find_images(class_dir, "class")) if class_dir.is_dir() else 0
+    missing, index = [], 0
+    while have + len(missing) < num_class_images:
+        if not class_image_path(class_dir, index).exists():
+            missing.append(index)
+        index += 1
+    return missing
+
+
+def generate_class_images(
+    pipe: Pipeline,
+    class_dir: Path,
+    prompt: str,
+    indices: list[int],
+    resolution: int,
+    steps: int,
+    guidance: float,
+    sampler: str,
+    batch_size: int,
+    show_progress: bool,
+) -> None:
+    """Generate and write the class images of `indices` (this rank's share), each atomically."""
+    class_dir = Path(class_dir)
+    class_dir.mkdir(parents=True, exist_ok=True)
+    with tqdm(total=len(indices), desc="class images", disable=not show_progress) as bar:
+        for start in range(0, len(indices), batch_size):
+            chunk = indices[start : start + batch_size]
+            images = generate(
+                pipe, [prompt] * len(chunk), seeds=chunk, steps=steps, sampler=sampler,
+                guidance=guidance, height=resolution, width=resolution,
+            )
+            for index, image in zip(chunk, images):
+                final = class_image_path(class_dir, index)
+                tmp = final.with_name(final.name + ".tmp")
+                image.save(tmp, format="PNG")
+                tmp.replace(final)
+            bar.update(len(chunk))

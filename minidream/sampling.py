@@ -1,0 +1,113 @@
+"""Text to image: encode prompts, denoise with classifier-free guidance, decode.
+
+Seed rule (DESIGN.md): image i owns `torch.Generator("cpu").manual_seed(seed + i)` and draws
+from it, in order, its initial latents and then the noise of every stochastic step, each
+of shape (1, 4, H/8, W/8). diffusers does the same when given one generator per image, so
+the two agree image for image, and any image can be reproduced alone.
+"""
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+from tqdm.auto import tqdm
+
+from minidream.guidance import guided_prediction
+from minidream.pipeline import Pipeline
+from minidream.samplers import make_sampler
+
+
+@torch.no_grad()
+def encode_prompts(pipe: Pipeline, prompts: Sequence[str]) -> torch.Tensor:
+    """B prompts -> B x 77 x width text-encoder states, in the pipeline's device and dtype."""
+    ids = pipe.tokenizer(list(prompts)).to(pipe.device)
+    return pipe.text_encoder(ids).to(pipe.dtype)
+
+
+def image_generators(seeds: Sequence[int]) -> list[torch.Generator]:
+    """One CPU generator per image: CPU draws are the same on every machine and device."""
+    return [torch.Generator("cpu").manual_seed(seed) for seed in seeds]
+
+
+def draw_noise(generators: Sequence[torch.Generator], shape: tuple[int, ...], dtype: torch.dtype, device) -> torch.Tensor:
+    """B x shape: each image's draw from its own generator, made on the CPU then moved."""
+    return torch.cat([torch.randn((1, *shape), generator=g, dtype=dtype) for g in generators]).to(device)
+
+
+@torch.no_grad()
+def denoise(
+    pipe: Pipeline,
+    cond: torch.Tensor,
+    uncond: torch.Tensor,
+    generators: Sequence[torch.Generator],
+    latent_shape: tuple[int, int, int],
+    sampler_name: str,
+    steps: int,
+    guidance: float,
+    eta: float = 0.0,
+    karras: bool = False,
+    progress: tqdm | None = None,
+) -> torch.Tensor:
+    """Run the sampler from pure noise to clean latents: B x 4 x h x w (unscaled by 0.18215)."""
+    sampler = make_sampler(sampler_name, pipe.config.schedule, steps, eta, karras)
+    latents = draw_noise(generators, latent_shape, pipe.dtype, pipe.device) * sampler.init_noise_sigma
+    state = None
+    for i, t in enumerate(sampler.timesteps):
+        model_input = sampler.scale_model_input(latents, i)
+        t_batch = t.to(pipe.device).expand(latents.shape[0])
+        output = guided_prediction(pipe.unet, model_input, t_batch, uncond, cond, guidance)
+        noise = draw_noise(generators, latent_shape, pipe.dtype, pipe.device) if sampler.draws_noise(i) else None
+        latents, state = sampler.step(latents, output, i, state, noise)
+        if progress is not None:
+            progress.update(1)
+    return latents
+
+
+@torch.no_grad()
+def decode_latents(pipe: Pipeline, latents: torch.Tensor) -> np.ndarray:
+    """Latents -> B x H x W x 3 uint8 images (rounded, as diffusers' image processor does)."""
+    vae_dtype = next(pipe.vae.parameters()).dtype
+    images = pipe.vae.decode(latents.to(vae_dtype) / pipe.config.vae.scaling_factor)
+    images = (images.float() / 2 + 0.5).clamp(0, 1)
+    return (images.permute(0, 2, 3, 1).cpu().numpy() * 255).round().astype(np.uint8)
+
+
+def generate(
+    pipe: Pipeline,
+    prompts: Sequence[str],
+    seeds: Sequence[int],
+    negative_prompts: Sequence[str] | None = None,
+    steps: int = 50,
+    sampler: str = "ddim",
+    guidance: float = 7.5,
+    eta: float = 0.0,
+    height: int = 512,
+    width: int = 512,
+    karras: bool = False,
+    show_progress: bool = False,
+) -> list[Image.Image]:
+    """One image per (prompt, seed) pair, as PIL images."""
+    if len(prompts) != len(seeds):
+        raise ValueError(f"got {len(prompts)} prompts but {len(seeds)} seeds; give one seed per image")
+    if height % 8 or width % 8:
+        raise ValueError(f"height and width must be multiples of 8, got {height}x{width}")
+    negative_prompts = list(negative_prompts) if negative_prompts is not None else [""] * len(prompts)
+    cond = encode_prompts(pipe, prompts)
+    uncond = encode_prompts(pipe, negative_prompts) if guidance != 1.0 else cond
+    latent_shape = (pipe.config.unet.in_channels, height // 8, width // 8)
+    with tqdm(total=steps, desc="denoising", disable=not show_progress, leave=False) as bar:
+        latents = denoise(
+            pipe, cond, uncond, image_generators(seeds), latent_shape, sampler, steps, guidance, eta, karras, bar
+        )
+    return [Image.fromarray(image) for image in decode_latents(pipe, latents)]
+
+
+def image_grid(images: Sequence[Image.Image], columns: int) -> Image.Image:
+    """Tile equally sized images row by row into one picture."""
+    width, height = images[0].size
+    rows = -(-len(images) // columns)
+    grid = Image.new("RGB", (columns * width, rows * height), "white")
+    for i, image in enumerate(images):
+        grid.paste(image, ((i % columns) * width, (i // columns) * height))
+    return grid

@@ -1,0 +1,114 @@
+"""Whole Stable Diffusion 1.x pipelines from and to checkpoint files: `load_pipeline`, `save_pipeline`.
+
+In: an SD single file (`.safetensors`, or `.ckpt`/`.pt` read weights-only; see single_file.py),
+a diffusers folder (diffusers_folder.py), or a minidream run folder (its `model.safetensors`).
+Out: the SD single file (what A1111 and ComfyUI open) or a diffusers folder.
+
+Models are built on the meta device, without random initialisation, and take the file's
+memory-mapped tensors by assignment, so loading costs about one copy of the weights in RAM
+(none more until the weights are used; a dtype cast makes the one copy in the new dtype).
+"""
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from minidream.clip import CLIPTextModel
+from minidream.diffusers_folder import is_diffusers_folder, read_diffusers_folder, write_diffusers_folder
+from minidream.pipeline import Pipeline, vae_dtype
+from minidream.single_file import cast, read_single_file, single_file_metadata, single_file_tensors
+from minidream.tensor_files import Checkpoint, Tensors, WeightsError, check_tensors, write_safetensors
+from minidream.unet import UNet
+from minidream.vae import AutoencoderKL
+
+FORMATS = ("single-file", "diffusers")
+RUN_FOLDER_WEIGHTS = "model.safetensors"  # what train.py exports into its run folder
+# transformers' constant 0..76 buffer, carried by many checkpoints: not a weight, so not checked.
+POSITION_IDS = "text_model.embeddings.position_ids"
+
+
+def load_pipeline(
+    path: str | Path, device: torch.device | str | None = None, dtype: torch.dtype | None = None, use_ema: bool = False
+) -> Pipeline:
+    """The pipeline stored at `path` (a single file, a diffusers folder or a run folder).
+
+    dtype: cast while loading (fp16 keeps the VAE fp32, as `Pipeline.to` does); None keeps the
+    file's dtypes. use_ema: take the UNet from a training checkpoint's `model_ema.*` tensors.
+    Raises WeightsError, whose one-line message names the file and what is wrong with it.
+    """
+    pipe = assemble_pipeline(read_checkpoint(Path(path), use_ema), dtype)
+    return pipe if device is None else pipe.to(device)
+
+
+def save_pipeline(
+    pipe: Pipeline, path: str | Path, format: str = "single-file", dtype: torch.dtype | None = torch.float16
+) -> None:
+    """Write `pipe` as an SD single file (`path` ends in .safetensors) or as a diffusers folder.
+
+    dtype: floating-point tensors are written in it (fp16 by default, as SD releases are);
+    None writes them as they are in memory. The write is atomic: on failure nothing is left.
+    """
+    path = Path(path)
+    if format == "single-file":
+        if path.suffix != ".safetensors":
+            raise WeightsError(
+                f"{path}: a single file must be named *.safetensors (UIs choose the reader by the suffix)"
+            )
+        write_safetensors(single_file_tensors(pipe, dtype), path, single_file_metadata(pipe.config))
+    elif format == "diffusers":
+        write_diffusers_folder(pipe, path, dtype)
+    else:
+        raise ValueError(f"format must be one of {', '.join(FORMATS)}, got {format!r}")
+
+
+def read_checkpoint(path: Path, use_ema: bool) -> Checkpoint:
+    if not path.exists():
+        raise WeightsError(f"{path}: no such file or folder")
+    if path.is_file():
+        return read_single_file(path, use_ema)
+    if is_diffusers_folder(path):
+        if use_ema:
+            raise WeightsError(
+                f"{path}: a diffusers folder holds one UNet; use_ema applies to single files with model_ema.* tensors"
+            )
+        return read_diffusers_folder(path)
+    if (path / RUN_FOLDER_WEIGHTS).is_file():
+        return read_single_file(path / RUN_FOLDER_WEIGHTS, use_ema)
+    raise WeightsError(
+        f"{path}: neither a diffusers folder (model_index.json, unet/, vae/, text_encoder/, tokenizer/, scheduler/) "
+        f"nor a minidream run folder ({RUN_FOLDER_WEIGHTS})"
+    )
+
+
+def assemble_pipeline(checkpoint: Checkpoint, dtype: torch.dtype | None) -> Pipeline:
+    cfg = checkpoint.config
+    text_encoder = checkpoint.text_encoder._replace(
+        tensors={key: tensor for key, tensor in checkpoint.text_encoder.tensors.items() if key != POSITION_IDS}
+    )
+    return Pipeline(
+        unet=_load_module(UNet, cfg.unet, checkpoint.unet, "the SD 1.x UNet", dtype),
+        vae=_load_module(AutoencoderKL, cfg.vae, checkpoint.vae, "the SD 1.x VAE", vae_dtype(dtype)),
+        text_encoder=_load_module(CLIPTextModel, cfg.text_encoder, text_encoder, "the SD 1.x CLIP text encoder", dtype),
+        tokenizer=checkpoint.tokenizer,
+        config=cfg,
+    )
+
+
+def _load_module(model_class: type[nn.Module], cfg, part: Tensors, what: str, dtype: torch.dtype | None) -> nn.Module:
+    """A model holding `part`'s tensors, after checking every name and shape. Built on the meta
+    device (no random init) and given the tensors by assignment, not copied: it uses the file's
+    memory map."""
+    with torch.device("meta"):
+        model = model_class(cfg)
+    check_tensors(part.source, what, model.state_dict(), part.tensors, part.key_prefix)
+    dtype = dtype if dtype is not None else _common_dtype(part.tensors)
+    model.load_state_dict({key: cast(t, dtype) for key, t in part.tensors.items()}, strict=True, assign=True)
+    return model
+
+
+def _common_dtype(tensors: dict[str, torch.Tensor]) -> torch.dtype | None:
+    """The floating-point dtype all tensors share (None: keep them), or fp32 for a model whose
+    file mixes dtypes (some merged checkpoints do): its layers must agree to run."""
+    dtypes = {t.dtype for t in tensors.values() if t.is_floating_point()}
+    return None if len(dtypes) <= 1 else torch.float32

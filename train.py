@@ -1,0 +1,324 @@
+"""DreamBooth fine-tuning of Stable Diffusion 1.x (Ruiz et al. 2023), hand-written.
+
+    python train.py                                   # the embedded default: a tiny model on the CPU
+    python train.py --config configs/dreambooth-sd15.yaml model.weights=... data.instance_dir=...
+    torchrun --nproc_per_node=8 train.py --config ...  # the same on 8 GPUs
+
+The whole loop is in `train()` below, top to bottom; the pieces are tested functions of the
+minidream package.
+"""
+
+import argparse
+import contextlib
+import json
+import shlex
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch.nn.parallel import DistributedDataParallel
+from tqdm.auto import tqdm
+
+from minidream import checkpoint, schedule
+from minidream.batches import LatentSource, PromptEncoder
+from minidream.config import ARCHITECTURES, TrainConfig
+from minidream.config_file import ConfigError, load_train_config, save_config
+from minidream.data import DataError, scan_images
+from minidream.distributed import Distributed, any_rank, barrier, gather_objects, init_distributed, mean_across_ranks, shutdown
+from minidream.example_subject import write_example_subject
+from minidream.pipeline import Pipeline, random_pipeline
+from minidream.prior import generate_class_images, missing_class_indices
+from minidream.sampling import generate, image_grid
+from minidream.signals import StopRequest
+from minidream.training import Cursor, dreambooth_loss, lr_factor, noise_and_timesteps, noisy_latents, sample_generator, take_items
+from minidream.weights import WeightsError, load_pipeline, save_pipeline
+
+DEFAULT_CONFIG = Path(__file__).resolve().parent / "configs" / "tiny.yaml"
+AMP_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+EXPORT_DTYPES = {"fp16": torch.float16, "fp32": torch.float32}
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description="DreamBooth fine-tuning of Stable Diffusion 1.x. Without --config, runs the embedded "
+        "default (configs/tiny.yaml: a tiny model on a drawn example subject, about two minutes on a CPU).",
+        epilog="Overrides are section.key=value, e.g. train.max_steps=400 data.instance_dir=photos/dog "
+        "run.resume=latest. See configs/*.yaml for every key.",
+    )
+    parser.add_argument("--config", type=Path, default=DEFAULT_CONFIG, help="YAML preset (default: %(default)s)")
+    parser.add_argument("overrides", nargs="*", metavar="section.key=value", help="config overrides, applied in order")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        cfg = load_train_config(args.config, args.overrides)
+        env = init_distributed(cfg.train.device)
+    except (ConfigError, RuntimeError, ValueError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    try:
+        return train(cfg, env)
+    except (ConfigError, DataError, WeightsError, checkpoint.CheckpointError) as error:
+        print(f"error (rank {env.rank}): {error}", file=sys.stderr)
+        return 2
+    finally:
+        shutdown()
+
+
+def log(env: Distributed, message: str) -> None:
+    if env.is_main:
+        tqdm.write(message)
+
+
+def prepare_run_dir(cfg: TrainConfig, env: Distributed) -> Path:
+    """Create the output folder and prove it writable before anything expensive happens."""
+    run_dir = Path(cfg.run.output_dir)
+    if env.is_main:
+        try:
+            (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
+            probe = run_dir / ".write-test"
+            probe.write_text("ok")
+            probe.unlink()
+        except OSError as error:
+            raise checkpoint.CheckpointError(f"run.output_dir {run_dir} is not writable ({error.strerror or error})") from None
+    barrier()
+    return run_dir
+
+
+def load_models(cfg: TrainConfig, env: Distributed) -> Pipeline:
+    if cfg.model.weights:
+        return load_pipeline(cfg.model.weights, device=env.device, dtype=torch.float32, use_ema=cfg.model.use_ema)
+    if cfg.model.architecture not in ARCHITECTURES:
+        raise ConfigError(f"model.architecture={cfg.model.architecture!r}; choose one of {', '.join(ARCHITECTURES)}")
+    log(env, f"model.weights is not set: starting from random {cfg.model.architecture} weights (seed {cfg.train.seed})")
+    return random_pipeline(ARCHITECTURES[cfg.model.architecture], seed=cfg.train.seed).to(env.device)
+
+
+def ensure_class_images(cfg: TrainConfig, env: Distributed, pipe: Pipeline, amp) -> None:
+    """Generate the class images prior preservation needs, split across ranks."""
+    data = cfg.data
+    missing = missing_class_indices(Path(data.class_dir), data.num_class_images) if env.is_main else None
+    missing = gather_objects(missing)[0]
+    if missing:
+        log(env, f"generating {len(missing)} class images of {data.class_prompt!r} into {data.class_dir}")
+        with amp():
+            generate_class_images(
+                pipe, Path(data.class_dir), data.class_prompt, missing[env.rank :: env.world_size], data.resolution,
+                data.class_steps, data.class_guidance, data.class_sampler, data.class_batch_size, env.is_main,
+            )
+    barrier()
+
+
+def save_validation_grid(cfg: TrainConfig, pipe: Pipeline, run_dir: Path, step: int, amp) -> None:
+    val = cfg.validation
+    pipe.unet.eval()
+    with amp():
+        images = generate(
+            pipe, list(val.prompts), seeds=[val.seed + i for i in range(len(val.prompts))], steps=val.steps,
+            guidance=val.guidance, height=cfg.data.resolution, width=cfg.data.resolution,
+        )
+    pipe.unet.train()
+    (run_dir / "samples").mkdir(exist_ok=True)
+    image_grid(images, columns=min(4, len(images))).save(run_dir / "samples" / f"step-{step:08d}.png")
+
+
+def truncate_metrics(path: Path, last_step: int) -> None:
+    """Drop metrics of steps after the resumed checkpoint: they are about to be redone."""
+    if not path.exists():
+        return
+    kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= last_step]
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(line + "\n" for line in kept))
+    tmp.replace(path)
+
+
+def train(cfg: TrainConfig, env: Distributed) -> int:
+    tcfg, data = cfg.train, cfg.data
+    run_dir = prepare_run_dir(cfg, env)
+    amp_dtype = AMP_DTYPES[tcfg.mixed_precision]
+
+    def amp():
+        return torch.autocast(env.device.type, dtype=amp_dtype, enabled=amp_dtype != torch.float32)
+
+    # 1. Data problems surface before any model is loaded.
+    if data.example_subject and env.is_main:
+        write_example_subject(Path(data.instance_dir), count=4, size=max(data.resolution, 64))
+    barrier()
+    instances = scan_images(data.instance_dir, data.instance_prompt, data.resolution, data.skip_bad_images, "instance")
+    if env.is_main:
+        save_config(cfg, run_dir / "config.yaml")
+
+    # 2. Models: the UNet (and optionally the text encoder) train in fp32 master weights;
+    #    the frozen parts run in the AMP dtype.
+    pipe = load_models(cfg, env)
+    prior = data.class_dir is not None
+    if prior:
+        ensure_class_images(cfg, env, pipe, amp)
+    classes = scan_images(data.class_dir, data.class_prompt, data.resolution, data.skip_bad_images, "class", use_captions=False) if prior else []
+    pipe.vae.requires_grad_(False).to(dtype=amp_dtype)
+    pipe.text_encoder.requires_grad_(tcfg.train_text_encoder)
+    if not tcfg.train_text_encoder:
+        pipe.text_encoder.to(dtype=amp_dtype)
+    pipe.unet.gradient_checkpointing = tcfg.gradient_checkpointing
+    pipe.unet.train()
+    trained = {"unet": pipe.unet} | ({"text_encoder": pipe.text_encoder} if tcfg.train_text_encoder else {})
+
+    def wrap(module):
+        if env.world_size == 1:
+            return module
+        return DistributedDataParallel(module, device_ids=[env.local_rank] if env.device.type == "cuda" else None)
+
+    unet = wrap(pipe.unet)
+    text_encoder = wrap(pipe.text_encoder) if tcfg.train_text_encoder else pipe.text_encoder
+    ddp_modules = [m for m in (unet, text_encoder) if isinstance(m, DistributedDataParallel)]
+
+    instance_latents = LatentSource(instances, pipe.vae, data.resolution, data.center_crop, data.random_flip, tcfg.cache_latents, pipe.config.vae.scaling_factor)
+    class_latents = LatentSource(classes, pipe.vae, data.resolution, data.center_crop, data.random_flip, tcfg.cache_latents, pipe.config.vae.scaling_factor) if prior else None
+    encode_prompts = PromptEncoder(pipe.tokenizer, text_encoder, tcfg.train_text_encoder)
+    length = max(len(instances), len(classes))  # an epoch shows every image of the larger set once
+
+    sched = pipe.config.schedule
+    alphas_cumprod = schedule.alphas_cumprod(schedule.make_betas(sched.beta_schedule, sched.num_train_timesteps, sched.beta_start, sched.beta_end)).to(env.device)
+
+    # 3. Optimizer, LR schedule, loss scaler.
+    groups = [{"params": list(pipe.unet.parameters()), "lr": tcfg.lr}]
+    if tcfg.train_text_encoder:
+        groups.append({"params": list(pipe.text_encoder.parameters()), "lr": tcfg.text_encoder_lr or tcfg.lr})
+    optimizer = torch.optim.AdamW(
+        groups, betas=(tcfg.adam_beta1, tcfg.adam_beta2), eps=tcfg.adam_eps, weight_decay=tcfg.weight_decay,
+        fused=env.device.type == "cuda",
+    )
+    lr_schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: lr_factor(s, tcfg.lr_schedule, tcfg.warmup_steps, tcfg.max_steps)
+    )
+    scaler = torch.amp.GradScaler(env.device.type, enabled=tcfg.mixed_precision == "fp16")
+    params = [p for group in groups for p in group["params"]]
+
+    # 4. Resume: weights, optimizer, schedule, scaler, data position and RNG as they were.
+    setup = {"architecture": repr(pipe.config.unet), "trained": sorted(trained)}
+    step, cursor, nonfinite_run = 0, Cursor(), 0
+    resume_from = checkpoint.resolve_resume(run_dir, cfg.run.resume)
+    if resume_from is not None:
+        state = checkpoint.load_checkpoint(resume_from, trained, optimizer, setup)
+        lr_schedule.load_state_dict(state["lr_schedule"])
+        scaler.load_state_dict(state["scaler"])
+        step, cursor, nonfinite_run = state["step"], Cursor(state["epoch"], state["position"]), state["nonfinite_run"]
+        rng = state["rng"]
+        checkpoint.restore_rng(rng[env.rank] if env.rank < len(rng) else rng[0])
+        log(env, f"resumed from {resume_from} at step {step}")
+    metrics_path = run_dir / "metrics.jsonl"
+    if env.is_main:
+        truncate_metrics(metrics_path, step)
+
+    def save(at_step: int) -> Path | None:
+        rng_states = gather_objects(checkpoint.capture_rng())
+        saved = None
+        if env.is_main:
+            saved = checkpoint.save_checkpoint(run_dir, at_step, trained, optimizer, {
+                "step": at_step, "epoch": cursor.epoch, "position": cursor.position, "nonfinite_run": nonfinite_run,
+                "lr_schedule": lr_schedule.state_dict(), "scaler": scaler.state_dict(), "rng": rng_states, "setup": setup,
+            })
+            checkpoint.rotate(run_dir, cfg.checkpoint.keep_last)
+        barrier()
+        return saved
+
+    # 5. The loop: accumulate micro-batches, clip, step; log, checkpoint, validate.
+    stop = StopRequest()
+    resume_hint = " ".join(["python train.py", *(shlex.quote(a) for a in sys.argv[1:] if not a.startswith("run.resume=")), "run.resume=latest"])
+    bar = tqdm(total=tcfg.max_steps, initial=step, desc="training", disable=not env.is_main, dynamic_ncols=True)
+    accum = tcfg.gradient_accumulation_steps
+    stopped_early = False
+    while step < tcfg.max_steps:
+        started = time.perf_counter()
+        totals = torch.zeros(3, device=env.device)  # loss, instance loss, prior loss over micro-steps
+        for micro in range(accum):
+            items, cursor = take_items(cursor, tcfg.batch_size, length, tcfg.seed, env.rank, env.world_size)
+            inst_gens = [sample_generator(tcfg.seed, it.epoch, it.position, 0) for it in items]
+            latents = instance_latents.latents([it.index % len(instances) for it in items], inst_gens)
+            prompts = [instances[it.index % len(instances)].prompt for it in items]
+            generators = inst_gens
+            if prior:
+                class_gens = [sample_generator(tcfg.seed, it.epoch, it.position, 1) for it in items]
+                latents = torch.cat([latents, class_latents.latents([it.index % len(classes) for it in items], class_gens)])
+                prompts += [classes[it.index % len(classes)].prompt for it in items]
+                generators = inst_gens + class_gens
+            noise, t = noise_and_timesteps(latents.shape[1:], generators, sched.num_train_timesteps)
+            noisy, target = noisy_latents(latents, noise.to(env.device), t.to(env.device), alphas_cumprod, sched.prediction_type)
+            # Gradients are all-reduced only on the last micro-step of the accumulation.
+            syncing = contextlib.ExitStack()
+            if micro < accum - 1:
+                for module in ddp_modules:
+                    syncing.enter_context(module.no_sync())
+            with syncing:
+                with amp():
+                    context = encode_prompts(prompts, env.device)
+                    prediction = unet(noisy, t.to(env.device), context)
+                loss, loss_instance, loss_prior = dreambooth_loss(prediction, target, len(items), tcfg.prior_loss_weight)
+                scaler.scale(loss / accum).backward()
+            totals += torch.stack([loss.detach(), loss_instance.detach(), loss_prior.detach()]) / accum
+
+        scaler.unscale_(optimizer)
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, tcfg.max_grad_norm)
+        finite = not any_rank(not bool(torch.isfinite(totals[0]) and torch.isfinite(grad_norm)), env.device)
+        scale_before = scaler.get_scale()
+        if finite:
+            scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+        lr = optimizer.param_groups[0]["lr"]  # the rate this step used
+        lr_schedule.step()
+        step += 1
+        skipped = not finite or scaler.get_scale() < scale_before
+        nonfinite_run = 0 if finite else nonfinite_run + 1
+
+        totals = mean_across_ranks(totals).tolist()
+        if env.is_main:
+            record = {
+                "step": step, "loss": totals[0], "loss_instance": totals[1], "loss_prior": totals[2],
+                "lr": lr, "grad_norm": float(grad_norm), "skipped": skipped,
+                "samples_per_s": len(prompts) * env.world_size * accum / (time.perf_counter() - started),
+            }
+            if env.device.type == "cuda":
+                record["peak_memory_gb"] = torch.cuda.max_memory_allocated(env.device) / 2**30
+            with open(metrics_path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+            bar.set_postfix(loss=f"{totals[0]:.4f}", lr=f"{record['lr']:.2e}", samples_s=f"{record['samples_per_s']:.1f}")
+        bar.update(1)
+
+        if nonfinite_run >= tcfg.max_nonfinite_steps:
+            log(env, f"stopping: {nonfinite_run} consecutive non-finite losses at step {step}; the last good checkpoint is kept "
+                "— lower train.lr or use train.mixed_precision=bf16, then resume")
+            bar.close()
+            stop.restore()
+            return 1
+        stop_now = any_rank(stop.requested, env.device)
+        if stop_now or step % cfg.checkpoint.every_n_steps == 0 or step == tcfg.max_steps:
+            saved = save(step)
+            if env.is_main:
+                bar.write(f"checkpoint: {saved}")
+        if env.is_main and cfg.validation.prompts and step % cfg.validation.every_n_steps == 0:
+            save_validation_grid(cfg, pipe, run_dir, step, amp)
+        if stop_now:
+            stopped_early = True
+            break
+    bar.close()
+    stop.restore()
+
+    if stopped_early:
+        log(env, f"stopped at step {step}; to continue: {resume_hint}")
+        return 0
+    if env.is_main:
+        export = run_dir / "model.safetensors"
+        save_pipeline(pipe, export, format="single-file", dtype=EXPORT_DTYPES[cfg.run.export_dtype])
+        log(env, f"done: {tcfg.max_steps} steps. Fine-tuned model: {export}\n"
+            f"  metrics: {metrics_path}\n  samples: {run_dir / 'samples'}\n"
+            f"  try it:  python sample.py --weights {export} --prompt {data.instance_prompt!r}")
+    barrier()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
