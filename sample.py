@@ -17,8 +17,8 @@ from PIL import PngImagePlugin
 from tqdm.auto import tqdm
 
 from minidream.sampling import generate
-from minidream.samplers import SAMPLERS
-from minidream.weights import WeightsError, load_pipeline
+from minidream.samplers import SAMPLERS, make_sampler
+from minidream.weights import load_pipeline
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -60,13 +60,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def read_prompts(args: argparse.Namespace) -> list[str]:
+    """The --prompt, or the non-blank lines of --from-file; ValueError if there are none."""
     if args.prompt is not None:
         return [args.prompt]
     if not args.from_file.is_file():
-        raise SystemExit(f"error: --from-file {args.from_file} does not exist")
-    prompts = [line.strip() for line in args.from_file.read_text().splitlines() if line.strip()]
+        raise ValueError(f"--from-file {args.from_file}: no such file")
+    prompts = [line.strip() for line in args.from_file.read_text(encoding="utf-8").splitlines() if line.strip()]
     if not prompts:
-        raise SystemExit(f"error: --from-file {args.from_file} holds no prompts")
+        raise ValueError(f"--from-file {args.from_file} holds no prompts")
     return prompts
 
 
@@ -82,12 +83,15 @@ def parameters_text(args: argparse.Namespace, prompt: str, seed: int) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    prompts = read_prompts(args)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = DTYPES[args.dtype or ("fp16" if device.type == "cuda" else "fp32")]
     try:
+        prompts = read_prompts(args)
         pipe = load_pipeline(args.weights, device=device, dtype=dtype)
-    except WeightsError as error:
+        # What the checkpoint's schedule cannot take (e.g. more steps than it was trained with)
+        # is refused here, before any image, rather than as a traceback from the first one.
+        make_sampler(args.sampler, pipe.config.schedule, args.steps, args.eta, args.karras)
+    except ValueError as error:  # WeightsError is a ValueError too
         print(f"error: {error}", file=sys.stderr)
         return 2
     jobs = [(p, args.seed + i) for p in prompts for i in range(args.num_images)]
