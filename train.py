@@ -10,7 +10,7 @@ minidream package.
 
 import argparse
 import contextlib
-import json
+import functools
 import shlex
 import sys
 import time
@@ -21,17 +21,18 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
 from minidream import checkpoint, schedule
-from minidream.batches import LatentSource, PromptEncoder
+from minidream.batches import DreamBoothBatches, LatentSource, PromptEncoder
 from minidream.config import ARCHITECTURES, TrainConfig
 from minidream.config_file import ConfigError, load_train_config, save_config
-from minidream.data import DataError, scan_images
+from minidream.data import DataError, find_images, scan_images
 from minidream.distributed import Distributed, any_rank, barrier, gather_objects, init_distributed, mean_across_ranks, shutdown
 from minidream.example_subject import write_example_subject
+from minidream.metrics import MetricsLog
 from minidream.pipeline import Pipeline, random_pipeline
 from minidream.prior import generate_class_images, missing_class_indices
 from minidream.sampling import generate, image_grid
 from minidream.signals import StopRequest
-from minidream.training import Cursor, dreambooth_loss, lr_factor, noise_and_timesteps, noisy_latents, sample_generator, take_items
+from minidream.training import Cursor, dreambooth_loss, lr_factor, noise_and_timesteps, noisy_latents, take_items
 from minidream.weights import WeightsError, load_pipeline, save_pipeline
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent / "configs" / "tiny.yaml"
@@ -52,6 +53,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
     try:
         cfg = load_train_config(args.config, args.overrides)
@@ -60,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 2
     try:
-        return train(cfg, env)
+        return train(cfg, env, resume_command(argv, env))
     except (ConfigError, DataError, WeightsError, checkpoint.CheckpointError) as error:
         print(f"error (rank {env.rank}): {error}", file=sys.stderr)
         return 2
@@ -71,6 +73,12 @@ def main(argv: list[str] | None = None) -> int:
 def log(env: Distributed, message: str) -> None:
     if env.is_main:
         tqdm.write(message)
+
+
+def resume_command(argv: list[str], env: Distributed) -> str:
+    """The command that continues this run: the same arguments, with run.resume=latest."""
+    launcher = "python train.py" if env.world_size == 1 else "torchrun <same options> train.py"
+    return " ".join([launcher, *(shlex.quote(a) for a in argv if not a.startswith("run.resume=")), "run.resume=latest"])
 
 
 def prepare_run_dir(cfg: TrainConfig, env: Distributed) -> Path:
@@ -125,17 +133,7 @@ def save_validation_grid(cfg: TrainConfig, pipe: Pipeline, run_dir: Path, step: 
     image_grid(images, columns=min(4, len(images))).save(run_dir / "samples" / f"step-{step:08d}.png")
 
 
-def truncate_metrics(path: Path, last_step: int) -> None:
-    """Drop metrics of steps after the resumed checkpoint: they are about to be redone."""
-    if not path.exists():
-        return
-    kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= last_step]
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(line + "\n" for line in kept))
-    tmp.replace(path)
-
-
-def train(cfg: TrainConfig, env: Distributed) -> int:
+def train(cfg: TrainConfig, env: Distributed, resume_hint: str) -> int:
     tcfg, data = cfg.train, cfg.data
     run_dir = prepare_run_dir(cfg, env)
     amp_dtype = AMP_DTYPES[tcfg.mixed_precision]
@@ -148,13 +146,18 @@ def train(cfg: TrainConfig, env: Distributed) -> int:
         write_example_subject(Path(data.instance_dir), count=4, size=max(data.resolution, 64))
     barrier()
     instances = scan_images(data.instance_dir, data.instance_prompt, data.resolution, data.skip_bad_images, "instance")
-    if env.is_main:
-        save_config(cfg, run_dir / "config.yaml")
+    prior = data.class_dir is not None
+    if prior and Path(data.class_dir).is_dir() and find_images(data.class_dir, "class"):  # class images already there must be usable too
+        scan_images(data.class_dir, data.class_prompt, data.resolution, data.skip_bad_images, "class", use_captions=False)
+    if cfg.run.resume == "none" and checkpoint.list_checkpoints(run_dir):
+        raise checkpoint.CheckpointError(
+            f"{run_dir} already holds checkpoints of an earlier run; continue it with run.resume=latest "
+            "or start afresh in another run.output_dir"
+        )
 
     # 2. Models: the UNet (and optionally the text encoder) train in fp32 master weights;
     #    the frozen parts run in the AMP dtype.
     pipe = load_models(cfg, env)
-    prior = data.class_dir is not None
     if prior:
         ensure_class_images(cfg, env, pipe, amp)
     classes = scan_images(data.class_dir, data.class_prompt, data.resolution, data.skip_bad_images, "class", use_captions=False) if prior else []
@@ -175,10 +178,12 @@ def train(cfg: TrainConfig, env: Distributed) -> int:
     text_encoder = wrap(pipe.text_encoder) if tcfg.train_text_encoder else pipe.text_encoder
     ddp_modules = [m for m in (unet, text_encoder) if isinstance(m, DistributedDataParallel)]
 
-    instance_latents = LatentSource(instances, pipe.vae, data.resolution, data.center_crop, data.random_flip, tcfg.cache_latents, pipe.config.vae.scaling_factor)
-    class_latents = LatentSource(classes, pipe.vae, data.resolution, data.center_crop, data.random_flip, tcfg.cache_latents, pipe.config.vae.scaling_factor) if prior else None
+    latents_of = functools.partial(
+        LatentSource, vae=pipe.vae, resolution=data.resolution, center_crop=data.center_crop,
+        random_flip=data.random_flip, cache=tcfg.cache_latents, scaling_factor=pipe.config.vae.scaling_factor,
+    )
+    batches = DreamBoothBatches(instances, classes, latents_of(instances), latents_of(classes) if prior else None, tcfg.seed)
     encode_prompts = PromptEncoder(pipe.tokenizer, text_encoder, tcfg.train_text_encoder)
-    length = max(len(instances), len(classes))  # an epoch shows every image of the larger set once
 
     sched = pipe.config.schedule
     alphas_cumprod = schedule.alphas_cumprod(schedule.make_betas(sched.beta_schedule, sched.num_train_timesteps, sched.beta_start, sched.beta_end)).to(env.device)
@@ -209,9 +214,10 @@ def train(cfg: TrainConfig, env: Distributed) -> int:
         rng = state["rng"]
         checkpoint.restore_rng(rng[env.rank] if env.rank < len(rng) else rng[0])
         log(env, f"resumed from {resume_from} at step {step}")
-    metrics_path = run_dir / "metrics.jsonl"
-    if env.is_main:
-        truncate_metrics(metrics_path, step)
+    metrics = MetricsLog(run_dir, cfg.run.tensorboard) if env.is_main else None
+    if env.is_main:  # only now: a refused resume leaves the run directory as it was
+        save_config(cfg, run_dir / "config.yaml")
+        metrics.truncate_after(step)
 
     def save(at_step: int) -> Path | None:
         rng_states = gather_objects(checkpoint.capture_rng())
@@ -227,24 +233,14 @@ def train(cfg: TrainConfig, env: Distributed) -> int:
 
     # 5. The loop: accumulate micro-batches, clip, step; log, checkpoint, validate.
     stop = StopRequest()
-    resume_hint = " ".join(["python train.py", *(shlex.quote(a) for a in sys.argv[1:] if not a.startswith("run.resume=")), "run.resume=latest"])
     bar = tqdm(total=tcfg.max_steps, initial=step, desc="training", disable=not env.is_main, dynamic_ncols=True)
     accum = tcfg.gradient_accumulation_steps
-    stopped_early = False
     while step < tcfg.max_steps:
         started = time.perf_counter()
         totals = torch.zeros(3, device=env.device)  # loss, instance loss, prior loss over micro-steps
         for micro in range(accum):
-            items, cursor = take_items(cursor, tcfg.batch_size, length, tcfg.seed, env.rank, env.world_size)
-            inst_gens = [sample_generator(tcfg.seed, it.epoch, it.position, 0) for it in items]
-            latents = instance_latents.latents([it.index % len(instances) for it in items], inst_gens)
-            prompts = [instances[it.index % len(instances)].prompt for it in items]
-            generators = inst_gens
-            if prior:
-                class_gens = [sample_generator(tcfg.seed, it.epoch, it.position, 1) for it in items]
-                latents = torch.cat([latents, class_latents.latents([it.index % len(classes) for it in items], class_gens)])
-                prompts += [classes[it.index % len(classes)].prompt for it in items]
-                generators = inst_gens + class_gens
+            items, cursor = take_items(cursor, tcfg.batch_size, len(batches), tcfg.seed, env.rank, env.world_size)
+            latents, prompts, generators = batches.batch(items)
             noise, t = noise_and_timesteps(latents.shape[1:], generators, sched.num_train_timesteps)
             noisy, target = noisy_latents(latents, noise.to(env.device), t.to(env.device), alphas_cumprod, sched.prediction_type)
             # Gradients are all-reduced only on the last micro-step of the accumulation.
@@ -283,17 +279,12 @@ def train(cfg: TrainConfig, env: Distributed) -> int:
             }
             if env.device.type == "cuda":
                 record["peak_memory_gb"] = torch.cuda.max_memory_allocated(env.device) / 2**30
-            with open(metrics_path, "a") as f:
-                f.write(json.dumps(record) + "\n")
+            metrics.write(record)
             bar.set_postfix(loss=f"{totals[0]:.4f}", lr=f"{record['lr']:.2e}", samples_s=f"{record['samples_per_s']:.1f}")
         bar.update(1)
 
         if nonfinite_run >= tcfg.max_nonfinite_steps:
-            log(env, f"stopping: {nonfinite_run} consecutive non-finite losses at step {step}; the last good checkpoint is kept "
-                "— lower train.lr or use train.mixed_precision=bf16, then resume")
-            bar.close()
-            stop.restore()
-            return 1
+            break
         stop_now = any_rank(stop.requested, env.device)
         if stop_now or step % cfg.checkpoint.every_n_steps == 0 or step == tcfg.max_steps:
             saved = save(step)
@@ -302,19 +293,24 @@ def train(cfg: TrainConfig, env: Distributed) -> int:
         if env.is_main and cfg.validation.prompts and step % cfg.validation.every_n_steps == 0:
             save_validation_grid(cfg, pipe, run_dir, step, amp)
         if stop_now:
-            stopped_early = True
             break
     bar.close()
     stop.restore()
+    if metrics is not None:
+        metrics.close()
 
-    if stopped_early:
+    if nonfinite_run >= tcfg.max_nonfinite_steps:
+        log(env, f"stopping: {nonfinite_run} consecutive non-finite losses at step {step}; the last good checkpoint is kept "
+            "— lower train.lr or use train.mixed_precision=bf16, then resume")
+        return 1
+    if step < tcfg.max_steps:  # stopped by a signal
         log(env, f"stopped at step {step}; to continue: {resume_hint}")
         return 0
     if env.is_main:
         export = run_dir / "model.safetensors"
         save_pipeline(pipe, export, format="single-file", dtype=EXPORT_DTYPES[cfg.run.export_dtype])
         log(env, f"done: {tcfg.max_steps} steps. Fine-tuned model: {export}\n"
-            f"  metrics: {metrics_path}\n  samples: {run_dir / 'samples'}\n"
+            f"  metrics: {metrics.path}\n  samples: {run_dir / 'samples'}\n"
             f"  try it:  python sample.py --weights {export} --prompt {data.instance_prompt!r}")
     barrier()
     return 0

@@ -11,6 +11,7 @@ import torch
 from minidream.clip import CLIPTextModel
 from minidream.data import Example, image_to_tensor, load_image
 from minidream.tokenizer import CLIPTokenizer
+from minidream.training import Item, sample_generator
 from minidream.vae import AutoencoderKL
 
 
@@ -74,3 +75,40 @@ class PromptEncoder:
                 states = self.text_encoder(self.tokenizer(missing).to(device))
             self.cache.update({p: s for p, s in zip(missing, states)})
         return torch.stack([self.cache[p] for p in prompts])
+
+
+class DreamBoothBatches:
+    """Dataset items -> one training batch: the instance samples, then their paired class samples.
+
+    Item k pairs instance image k % n_instance with class image k % n_class, so an epoch
+    (len(self) items) shows every image of the larger folder once.
+    """
+
+    def __init__(
+        self,
+        instances: list[Example],
+        classes: list[Example],
+        instance_latents: LatentSource,
+        class_latents: LatentSource | None,
+        seed: int,
+    ):
+        self.instances, self.classes = instances, classes
+        self.instance_latents, self.class_latents = instance_latents, class_latents
+        self.seed = seed
+
+    def __len__(self) -> int:
+        return max(len(self.instances), len(self.classes))
+
+    def batch(self, items: list[Item]) -> tuple[torch.Tensor, list[str], list[torch.Generator]]:
+        """(latents 2B x 4 x h x w (B without classes), their prompts, their generators)."""
+        parts = [(self.instances, self.instance_latents, 0)]
+        if self.class_latents is not None:
+            parts.append((self.classes, self.class_latents, 1))
+        latents, prompts, generators = [], [], []
+        for examples, source, part in parts:
+            indices = [item.index % len(examples) for item in items]
+            part_generators = [sample_generator(self.seed, item.epoch, item.position, part) for item in items]
+            latents.append(source.latents(indices, part_generators))
+            prompts += [examples[i].prompt for i in indices]
+            generators += part_generators
+        return torch.cat(latents), prompts, generators

@@ -93,7 +93,10 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
 
 
 def rotate(run_dir: Path, keep_last: int) -> None:
-    """Delete all but the newest `keep_last` complete checkpoints (never the newest one)."""
+    """Delete all but the newest `keep_last` complete checkpoints (never the newest one), and
+    the partial folders that interrupted writes left. Call after a save: no write is under way."""
+    for partial in (Path(run_dir) / "checkpoints").glob("step-*.tmp"):
+        shutil.rmtree(partial, ignore_errors=True)
     for old in list_checkpoints(run_dir)[: -max(1, keep_last)]:
         shutil.rmtree(old, ignore_errors=True)
 

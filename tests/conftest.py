@@ -1,8 +1,13 @@
-"""Shared test settings."""
+"""Shared test settings, and the training runs several test files compare against."""
 
+import functools
 import os
 
+import pytest
+import torch
 from hypothesis import settings
+
+from train_runs import run_setup, write_training_data
 
 # These machines are shared and noisy: per-example deadlines would fail on timing, not on
 # behaviour. CI derandomizes so a landing never hinges on a lucky draw; locally each run
@@ -10,3 +15,33 @@ from hypothesis import settings
 settings.register_profile("local", deadline=None)
 settings.register_profile("ci", deadline=None, derandomize=True, print_blob=True)
 settings.load_profile("ci" if os.environ.get("CI") else "local")
+
+
+@pytest.fixture(scope="session")
+def training_data(tmp_path_factory):
+    """Subject and class images for the training tests (see train_runs.write_training_data)."""
+    return write_training_data(tmp_path_factory.mktemp("data"))
+
+
+@pytest.fixture
+def one_thread():
+    """In-process training with the thread count of the subprocess runs (train_runs.ENVIRONMENT)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def uninterrupted(tmp_path_factory, training_data):
+    """`uninterrupted(setup)`: the run directory of an uninterrupted STEPS-step run of that
+    train_runs.SETUPS entry, run once per session on first use."""
+
+    @functools.cache
+    def run(setup: str):
+        run_dir = tmp_path_factory.mktemp(setup)
+        result = run_setup(run_dir, training_data, setup)
+        assert result.returncode == 0, result.stdout + result.stderr
+        return run_dir
+
+    return run

@@ -66,12 +66,13 @@ def test_incomplete_checkpoints_are_ignored_with_a_warning(tmp_path):
         assert checkpoint.resolve_resume(tmp_path, "latest") == good
 
 
-def test_rotation_keeps_the_newest(tmp_path):
+def test_rotation_keeps_the_newest_and_clears_partial_writes(tmp_path):
     model, optimizer = model_and_optimizer()
     for step in (1, 2, 3, 4):
         save(tmp_path, step, model, optimizer)
+    (tmp_path / "checkpoints" / "step-00000002.tmp").mkdir()
     checkpoint.rotate(tmp_path, keep_last=2)
-    assert [p.name for p in checkpoint.list_checkpoints(tmp_path)] == ["step-00000003", "step-00000004"]
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step-00000003", "step-00000004"]
     checkpoint.rotate(tmp_path, keep_last=0)  # never deletes the newest complete checkpoint
     assert [p.name for p in checkpoint.list_checkpoints(tmp_path)] == ["step-00000004"]
 
