@@ -41,6 +41,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--width", type=int, default=512, help="pixels, a multiple of 8 (default: %(default)s)")
     parser.add_argument("--dtype", choices=DTYPES, default=None, help="default: fp16 on CUDA, fp32 on CPU")
     parser.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: cuda if available")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the UNet: slow first image, faster after (GPU)")
     parser.add_argument("--out", type=Path, default=Path("samples"), help="output folder (default: %(default)s)")
     args = parser.parse_args(argv)
     if (args.prompt is None) == (args.from_file is None):
@@ -94,6 +95,8 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as error:  # WeightsError is a ValueError too
         print(f"error: {error}", file=sys.stderr)
         return 2
+    if args.compile:
+        pipe.unet.compile(fullgraph=True)
     jobs = [(p, args.seed + i) for p in prompts for i in range(args.num_images)]
     args.out.mkdir(parents=True, exist_ok=True)
     for start in tqdm(range(0, len(jobs), args.batch_size), desc="images", unit="batch"):

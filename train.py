@@ -166,6 +166,8 @@ def train(cfg: TrainConfig, env: Distributed, resume_hint: str) -> int:
     if not tcfg.train_text_encoder:
         pipe.text_encoder.to(dtype=amp_dtype)
     pipe.unet.gradient_checkpointing = tcfg.gradient_checkpointing
+    if tcfg.compile:  # in place: parameter names, DDP and checkpoints see the same module
+        pipe.unet.compile(fullgraph=True)
     pipe.unet.train()
     trained = {"unet": pipe.unet} | ({"text_encoder": pipe.text_encoder} if tcfg.train_text_encoder else {})
 

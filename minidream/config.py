@@ -146,7 +146,7 @@ class TrainSection:
     weight_decay: float = 1e-2
     seed: int = 0
     cache_latents: bool = True  # encode each image once when the transforms are deterministic
-    compile: bool = False
+    compile: bool = False  # torch.compile the UNet (one graph, no breaks: fullgraph=True)
     device: str = "auto"  # "auto" (this rank's GPU if any, else CPU) | "cpu" | "cuda"
     max_nonfinite_steps: int = 5  # stop after this many consecutive non-finite losses
 
