@@ -46,3 +46,21 @@ def test_train_compile_trains_the_same_run(tmp_path, training_data, monkeypatch)
     assert eager.keys() == compiled.keys() == {1, 2, 3}
     for step in eager:
         assert abs(eager[step] - compiled[step]) <= 1e-5 * abs(eager[step])
+
+
+def test_sample_compile_gives_the_same_images(tmp_path, monkeypatch):
+    import numpy as np
+    from PIL import Image
+
+    import sample
+    from minidream import save_pipeline
+    from minidream.pipeline import random_pipeline
+
+    weights = tmp_path / "tiny.safetensors"
+    save_pipeline(random_pipeline(TINY, seed=0), weights, dtype=torch.float32)
+    args = ["--weights", str(weights), "--prompt", "a toy", "--steps", "3", "--height", "32", "--width", "32"]
+    assert sample.main([*args, "--out", str(tmp_path / "eager")]) == 0
+    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="aot_eager"))
+    assert sample.main([*args, "--compile", "--out", str(tmp_path / "compiled")]) == 0
+    eager, compiled = (np.asarray(Image.open(tmp_path / d / "00000-0.png")).astype(int) for d in ("eager", "compiled"))
+    assert np.abs(eager - compiled).max() <= 1
