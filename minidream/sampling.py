@@ -51,13 +51,20 @@ def denoise(
 ) -> torch.Tensor:
     """Run the sampler from pure noise to clean latents: B x 4 x h x w (unscaled by 0.18215)."""
     sampler = make_sampler(sampler_name, pipe.config.schedule, steps, eta, karras)
+    # Every draw is made up front, in the order the seed rule fixes (initial latents, then each
+    # stochastic step's noise), and the timesteps are moved once: the loop itself never waits
+    # on a host-to-device copy.
     latents = draw_noise(generators, latent_shape, pipe.dtype, pipe.device) * sampler.init_noise_sigma
+    steps_noise = [
+        draw_noise(generators, latent_shape, pipe.dtype, pipe.device) if sampler.draws_noise(i) else None
+        for i in range(len(sampler.timesteps))
+    ]
+    timesteps = sampler.timesteps.to(pipe.device)
     state = None
-    for i, t in enumerate(sampler.timesteps):
+    for i, noise in enumerate(steps_noise):
         model_input = sampler.scale_model_input(latents, i)
-        t_batch = t.to(pipe.device).expand(latents.shape[0])
+        t_batch = timesteps[i].expand(latents.shape[0])
         output = guided_prediction(pipe.unet, model_input, t_batch, uncond, cond, guidance)
-        noise = draw_noise(generators, latent_shape, pipe.dtype, pipe.device) if sampler.draws_noise(i) else None
         latents, state = sampler.step(latents, output, i, state, noise)
         if progress is not None:
             progress.update(1)

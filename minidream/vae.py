@@ -73,7 +73,9 @@ class AttnBlock(nn.Module):
         b, c, h, w = x.shape
         normed = self.norm(x)
         # B x C x H x W -> B x HW x C for each projection; one head as wide as the channels.
-        q, k, v = (proj(normed).flatten(2).transpose(1, 2) for proj in (self.q, self.k, self.v))
+        # Contiguous, because SDPA's fused kernels need a unit stride on the channel dim; a
+        # transposed view falls back to the math path and materialises the HW x HW matrix.
+        q, k, v = (proj(normed).flatten(2).transpose(1, 2).contiguous() for proj in (self.q, self.k, self.v))
         out = multihead_attention(q, k, v, heads=1)
         return x + self.proj_out(out.transpose(1, 2).reshape(b, c, h, w))
 

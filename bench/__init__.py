@@ -1,0 +1,10 @@
+"""Speed and memory of minidream against diffusers, on the same config and the same weights.
+
+    python -m bench.unet_train_step   UNet training step (forward, MSE backward, AdamW)
+    python -m bench.sampling_loop     DDIM sampling loop with classifier-free guidance
+    python -m bench.vae               VAE encode and decode
+    python -m bench.memory            peak memory of each, in separate processes
+    python bench/load_memory.py       peak RAM while loading an SD 1.5 single file (minidream only)
+
+Each prints markdown table rows for BENCHMARKS.md; `--help` lists the options.
+"""

@@ -1,0 +1,125 @@
+"""Peak memory of the UNet training step and of one guided sampling step, minidream against
+diffusers, each measured in a process of its own so that neither sees the other's tensors.
+
+CUDA: `torch.cuda.max_memory_allocated`. CPU: the process's peak resident set (VmHWM) less its
+resident set after the imports, i.e. the weights, gradients, optimizer state and activations.
+"""
+
+import argparse
+import json
+import subprocess
+import sys
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+
+import torch
+
+from bench.common import Settings, command, machine, parser, settings_from, versions
+from bench.models import IMPLEMENTATIONS, unet_forward, unet_pair
+from bench.unet_train_step import (
+    add_training_options, make_optimizer, train_step, training_benchmark, training_inputs, training_models,
+)
+
+REPO_ROOT = Path(__file__).resolve().parents[1]  # where `python -m bench.memory` finds the package
+STEPS = 3  # AdamW allocates its state in step 1; later steps hold it alongside gradients and activations
+
+
+def proc_status_mb(field: str) -> float:
+    """A `kB` field of /proc/self/status (VmRSS, VmHWM), in MB."""
+    with open("/proc/self/status") as status:
+        line = next(line for line in status if line.startswith(field + ":"))
+    return int(line.split()[1]) / 1024
+
+
+def workload(impl: str, args: argparse.Namespace, settings: Settings):
+    """The call to measure, with only `impl`'s model referenced (the pair shares its weights)."""
+    if args.workload == "train":
+        unet, twin = training_models(settings, args.gradient_checkpointing)
+        params = list(unet.parameters())
+        forward = unet_forward(impl, unet, twin)
+        inputs = training_inputs(settings, args.batch, args.latent)
+        optimizer = make_optimizer(params, args.optimizer, settings.device)
+        return partial(train_step, forward, inputs, params, optimizer, settings)
+    unet, twin = unet_pair(settings, settings.dtype)
+    unet.eval()
+    twin.eval()
+    forward = unet_forward(impl, unet, twin)
+    # One guided denoising step: the UNet on the doubled (uncond + cond) batch.
+    x, t, context, _ = training_inputs(settings, 2 * args.batch, args.latent)
+    x, context = x.to(settings.dtype), context.to(settings.dtype)
+    return torch.no_grad()(partial(forward, x, t, context))
+
+
+def measure(impl: str, args: argparse.Namespace, settings: Settings) -> float:
+    """Peak MB of `STEPS` calls of the workload, in this process."""
+    baseline = 0.0 if settings.device.type == "cuda" else proc_status_mb("VmRSS")
+    run = workload(impl, args, settings)
+    for _ in range(STEPS):
+        run()
+    if settings.device.type == "cuda":
+        torch.cuda.synchronize(settings.device)
+        return torch.cuda.max_memory_allocated(settings.device) / 2**20
+    return proc_status_mb("VmHWM") - baseline
+
+
+def measure_in_subprocess(impl: str, argv: list[str]) -> float:
+    result = subprocess.run(
+        [sys.executable, "-m", __spec__.name, *argv, "--child", impl], cwd=REPO_ROOT, capture_output=True, text=True
+    )
+    if result.returncode != 0:
+        raise RuntimeError(f"measuring {impl} failed (exit {result.returncode}):\n{result.stderr[-3000:]}")
+    return json.loads(result.stdout.splitlines()[-1])["peak_mb"]
+
+
+@dataclass(frozen=True)
+class MemoryRow:
+    """One memory comparison: a table row, in MB."""
+
+    workload: str
+    shape: str
+    minidream_mb: float
+    diffusers_mb: float
+
+    @property
+    def ratio(self) -> float:
+        return self.minidream_mb / self.diffusers_mb
+
+
+def report(row: MemoryRow, settings: Settings, command_line: str) -> None:
+    on_cuda = settings.device.type == "cuda"
+    measure_name = "CUDA max_memory_allocated" if on_cuda else "peak RSS above the post-import RSS"
+    print(f"\nMachine: {machine(settings.device)}; {versions()}")
+    print(f"Command: `{command_line}` ({measure_name}, {STEPS} steps, one process per implementation)\n")
+    print("| workload | setup | shape | minidream MB | diffusers MB | minidream/diffusers |")
+    print("|---|---|---|---:|---:|---:|")
+    cells = [
+        row.workload, settings.describe(), row.shape,
+        f"{row.minidream_mb:.0f}", f"{row.diffusers_mb:.0f}", f"**{row.ratio:.3f}**",
+    ]
+    print("| " + " | ".join(cells) + " |")
+
+
+def main(argv: list[str] | None = None) -> MemoryRow | None:
+    argv = sys.argv[1:] if argv is None else argv
+    options = parser(__doc__.splitlines()[0])
+    options.add_argument("--workload", choices=["train", "sample"], default="train")
+    options.add_argument("--batch", type=int, default=1, help="training batch, or images per sampling step")
+    add_training_options(options)
+    options.add_argument("--child", choices=IMPLEMENTATIONS, help=argparse.SUPPRESS)
+    args = options.parse_args(argv)
+    settings = settings_from(args)
+    if args.child:
+        print(json.dumps({"peak_mb": measure(args.child, args, settings)}))
+        return None
+
+    peaks = {impl: measure_in_subprocess(impl, argv) for impl in IMPLEMENTATIONS}
+    name = training_benchmark(args) if args.workload == "train" else "UNet guided sampling step"
+    shape = f"batch {args.batch}, latent {args.latent}x{args.latent}"
+    row = MemoryRow(name, shape, peaks["minidream"], peaks["diffusers"])
+    report(row, settings, command(__spec__.name, argv))
+    return row
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,111 @@
+"""UNet training step, minidream against diffusers: forward, MSE loss, backward, AdamW step.
+
+fp32 master weights with the forward under autocast in --dtype, as train.py and diffusers'
+train_dreambooth.py run; fused AdamW on CUDA. The two models hold the same parameters and
+share one optimizer, so only the forward and backward differ between them.
+"""
+
+import sys
+from functools import partial
+
+import torch
+import torch.nn.functional as F
+
+from bench.common import (
+    SD15_TFLOP, Row, Settings, command, compared, latent_scale, parser, report, settings_from, time_alternating,
+)
+from bench.models import IMPLEMENTATIONS, UNetForward, memory_format, unet_forward, unet_pair
+
+TrainingInputs = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
+
+
+def training_inputs(settings: Settings, batch: int, latent: int) -> TrainingInputs:
+    """Seeded noisy latents, timesteps, text context and target noise on the device."""
+    cfg = settings.model_config
+    generator = torch.Generator().manual_seed(settings.seed)
+    x = torch.randn(batch, cfg.unet.in_channels, latent, latent, generator=generator)
+    t = torch.randint(0, cfg.schedule.num_train_timesteps, (batch,), generator=generator)
+    context = torch.randn(batch, cfg.text_encoder.context_length, cfg.unet.context_dim, generator=generator)
+    target = torch.randn(batch, cfg.unet.out_channels, latent, latent, generator=generator)
+    x = x.to(settings.device, memory_format=memory_format(settings))
+    return x, t.to(settings.device), context.to(settings.device), target.to(settings.device)
+
+
+def make_optimizer(params: list[torch.nn.Parameter], name: str, device: torch.device) -> torch.optim.Optimizer | None:
+    if name == "none":
+        return None
+    return torch.optim.AdamW(params, lr=1e-6, fused=device.type == "cuda")
+
+
+def train_step(
+    forward: UNetForward,
+    inputs: TrainingInputs,
+    params: list[torch.nn.Parameter],
+    optimizer: torch.optim.Optimizer | None,
+    settings: Settings,
+) -> torch.Tensor:
+    """One optimizer step. The loss is returned as a tensor, never read: no host sync in the step."""
+    x, t, context, target = inputs
+    with torch.autocast(settings.device.type, dtype=settings.dtype, enabled=settings.dtype != torch.float32):
+        prediction = forward(x, t, context)
+    loss = F.mse_loss(prediction.float(), target)
+    loss.backward()
+    if optimizer is not None:
+        optimizer.step()
+    for param in params:  # zero_grad(set_to_none=True), with or without an optimizer
+        param.grad = None
+    return loss.detach()
+
+
+def add_training_options(parser) -> None:
+    parser.add_argument("--latent", type=int, default=64, help="latent height and width (64: 512px images)")
+    parser.add_argument(
+        "--optimizer", choices=["adamw", "none"], default="adamw",
+        help="none: forward and backward only (SD 1.5's AdamW state needs 7 GB more)",
+    )
+    parser.add_argument("--gradient-checkpointing", action="store_true", help="on in both models")
+
+
+def training_benchmark(args) -> str:
+    """The benchmark column for the training options given."""
+    name = "UNet train step" if args.optimizer == "adamw" else "UNet forward+backward"
+    return name + (", grad checkpointing" if args.gradient_checkpointing else "")
+
+
+def training_models(settings: Settings, gradient_checkpointing: bool):
+    """The UNet pair in training mode, fp32 master weights, checkpointing as asked."""
+    unet, twin = unet_pair(settings, torch.float32)
+    unet.train()
+    twin.train()
+    if gradient_checkpointing:
+        unet.gradient_checkpointing = True
+        twin.enable_gradient_checkpointing()
+    return unet, twin
+
+
+def main(argv: list[str] | None = None) -> list[Row]:
+    argv = sys.argv[1:] if argv is None else argv
+    options = parser(__doc__.splitlines()[0])
+    options.add_argument("--batches", type=int, nargs="+", default=[1, 2, 8])
+    add_training_options(options)
+    args = options.parse_args(argv)
+    settings = settings_from(args)
+
+    unet, twin = training_models(settings, args.gradient_checkpointing)
+    params = list(unet.parameters())
+    optimizer = make_optimizer(params, args.optimizer, settings.device)
+    forwards = {impl: unet_forward(impl, unet, twin) for impl in IMPLEMENTATIONS}
+    rows = []
+    for batch in args.batches:
+        inputs = training_inputs(settings, batch, args.latent)
+        step = partial(train_step, inputs=inputs, params=params, optimizer=optimizer, settings=settings)
+        seconds = time_alternating({impl: partial(step, forward) for impl, forward in forwards.items()}, settings)
+        tflop = SD15_TFLOP["unet_train"] * batch * latent_scale(args.latent, args.latent)
+        shape = f"batch {batch}, latent {args.latent}x{args.latent}"
+        rows.append(compared(training_benchmark(args), shape, batch, "samples/s", tflop, seconds, settings))
+    report(rows, settings, command(__spec__.name, argv))
+    return rows
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,60 @@
+"""VAE encode (with a latent sample) and decode, minidream against diffusers.
+
+Weights are cast to --dtype for both, as for inference. The latent sample draws its noise
+from a CPU generator in both, as training does.
+"""
+
+import sys
+
+import torch
+
+from bench.common import SD15_TFLOP, Row, command, compared, parser, report, settings_from, time_alternating
+from bench.models import memory_format, vae_pair
+
+
+def main(argv: list[str] | None = None) -> list[Row]:
+    argv = sys.argv[1:] if argv is None else argv
+    options = parser(__doc__.splitlines()[0])
+    options.add_argument("--batch", type=int, default=1)
+    options.add_argument("--image", type=int, default=512, help="image height and width in pixels")
+    args = options.parse_args(argv)
+    settings = settings_from(args)
+
+    vae, twin = vae_pair(settings, settings.dtype)
+    vae.eval()
+    twin.eval()
+    cfg = settings.model_config.vae
+    generator = torch.Generator().manual_seed(settings.seed)
+    images = torch.rand(args.batch, cfg.in_channels, args.image, args.image, generator=generator) * 2 - 1
+    latents = torch.randn(args.batch, cfg.latent_channels, args.image // 8, args.image // 8, generator=generator)
+    images, latents = (
+        tensor.to(settings.device, settings.dtype, memory_format=memory_format(settings))
+        for tensor in (images, latents)
+    )
+
+    def sample_generator() -> torch.Generator:
+        return torch.Generator().manual_seed(settings.seed)
+
+    jobs = {
+        "encode": {
+            "minidream": lambda: vae.encode(images).sample(sample_generator()),
+            "diffusers": lambda: twin.encode(images).latent_dist.sample(generator=sample_generator()),
+        },
+        "decode": {
+            "minidream": lambda: vae.decode(latents),
+            "diffusers": lambda: twin.decode(latents, return_dict=False)[0],
+        },
+    }
+    rows = []
+    with torch.no_grad():
+        for job, runs in jobs.items():
+            seconds = time_alternating(runs, settings)
+            tflop = SD15_TFLOP[f"vae_{job}"] * args.batch * (args.image / 512) ** 2
+            shape = f"batch {args.batch}, {args.image}x{args.image} px"
+            rows.append(compared(f"VAE {job}", shape, args.batch, "images/s", tflop, seconds, settings))
+    report(rows, settings, command(__spec__.name, argv))
+    return rows
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,55 @@
+"""The bench scripts run end to end at their tiniest settings and print their tables. No
+timing is checked here: speed is shown by BENCHMARKS.md, not by tests."""
+
+import math
+import re
+
+from bench import memory, sampling_loop, unet_train_step, vae
+
+TINIEST = ["--device", "cpu", "--config", "tiny", "--warmup", "0", "--repeats", "1"]
+
+
+def assert_timed(rows, count: int) -> None:
+    assert len(rows) == count
+    for row in rows:
+        assert row.minidream_s > 0 and row.diffusers_s > 0
+        assert math.isfinite(row.ratio)
+        assert row.tflop_per_call is None  # DESIGN.md's FLOPs are for SD 1.5, not the tiny config
+
+
+def assert_table(printed: str, module: str, data_rows: int) -> None:
+    assert f"Command: `python -m bench.{module} " in printed
+    assert "Machine: " in printed and "torch " in printed and "diffusers " in printed
+    table = [line for line in printed.splitlines() if line.startswith("| ")]
+    assert "minidream/diffusers" in table[0]
+    assert len(table) == 1 + data_rows
+
+
+def test_unet_train_step(capsys):
+    rows = unet_train_step.main([*TINIEST, "--latent", "8", "--batches", "1", "2"])
+    assert_timed(rows, 2)
+    assert [row.items for row in rows] == [1, 2]
+    assert_table(capsys.readouterr().out, "unet_train_step", 2)
+
+
+def test_sampling_loop_times_identical_runs(capsys):
+    rows = sampling_loop.main([*TINIEST, "--latent", "8", "--steps", "2"])
+    assert_timed(rows, 1)
+    printed = capsys.readouterr().out
+    assert_table(printed, "sampling_loop", 1)
+    difference = float(re.search(r"max \|minidream - diffusers\| = (\S+)", printed).group(1))
+    assert difference < 1e-4  # the same weights and seeds give the same latents in both
+
+
+def test_vae(capsys):
+    rows = vae.main([*TINIEST, "--image", "32"])
+    assert_timed(rows, 2)
+    assert_table(capsys.readouterr().out, "vae", 2)
+
+
+def test_memory_measures_each_implementation_in_its_own_process(capsys):
+    row = memory.main(["--device", "cpu", "--config", "tiny", "--latent", "8"])
+    assert row.minidream_mb > 0 and row.diffusers_mb > 0
+    printed = capsys.readouterr().out
+    assert "Command: `python -m bench.memory " in printed
+    assert "minidream/diffusers" in printed
