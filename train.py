@@ -17,13 +17,14 @@ import time
 from pathlib import Path
 
 import torch
+import yaml
 from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
 from minidream import checkpoint, schedule
 from minidream.batches import DreamBoothBatches, LatentSource, PromptEncoder
 from minidream.config import ARCHITECTURES, TrainConfig
-from minidream.config_file import ConfigError, load_train_config, save_config
+from minidream.config_file import ConfigError, load_train_config, save_config, to_dict
 from minidream.data import DataError, find_images, scan_images
 from minidream.distributed import Distributed, any_rank, barrier, gather_objects, init_distributed, mean_across_ranks, shutdown
 from minidream.example_subject import write_example_subject
@@ -43,11 +44,12 @@ EXPORT_DTYPES = {"fp16": torch.float16, "fp32": torch.float32}
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description="DreamBooth fine-tuning of Stable Diffusion 1.x. Without --config, runs the embedded "
-        "default (configs/tiny.yaml: a tiny model on a drawn example subject, about two minutes on a CPU).",
+        "default (configs/tiny.yaml: a tiny model on a drawn example subject, seconds on a CPU).",
         epilog="Overrides are section.key=value, e.g. train.max_steps=400 data.instance_dir=photos/dog "
-        "run.resume=latest. See configs/*.yaml for every key.",
+        "run.resume=latest. --show-config prints every key with its value.",
     )
     parser.add_argument("--config", type=Path, default=DEFAULT_CONFIG, help="YAML preset (default: %(default)s)")
+    parser.add_argument("--show-config", action="store_true", help="print the resolved config (every key) and exit")
     parser.add_argument("overrides", nargs="*", metavar="section.key=value", help="config overrides, applied in order")
     return parser.parse_args(argv)
 
@@ -57,6 +59,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         cfg = load_train_config(args.config, args.overrides)
+        if args.show_config:
+            print(yaml.safe_dump(to_dict(cfg), sort_keys=False), end="")
+            return 0
         env = init_distributed(cfg.train.device)
     except (ConfigError, RuntimeError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)

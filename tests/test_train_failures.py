@@ -124,3 +124,14 @@ def test_unusable_class_images_already_there_are_reported_before_any_model_loads
     Image.new("RGB", (16, 16)).save(class_dir / "mine.png")
     assert train.main(train_args(tmp_path / "run", training_data, (f"data.class_dir={class_dir}",))) == 2
     assert "mine.png (16x16); use larger images or lower data.resolution" in capsys.readouterr().err
+
+
+def test_show_config_prints_every_key_resolved(capsys):
+    import yaml
+
+    from minidream.config_file import load_train_config, to_dict
+
+    assert train.main(["--show-config", "train.max_steps=7"]) == 0
+    shown = yaml.safe_load(capsys.readouterr().out)
+    assert shown == to_dict(load_train_config(train.DEFAULT_CONFIG, ["train.max_steps=7"]))
+    assert shown["train"]["max_steps"] == 7 and "prior_loss_weight" in shown["train"]
