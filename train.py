@@ -104,8 +104,6 @@ def prepare_run_dir(cfg: TrainConfig, env: Distributed) -> Path:
 def load_models(cfg: TrainConfig, env: Distributed) -> Pipeline:
     if cfg.model.weights:
         return load_pipeline(cfg.model.weights, device=env.device, dtype=torch.float32, use_ema=cfg.model.use_ema)
-    if cfg.model.architecture not in ARCHITECTURES:
-        raise ConfigError(f"model.architecture={cfg.model.architecture!r}; choose one of {', '.join(ARCHITECTURES)}")
     log(env, f"model.weights is not set: starting from random {cfg.model.architecture} weights (seed {cfg.train.seed})")
     return random_pipeline(ARCHITECTURES[cfg.model.architecture], seed=cfg.train.seed).to(env.device)
 
@@ -134,8 +132,11 @@ def save_validation_grid(cfg: TrainConfig, pipe: Pipeline, run_dir: Path, step: 
             guidance=val.guidance, height=cfg.data.resolution, width=cfg.data.resolution,
         )
     pipe.unet.train()
-    (run_dir / "samples").mkdir(exist_ok=True)
-    image_grid(images, columns=min(4, len(images))).save(run_dir / "samples" / f"step-{step:08d}.png")
+    final = run_dir / "samples" / f"step-{step:08d}.png"
+    final.parent.mkdir(exist_ok=True)
+    tmp = final.with_name(final.name + ".tmp")
+    image_grid(images, columns=min(4, len(images))).save(tmp, format="PNG")
+    tmp.replace(final)
 
 
 def train(cfg: TrainConfig, env: Distributed, resume_hint: str) -> int:
