@@ -16,6 +16,7 @@ import torch
 from PIL import PngImagePlugin
 from tqdm.auto import tqdm
 
+from minidream.files import atomic_file
 from minidream.sampling import generate
 from minidream.samplers import SAMPLERS, make_sampler
 from minidream.weights import load_pipeline
@@ -109,10 +110,8 @@ def main(argv: list[str] | None = None) -> int:
         for offset, ((prompt, seed), image) in enumerate(zip(batch, images)):
             info = PngImagePlugin.PngInfo()
             info.add_text("parameters", parameters_text(args, prompt, seed))
-            path = args.out / f"{start + offset:05d}-{seed}.png"
-            tmp = path.with_name(path.name + ".tmp")
-            image.save(tmp, format="PNG", pnginfo=info)
-            tmp.replace(path)
+            with atomic_file(args.out / f"{start + offset:05d}-{seed}.png") as tmp:
+                image.save(tmp, format="PNG", pnginfo=info)
     print(f"wrote {len(jobs)} image(s) to {args.out}/")
     return 0
 

@@ -28,6 +28,7 @@ from minidream.config_file import ConfigError, load_train_config, save_config, t
 from minidream.data import DataError, find_images, scan_images
 from minidream.distributed import Distributed, any_rank, barrier, gather_objects, init_distributed, mean_across_ranks, shutdown
 from minidream.example_subject import write_example_subject
+from minidream.files import atomic_file
 from minidream.metrics import MetricsLog
 from minidream.pipeline import Pipeline, random_pipeline
 from minidream.prior import generate_class_images, missing_class_indices
@@ -132,11 +133,8 @@ def save_validation_grid(cfg: TrainConfig, pipe: Pipeline, run_dir: Path, step: 
             guidance=val.guidance, height=cfg.data.resolution, width=cfg.data.resolution,
         )
     pipe.unet.train()
-    final = run_dir / "samples" / f"step-{step:08d}.png"
-    final.parent.mkdir(exist_ok=True)
-    tmp = final.with_name(final.name + ".tmp")
-    image_grid(images, columns=min(4, len(images))).save(tmp, format="PNG")
-    tmp.replace(final)
+    with atomic_file(run_dir / "samples" / f"step-{step:08d}.png") as tmp:
+        image_grid(images, columns=min(4, len(images))).save(tmp, format="PNG")
 
 
 def train(cfg: TrainConfig, env: Distributed, resume_hint: str) -> int:

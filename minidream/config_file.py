@@ -13,6 +13,7 @@ from pathlib import Path
 import yaml
 
 from minidream.config import TrainConfig
+from minidream.files import atomic_file
 
 
 class ConfigError(ValueError):
@@ -93,10 +94,8 @@ def to_dict(config) -> dict:
 
 def save_config(config, path: str | Path) -> None:
     """Write the resolved config as YAML (atomically: temp file, then rename)."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
-    tmp.replace(path)
+    with atomic_file(Path(path)) as tmp:
+        tmp.write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
 
 
 def _replace_path(config, keys: list[str], raw: str, dotted: str):

@@ -9,6 +9,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
+from minidream.files import atomic_file
+
 
 def draw_example_subject(index: int, size: int) -> Image.Image:
     rng = np.random.default_rng(index)
@@ -36,8 +38,7 @@ def write_example_subject(folder: Path, count: int, size: int) -> list[Path]:
     for index in range(count):
         path = folder / f"subject-{index:02d}.png"
         if not path.exists():
-            tmp = path.with_name(path.name + ".tmp")
-            draw_example_subject(index, size).save(tmp, format="PNG")
-            tmp.replace(path)
+            with atomic_file(path) as tmp:
+                draw_example_subject(index, size).save(tmp, format="PNG")
         paths.append(path)
     return paths

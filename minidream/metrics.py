@@ -4,6 +4,8 @@ import json
 import warnings
 from pathlib import Path
 
+from minidream.files import atomic_file
+
 
 class MetricsLog:
     """Appends `metrics.jsonl` in the run folder; mirrors numbers to TensorBoard when enabled
@@ -26,9 +28,8 @@ class MetricsLog:
         if not self.path.exists():
             return
         kept = [line for line in self.path.read_text().splitlines() if line and json.loads(line)["step"] <= last_step]
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        tmp.write_text("".join(line + "\n" for line in kept))
-        tmp.replace(self.path)
+        with atomic_file(self.path) as tmp:
+            tmp.write_text("".join(line + "\n" for line in kept))
 
     def write(self, record: dict) -> None:
         with open(self.path, "a") as f:

@@ -9,6 +9,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from minidream.data import find_images
+from minidream.files import atomic_file
 from minidream.pipeline import Pipeline
 from minidream.sampling import generate
 
@@ -55,8 +56,6 @@ def generate_class_images(
                 guidance=guidance, height=resolution, width=resolution,
             )
             for index, image in zip(chunk, images):
-                final = class_image_path(class_dir, index)
-                tmp = final.with_name(final.name + ".tmp")
-                image.save(tmp, format="PNG")
-                tmp.replace(final)
+                with atomic_file(class_image_path(class_dir, index)) as tmp:
+                    image.save(tmp, format="PNG")
             bar.update(len(chunk))

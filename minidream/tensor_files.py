@@ -12,7 +12,6 @@ import contextlib
 import json
 import os
 import pickle
-import shutil
 import struct
 from collections.abc import Iterator
 from pathlib import Path
@@ -23,6 +22,7 @@ import safetensors.torch
 import torch
 
 from minidream.config import ModelConfig
+from minidream.files import atomic_file, temporary_sibling
 from minidream.tokenizer import CLIPTokenizer
 
 
@@ -187,9 +187,8 @@ def _unpickler_reason(error: Exception) -> str:
 
 def write_safetensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
     """Write atomically: a temporary file in the same folder, renamed over `path` when complete."""
-    with _temporary_sibling(path) as temporary:
+    with atomic_file(path) as temporary:
         safetensors.torch.save_file(tensors, temporary, metadata=metadata)
-        os.replace(temporary, path)
 
 
 @contextlib.contextmanager
@@ -197,7 +196,7 @@ def atomic_folder(path: Path) -> Iterator[Path]:
     """Yield a temporary folder beside `path`; when the block succeeds it becomes `path`.
     An existing non-empty folder is never replaced: that could destroy the user's files."""
     _refuse_non_empty_folder(path)
-    with _temporary_sibling(path) as temporary:
+    with temporary_sibling(path) as temporary:
         temporary.mkdir()
         yield temporary
         _refuse_non_empty_folder(path)
@@ -209,18 +208,3 @@ def atomic_folder(path: Path) -> Iterator[Path]:
 def _refuse_non_empty_folder(path: Path) -> None:
     if path.exists() and not (path.is_dir() and not any(path.iterdir())):
         raise WeightsError(f"{path}: already exists; remove it or choose another destination")
-
-
-@contextlib.contextmanager
-def _temporary_sibling(path: Path) -> Iterator[Path]:
-    """A fresh name in `path`'s folder (same filesystem, so the final rename is atomic); whatever
-    is left under it when the block ends, by success or failure, is removed."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        yield temporary
-    finally:
-        if temporary.is_dir():
-            shutil.rmtree(temporary)
-        else:
-            temporary.unlink(missing_ok=True)
