@@ -15,9 +15,11 @@ from minidream.layers import GroupNorm32, Upsample, maybe_checkpoint, multihead_
 
 
 class LayerNorm32(nn.LayerNorm):
-    """LayerNorm computed in fp32 whatever the input and weight dtypes (as GroupNorm32)."""
+    """LayerNorm with fp32 statistics whatever the dtypes, returning the input's dtype (as GroupNorm32)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == self.weight.dtype:
+            return super().forward(x)
         return F.layer_norm(
             x.float(), self.normalized_shape, self.weight.float(), self.bias.float(), self.eps
         ).to(x.dtype)

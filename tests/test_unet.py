@@ -117,6 +117,20 @@ def test_half_precision_weights_stay_close_to_fp32(dtype):
     assert relative_error(out.float(), expected) <= 3e-2
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_weights_match_diffusers_bit_for_bit(dtype):
+    """With half weights the norms run torch's own half kernels (fp32 statistics inside), as
+    diffusers' do, so a sampling step in fp16/bf16 is the same as diffusers' to the bit."""
+    reference, unet = unet_pair(TINY.unet, seed=0)
+    x, t, context = unet_inputs(TINY.unet, [0, 999], height=16, width=16, seed=1)
+    reference.to(dtype)
+    with torch.no_grad():
+        expected = reference(x.to(dtype), t, encoder_hidden_states=context.to(dtype)).sample
+        out = unet.to(dtype)(x.to(dtype), t, context.to(dtype))
+    assert out.dtype == dtype
+    assert torch.equal(out, expected)
+
+
 def test_layer_norm_statistics_are_fp32_for_half_inputs():
     norm = LayerNorm32(64).to(torch.float16)
     with torch.no_grad():
