@@ -11,6 +11,7 @@ minidream package.
 import argparse
 import contextlib
 import functools
+import math
 import shlex
 import sys
 import time
@@ -26,15 +27,17 @@ from minidream.batches import DreamBoothBatches, LatentSource, PromptEncoder
 from minidream.config import ARCHITECTURES, TrainConfig
 from minidream.config_file import ConfigError, load_train_config, save_config, to_dict
 from minidream.data import DataError, find_images, scan_images
-from minidream.distributed import Distributed, any_rank, barrier, gather_objects, init_distributed, mean_across_ranks, shutdown
+from minidream.distributed import Distributed, any_rank, barrier, gather_objects, init_distributed, shutdown
 from minidream.example_subject import write_example_subject
 from minidream.files import atomic_file
-from minidream.metrics import MetricsLog
+from minidream.metrics import MetricsLog, PendingSteps
 from minidream.pipeline import Pipeline, random_pipeline
 from minidream.prior import generate_class_images, missing_class_indices
 from minidream.sampling import generate, image_grid
 from minidream.signals import StopRequest
-from minidream.training import Cursor, dreambooth_loss, lr_factor, noise_and_timesteps, noisy_latents, take_items
+from minidream.training import (
+    Cursor, dreambooth_loss, lr_factor, noise_and_timesteps, noisy_latents, step_unless, take_items, to_device,
+)
 from minidream.weights import WeightsError, load_pipeline, save_pipeline
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent / "configs" / "tiny.yaml"
@@ -200,7 +203,7 @@ def train(cfg: TrainConfig, env: Distributed, resume_hint: str) -> int:
         groups.append({"params": list(pipe.text_encoder.parameters()), "lr": tcfg.text_encoder_lr or tcfg.lr})
     optimizer = torch.optim.AdamW(
         groups, betas=(tcfg.adam_beta1, tcfg.adam_beta2), eps=tcfg.adam_eps, weight_decay=tcfg.weight_decay,
-        fused=env.device.type == "cuda",
+        fused=True,  # one kernel for all weights, and it can skip a step without the host looking (step_unless)
     )
     lr_schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_factor(s, tcfg.lr_schedule, tcfg.warmup_steps, tcfg.max_steps)
@@ -210,7 +213,7 @@ def train(cfg: TrainConfig, env: Distributed, resume_hint: str) -> int:
 
     # 4. Resume: weights, optimizer, schedule, scaler, data position and RNG as they were.
     setup = {"architecture": repr(pipe.config.unet), "trained": sorted(trained)}
-    step, cursor, nonfinite_run = 0, Cursor(), 0
+    step, cursor, nonfinite_run, diverged_at = 0, Cursor(), 0, None
     resume_from = checkpoint.resolve_resume(run_dir, cfg.run.resume)
     if resume_from is not None:
         state = checkpoint.load_checkpoint(resume_from, trained, optimizer, setup)
@@ -237,18 +240,22 @@ def train(cfg: TrainConfig, env: Distributed, resume_hint: str) -> int:
         barrier()
         return saved
 
-    # 5. The loop: accumulate micro-batches, clip, step; log, checkpoint, validate.
+    # 5. The loop: accumulate micro-batches, clip, step; every run.log_every_n_steps steps read the
+    #    metrics back, then checkpoint and validate when due. Between those reads the host never
+    #    waits for the GPU: batches go over as asynchronous copies, a non-finite step is skipped by
+    #    the fused optimizer itself, and the losses stay on the device (metrics.PendingSteps).
     stop = StopRequest()
     bar = tqdm(total=tcfg.max_steps, initial=step, desc="training", disable=not env.is_main, dynamic_ncols=True)
     accum = tcfg.gradient_accumulation_steps
+    pending, window_started, window_samples = PendingSteps(), time.perf_counter(), 0
     while step < tcfg.max_steps:
-        started = time.perf_counter()
         totals = torch.zeros(3, device=env.device)  # loss, instance loss, prior loss over micro-steps
         for micro in range(accum):
             items, cursor = take_items(cursor, tcfg.batch_size, len(batches), tcfg.seed, env.rank, env.world_size)
             latents, prompts, generators = batches.batch(items)
             noise, t = noise_and_timesteps(latents.shape[1:], generators, sched.num_train_timesteps)
-            noisy, target = noisy_latents(latents, noise.to(env.device), t.to(env.device), alphas_cumprod, sched.prediction_type)
+            latents, noise, t = (to_device(x, env.device) for x in (latents, noise, t))
+            noisy, target = noisy_latents(latents, noise, t, alphas_cumprod, sched.prediction_type)
             # Gradients are all-reduced only on the last micro-step of the accumulation.
             syncing = contextlib.ExitStack()
             if micro < accum - 1:
@@ -257,47 +264,50 @@ def train(cfg: TrainConfig, env: Distributed, resume_hint: str) -> int:
             with syncing:
                 with amp():
                     context = encode_prompts(prompts, env.device)
-                    prediction = unet(noisy, t.to(env.device), context)
+                    prediction = unet(noisy, t, context)
                 loss, loss_instance, loss_prior = dreambooth_loss(prediction, target, len(items), tcfg.prior_loss_weight)
                 scaler.scale(loss / accum).backward()
             totals += torch.stack([loss.detach(), loss_instance.detach(), loss_prior.detach()]) / accum
+            window_samples += len(prompts) * env.world_size
 
         scaler.unscale_(optimizer)
         grad_norm = torch.nn.utils.clip_grad_norm_(params, tcfg.max_grad_norm)
-        finite = not any_rank(not bool(torch.isfinite(totals[0]) and torch.isfinite(grad_norm)), env.device)
-        scale_before = scaler.get_scale()
-        if finite:
-            scaler.step(optimizer)
+        # The same on every rank: DDP has averaged the gradients, and a NaN loss anywhere makes them NaN.
+        skip = ~torch.isfinite(grad_norm)
+        step_unless(optimizer, skip)
         scaler.update()
         optimizer.zero_grad(set_to_none=True)
-        lr = optimizer.param_groups[0]["lr"]  # the rate this step used
+        pending.add(step + 1, optimizer.param_groups[0]["lr"], totals, grad_norm, skip)
         lr_schedule.step()
         step += 1
-        skipped = not finite or scaler.get_scale() < scale_before
-        nonfinite_run = 0 if finite else nonfinite_run + 1
-
-        totals = mean_across_ranks(totals).tolist()
-        if env.is_main:
-            record = {
-                "step": step, "loss": totals[0], "loss_instance": totals[1], "loss_prior": totals[2],
-                "lr": lr, "grad_norm": float(grad_norm), "skipped": skipped,
-                "samples_per_s": len(prompts) * env.world_size * accum / (time.perf_counter() - started),
-            }
-            if env.device.type == "cuda":
-                record["peak_memory_gb"] = torch.cuda.max_memory_allocated(env.device) / 2**30
-            metrics.write(record)
-            bar.set_postfix(loss=f"{totals[0]:.4f}", lr=f"{record['lr']:.2e}", samples_s=f"{record['samples_per_s']:.1f}")
         bar.update(1)
 
-        if nonfinite_run >= tcfg.max_nonfinite_steps:
-            break
-        stop_now = any_rank(stop.requested, env.device)
-        if stop_now or step % cfg.checkpoint.every_n_steps == 0 or step == tcfg.max_steps:
-            saved = save(step)
-            if env.is_main:
-                bar.write(f"checkpoint: {saved}")
+        stop_now = False
+        if step % cfg.run.log_every_n_steps == 0 or step % cfg.checkpoint.every_n_steps == 0 or step == tcfg.max_steps:
+            records = pending.read()  # the host waits for the GPU here, and only here
+            samples_per_s, window_samples = window_samples / (time.perf_counter() - window_started), 0
+            for record in records:
+                # fp16 gradient overflow skips a step too, but only non-finite losses count towards stopping.
+                nonfinite_run = 0 if math.isfinite(record["loss"]) else nonfinite_run + 1
+                if nonfinite_run >= tcfg.max_nonfinite_steps and diverged_at is None:
+                    diverged_at = record["step"]
+                record["samples_per_s"] = samples_per_s  # the window's average: single steps are not timed
+                if env.device.type == "cuda":
+                    record["peak_memory_gb"] = torch.cuda.max_memory_allocated(env.device) / 2**30
+                if env.is_main:
+                    metrics.write(record)
+            bar.set_postfix(loss=f"{records[-1]['loss']:.4f}", lr=f"{records[-1]['lr']:.2e}", samples_s=f"{samples_per_s:.1f}")
+            if diverged_at is not None:
+                break
+            stop_now = any_rank(stop.requested, env.device)
+            if stop_now or step % cfg.checkpoint.every_n_steps == 0 or step == tcfg.max_steps:
+                saved = save(step)
+                if env.is_main:
+                    bar.write(f"checkpoint: {saved}")
+            window_started = time.perf_counter()  # checkpoints are not training time
         if env.is_main and cfg.validation.prompts and step % cfg.validation.every_n_steps == 0:
             save_validation_grid(cfg, pipe, run_dir, step, amp)
+            window_started = time.perf_counter()
         if stop_now:
             break
     bar.close()
@@ -305,8 +315,8 @@ def train(cfg: TrainConfig, env: Distributed, resume_hint: str) -> int:
     if metrics is not None:
         metrics.close()
 
-    if nonfinite_run >= tcfg.max_nonfinite_steps:
-        log(env, f"stopping: {nonfinite_run} consecutive non-finite losses at step {step}; the last good checkpoint is kept "
+    if diverged_at is not None:
+        log(env, f"stopping: {tcfg.max_nonfinite_steps} consecutive non-finite losses at step {diverged_at}; the last good checkpoint is kept "
             "— lower train.lr or use train.mixed_precision=bf16, then resume")
         return 1
     if step < tcfg.max_steps:  # stopped by a signal

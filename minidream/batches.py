@@ -2,7 +2,9 @@
 
 Latents: when crops are centred and nothing is flipped, the VAE's output distribution of an
 image never changes, so each image is encoded once and only the sample from that
-distribution is drawn per step (from the sample's generator, as without the cache).
+distribution is drawn per step (from the sample's generator, as without the cache). The
+cached distributions live on the host, where the samples are drawn: a batch then reaches the
+GPU as one asynchronous copy.
 Prompts: with a frozen text encoder each distinct prompt is encoded once.
 """
 
@@ -11,7 +13,7 @@ import torch
 from minidream.clip import CLIPTextModel
 from minidream.data import Example, image_to_tensor, load_image
 from minidream.tokenizer import CLIPTokenizer
-from minidream.training import Item, sample_generator
+from minidream.training import Item, sample_generator, to_device
 from minidream.vae import AutoencoderKL
 
 
@@ -34,13 +36,15 @@ class LatentSource:
         self.images = [load_image(example.path) for example in examples]  # a few MB each: decode once
         self.moments = None
         if cache and center_crop and not random_flip:
-            self.moments = [self._encode(image, flip=False, generator=None) for image in self.images]
+            self.moments = [
+                tuple(m.cpu() for m in self._encode(image, flip=False, generator=None)) for image in self.images
+            ]
 
     @torch.no_grad()
     def _encode(self, image, flip: bool, generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
         pixels = image_to_tensor(image, self.resolution, self.center_crop, flip, generator)
         param = next(self.vae.parameters())
-        posterior = self.vae.encode(pixels[None].to(param.device, param.dtype))
+        posterior = self.vae.encode(to_device(pixels[None], param.device).to(param.dtype))
         return posterior.mean.float(), posterior.std.float()
 
     def latents(self, indices: list[int], generators: list[torch.Generator]) -> torch.Tensor:
@@ -51,7 +55,7 @@ class LatentSource:
             else:
                 flip = self.random_flip and bool(torch.rand((), generator=g) < 0.5)
                 mean, std = self._encode(self.images[index], flip, g)
-            noise = torch.randn(mean.shape, generator=g).to(mean.device)
+            noise = to_device(torch.randn(mean.shape, generator=g), mean.device)
             out.append((mean + std * noise) * self.scaling_factor)
         return torch.cat(out)
 
@@ -68,7 +72,7 @@ class PromptEncoder:
 
     def __call__(self, prompts: list[str], device: torch.device) -> torch.Tensor:
         if self.trainable:
-            return self.text_encoder(self.tokenizer(prompts).to(device))
+            return self.text_encoder(to_device(self.tokenizer(prompts), device))
         missing = sorted(set(prompts) - self.cache.keys())
         if missing:
             with torch.no_grad():

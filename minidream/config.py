@@ -162,6 +162,7 @@ class RunSection:
     output_dir: str = "runs/dreambooth"
     resume: str = "none"  # "none" | "latest" | a checkpoint folder
     tensorboard: bool = False
+    log_every_n_steps: int = 10  # how often the host reads losses back from the GPU (metrics keep every step)
     export_dtype: str = "fp16"  # dtype of the exported model.safetensors: "fp16" | "fp32"
 
 

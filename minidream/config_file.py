@@ -29,6 +29,11 @@ CHOICES = {
     "train.device": ("auto", "cpu", "cuda"),
     "run.export_dtype": ("fp16", "fp32"),
 }
+# Counts and intervals: zero or less would divide by zero or train nothing.
+POSITIVE = (
+    "train.max_steps", "train.batch_size", "train.gradient_accumulation_steps", "train.max_nonfinite_steps",
+    "checkpoint.every_n_steps", "checkpoint.keep_last", "run.log_every_n_steps", "validation.every_n_steps",
+)
 
 
 def load_train_config(path: str | Path | None, overrides: list[str]) -> TrainConfig:
@@ -50,11 +55,16 @@ def load_train_config(path: str | Path | None, overrides: list[str]) -> TrainCon
 
 
 def check_choices(config: TrainConfig) -> None:
-    for dotted, allowed in CHOICES.items():
+    def value(dotted: str):
         section, key = dotted.split(".")
-        value = getattr(getattr(config, section), key)
-        if value not in allowed:
-            raise ConfigError(f"{dotted}={value!r} is not one of {', '.join(allowed)}")
+        return getattr(getattr(config, section), key)
+
+    for dotted, allowed in CHOICES.items():
+        if value(dotted) not in allowed:
+            raise ConfigError(f"{dotted}={value(dotted)!r} is not one of {', '.join(allowed)}")
+    for dotted in POSITIVE:
+        if value(dotted) < 1:
+            raise ConfigError(f"{dotted} must be at least 1, got {value(dotted)}")
 
 
 def from_dict(cls: type, data: dict, where: str):

@@ -1,9 +1,13 @@
-"""Per-step training metrics: one JSON line per optimizer step, and TensorBoard if asked for."""
+"""Per-step training metrics: one JSON line per optimizer step, and TensorBoard if asked for;
+the values stay on the device until they are written."""
 
 import json
 import warnings
 from pathlib import Path
 
+import torch
+
+from minidream.distributed import mean_across_ranks
 from minidream.files import atomic_file
 
 
@@ -42,3 +46,39 @@ class MetricsLog:
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
+
+
+class PendingSteps:
+    """Each step's losses, gradient norm and skip flag, kept on the device until `read`.
+
+    Reading a value of a GPU tensor makes the host wait until the GPU has finished everything
+    queued, so the next step's kernels cannot be queued ahead. Steps only append here; `read`
+    transfers the whole window at once, every `run.log_every_n_steps` steps.
+    """
+
+    COLUMNS = ("loss", "loss_instance", "loss_prior", "grad_norm", "skipped")
+
+    def __init__(self):
+        self.steps: list[int] = []
+        self.lrs: list[float] = []
+        self.values: list[torch.Tensor] = []
+
+    def add(self, step: int, lr: float, losses: torch.Tensor, grad_norm: torch.Tensor, skipped: torch.Tensor) -> None:
+        """losses: (loss, instance loss, prior loss) of this rank; grad_norm and skipped: 0-d, the same on every rank."""
+        self.steps.append(step)
+        self.lrs.append(lr)
+        self.values.append(torch.cat([losses.float(), grad_norm.float()[None], skipped.float()[None]]))
+
+    def read(self) -> list[dict]:
+        """One record per pending step, losses averaged over ranks; empties the window."""
+        if not self.steps:
+            return []
+        values = torch.stack(self.values)
+        values[:, :3] = mean_across_ranks(values[:, :3])
+        records = []
+        for step, lr, row in zip(self.steps, self.lrs, values.tolist()):  # the one device-to-host copy
+            record = {"step": step, "lr": lr} | dict(zip(self.COLUMNS, row))
+            record["skipped"] = bool(record["skipped"])
+            records.append(record)
+        self.steps, self.lrs, self.values = [], [], []
+        return records

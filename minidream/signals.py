@@ -1,11 +1,12 @@
-"""Stop requests: SIGTERM or SIGINT ends training cleanly after the current optimizer step."""
+"""Stop requests: SIGTERM or SIGINT ends training cleanly at the next metrics read (every
+`run.log_every_n_steps` optimizer steps), with a checkpoint."""
 
 import signal
 import sys
 
 
 class StopRequest:
-    """A flag set by SIGTERM/SIGINT, checked by the loop once per optimizer step.
+    """A flag set by SIGTERM/SIGINT, checked by the loop whenever it reads the metrics back.
 
     The first signal asks for a checkpoint and a clean exit; a second SIGINT (Ctrl-C twice)
     aborts at once.
@@ -20,7 +21,7 @@ class StopRequest:
             raise KeyboardInterrupt
         self.requested = True
         name = signal.Signals(signum).name
-        print(f"\n{name}: finishing this step, then saving a checkpoint (Ctrl-C again to abort)", file=sys.stderr, flush=True)
+        print(f"\n{name}: finishing the steps up to the next metrics read, then saving a checkpoint (Ctrl-C again to abort)", file=sys.stderr, flush=True)
 
     def restore(self) -> None:
         for sig, handler in self._previous.items():

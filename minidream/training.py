@@ -75,6 +75,35 @@ def noise_and_timesteps(
     return torch.cat(noises), torch.cat(timesteps)
 
 
+def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host tensor on `device`, copied without making the host wait for the GPU.
+
+    A copy from ordinary (pageable) memory to CUDA blocks until the GPU's queue has drained;
+    from pinned memory with non_blocking=True it is queued like a kernel and the CPU runs ahead.
+    """
+    if tensor.device == device or device.type != "cuda":
+        return tensor.to(device)
+    return tensor.pin_memory().to(device, non_blocking=True)
+
+
+def step_unless(optimizer: torch.optim.Optimizer, skip: torch.Tensor) -> None:
+    """optimizer.step(), unless the 0-d tensor `skip` is true (a non-finite gradient norm).
+
+    The decision is taken on the device: a fused AdamW reads `found_inf` (the hook
+    torch.amp.GradScaler uses) and leaves weights, moments and step counts as they were. Any
+    other optimizer needs the host to read `skip` first.
+    """
+    if not optimizer.defaults.get("fused"):
+        if not bool(skip):
+            optimizer.step()
+        return
+    optimizer.found_inf = skip.float()
+    try:
+        optimizer.step()
+    finally:
+        del optimizer.found_inf
+
+
 def noisy_latents(
     latents: torch.Tensor, noise: torch.Tensor, t: torch.Tensor, alphas_cumprod: torch.Tensor, prediction_type: str
 ) -> tuple[torch.Tensor, torch.Tensor]:

@@ -4,7 +4,7 @@ timing is checked here: speed is shown by BENCHMARKS.md, not by tests."""
 import math
 import re
 
-from bench import memory, sampling_loop, unet_train_step, vae
+from bench import memory, sampling_loop, saved_tensors, train_features, unet_train_step, vae
 
 TINIEST = ["--device", "cpu", "--config", "tiny", "--warmup", "0", "--repeats", "1"]
 
@@ -53,3 +53,26 @@ def test_memory_measures_each_implementation_in_its_own_process(capsys):
     printed = capsys.readouterr().out
     assert "Command: `python -m bench.memory " in printed
     assert "minidream/diffusers" in printed
+
+
+def test_train_features_times_train_py_with_each_feature_on_and_off(capsys):
+    results = train_features.main(
+        ["--device", "cpu", "--steps", "4", "--log-every", "2", "--repeats", "1", "--features", "cache-latents", "set-to-none"]
+    )
+    assert list(results) == ["cache-latents", "set-to-none"]
+    assert all(on > 0 and off > 0 for on, off in results.values())
+    printed = capsys.readouterr().out
+    assert "Command: `python -m bench.train_features " in printed
+    assert len([line for line in printed.splitlines() if line.startswith("| ")]) == 1 + 2  # the header, then a row per feature
+
+
+def test_saved_tensors_splits_weights_copies_and_activations(capsys):
+    fp32 = saved_tensors.main(["--device", "cpu", "--config", "tiny", "--latent", "8", "--dtype", "fp32"])
+    bf16 = saved_tensors.main(["--device", "cpu", "--config", "tiny", "--latent", "8", "--dtype", "bf16"])
+    for impl in ("minidream", "diffusers"):
+        assert fp32[impl]["weights"] > 0 and fp32[impl]["weight copies"] == 0 and fp32[impl]["activations"] > 0
+        # Under autocast the convs and linears save bf16 copies of their weights, not the weights.
+        assert bf16[impl]["weights"] < fp32[impl]["weights"] / 10
+        assert 0.4 * fp32[impl]["weights"] < bf16[impl]["weight copies"] <= 0.5 * fp32[impl]["weights"]
+    assert fp32["minidream"] == fp32["diffusers"]  # fp32: the very same tensors are saved
+    assert "Command: `python -m bench.saved_tensors " in capsys.readouterr().out

@@ -85,3 +85,9 @@ def test_names_outside_their_choices_are_refused():
 def test_unquoted_yaml_no_gets_a_hint(tmp_path):
     with pytest.raises(ConfigError, match=r"expected str, got False \(YAML reads yes/no/on/off as booleans"):
         load_train_config(write(tmp_path, "train:\n  mixed_precision: no\n"), [])
+
+
+@pytest.mark.parametrize("key", ["run.log_every_n_steps", "checkpoint.every_n_steps", "train.batch_size"])
+def test_counts_and_intervals_below_one_are_refused(key):
+    with pytest.raises(ConfigError, match=f"^{key} must be at least 1, got 0$"):
+        load_train_config(None, [f"{key}=0"])

@@ -55,7 +55,7 @@ def test_sigterm_then_resume(setup, tmp_path, training_data, uninterrupted):
     log = process.communicate(timeout=RUN_TIMEOUT_S)[0].replace("\r", "\n")
     assert process.returncode == 0, log
     stopped_at = metrics(run_dir)[-1]["step"]
-    assert "SIGTERM: finishing this step, then saving a checkpoint" in log
+    assert "SIGTERM: finishing the steps up to the next metrics read, then saving a checkpoint" in log
     launcher = "python train.py" if SETUPS[setup].nproc == 1 else "torchrun <same options> train.py"
     assert f"stopped at step {stopped_at}; to continue: {launcher} --config " in log
     assert log.rstrip().endswith(" train.max_steps=1000 run.resume=latest")

@@ -50,7 +50,8 @@ def test_first_training_step_equals_a_reference_step_on_diffusers(tmp_path, trai
     # tiny.yaml: lr 1e-4 with 5 warmup steps, so the first step uses 1e-4 / 5; AdamW's defaults otherwise.
     torch.optim.AdamW(reference.parameters(), lr=1e-4 / 5, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2).step()
 
-    # Measured: loss, gradient norm and weights all bit-identical. Allowed: fp32 rounding.
+    # Measured: loss and gradient norm bit-identical; weights 3.7e-9 apart after an update of 2.0e-5
+    # (train.py's fused AdamW kernel rounds differently from the for-each one). Allowed: fp32 rounding.
     assert abs(logged["loss"] - loss.item()) <= 1e-6 * loss.item()
     assert abs(logged["grad_norm"] - grad_norm.item()) <= 1e-6 * grad_norm.item()
     assert logged["lr"] == 1e-4 / 5

@@ -1,4 +1,5 @@
-"""The pieces of a DreamBooth step: the split loss, the data order, noise keys, LR schedule."""
+"""The pieces of a DreamBooth step: the split loss, the data order, noise keys, LR schedule,
+skipping a non-finite update."""
 
 import math
 
@@ -13,6 +14,7 @@ from minidream.training import (
     lr_factor,
     noise_and_timesteps,
     sample_generator,
+    step_unless,
     take_items,
 )
 
@@ -80,3 +82,28 @@ def test_lr_schedules():
     assert math.isclose(lr_factor(54, "cosine", 4, 104), 0.5) and lr_factor(104, "cosine", 4, 104) == 0.0
     with pytest.raises(ValueError, match="unknown lr schedule 'step'"):
         lr_factor(10, "step", 0, 100)
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_step_unless_skips_the_whole_update_or_makes_the_plain_one(fused):
+    """A skipped step leaves weights, moments and the step count as they were, so the next
+    update is AdamW's first, bit for bit; a step that is not skipped is optimizer.step()."""
+    def optimizer_for(weight):
+        return torch.optim.AdamW([weight], lr=0.1, weight_decay=0.01, fused=fused)
+
+    start = torch.randn(5, generator=torch.Generator().manual_seed(0))
+    grads = [torch.randn(5, generator=torch.Generator().manual_seed(i)) for i in (1, 2)]
+    skipping, plain = torch.nn.Parameter(start.clone()), torch.nn.Parameter(start.clone())
+    opt_skipping, opt_plain = optimizer_for(skipping), optimizer_for(plain)
+
+    skipping.grad = torch.full((5,), float("nan"))
+    step_unless(opt_skipping, torch.tensor(True))
+    assert torch.equal(skipping.detach(), start)
+    for grad in grads:
+        skipping.grad, plain.grad = grad.clone(), grad.clone()
+        step_unless(opt_skipping, torch.tensor(False))
+        opt_plain.step()
+        assert torch.equal(skipping.detach(), plain.detach())
+    assert float(opt_skipping.state[skipping]["step"]) == 2
+    assert torch.equal(opt_skipping.state[skipping]["exp_avg_sq"], opt_plain.state[plain]["exp_avg_sq"])
+    assert not hasattr(opt_skipping, "found_inf")

@@ -49,11 +49,12 @@ def write_training_data(folder: Path) -> Path:
 
 
 def train_args(run_dir: Path, data: Path, overrides: tuple[str, ...] = ()) -> list[str]:
-    """train.py's arguments for a STEPS-step tiny run on `data`, without validation grids."""
+    """train.py's arguments for a STEPS-step tiny run on `data`, without validation grids, reading
+    metrics back every 2 steps (so runs also cover steps whose metrics wait on the device)."""
     return [
         "--config", str(TINY_CONFIG), f"run.output_dir={run_dir}",
         f"data.instance_dir={data / 'subject'}", "data.example_subject=false", f"data.class_dir={data / 'class'}",
-        f"train.max_steps={STEPS}", "validation.prompts=[]", *overrides,
+        f"train.max_steps={STEPS}", "validation.prompts=[]", "run.log_every_n_steps=2", *overrides,
     ]
 
 
