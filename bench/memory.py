@@ -39,7 +39,7 @@ def workload(impl: str, args: argparse.Namespace, settings: Settings):
         params = list(unet.parameters())
         forward = unet_forward(impl, unet, twin)
         inputs = training_inputs(settings, args.batch, args.latent)
-        optimizer = make_optimizer(params, args.optimizer, settings.device)
+        optimizer = make_optimizer(params, args.optimizer)
         return partial(train_step, forward, inputs, params, optimizer, settings)
     unet, twin = unet_pair(settings, settings.dtype)
     unet.eval()

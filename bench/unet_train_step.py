@@ -1,7 +1,7 @@
 """UNet training step, minidream against diffusers: forward, MSE loss, backward, AdamW step.
 
 fp32 master weights with the forward under autocast in --dtype, as train.py and diffusers'
-train_dreambooth.py run; fused AdamW on CUDA. The two models hold the same parameters and
+train_dreambooth.py run; fused AdamW, as train.py uses. The two models hold the same parameters and
 share one optimizer, so only the forward and backward differ between them.
 """
 
@@ -31,10 +31,10 @@ def training_inputs(settings: Settings, batch: int, latent: int) -> TrainingInpu
     return x, t.to(settings.device), context.to(settings.device), target.to(settings.device)
 
 
-def make_optimizer(params: list[torch.nn.Parameter], name: str, device: torch.device) -> torch.optim.Optimizer | None:
+def make_optimizer(params: list[torch.nn.Parameter], name: str) -> torch.optim.Optimizer | None:
     if name == "none":
         return None
-    return torch.optim.AdamW(params, lr=1e-6, fused=device.type == "cuda")
+    return torch.optim.AdamW(params, lr=1e-6, fused=True)
 
 
 def train_step(
@@ -93,7 +93,7 @@ def main(argv: list[str] | None = None) -> list[Row]:
 
     unet, twin = training_models(settings, args.gradient_checkpointing)
     params = list(unet.parameters())
-    optimizer = make_optimizer(params, args.optimizer, settings.device)
+    optimizer = make_optimizer(params, args.optimizer)
     forwards = {impl: unet_forward(impl, unet, twin) for impl in IMPLEMENTATIONS}
     rows = []
     for batch in args.batches:
