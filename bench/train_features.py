@@ -12,6 +12,7 @@ torch for the "off" run only.
 import argparse
 import contextlib
 import json
+import shutil
 import statistics
 import sys
 import tempfile
@@ -84,7 +85,9 @@ def run_variant(root: Path, name: str, overrides: tuple[str, ...], patch, args) 
     with patch(), contextlib.redirect_stdout(sys.stderr):
         if train.main(argv) != 0:
             raise RuntimeError(f"train.py failed for {name}: {' '.join(argv)}")
-    return samples_per_s(run_dir, warmup_steps=args.log_every)
+    rate = samples_per_s(run_dir, warmup_steps=args.log_every)
+    shutil.rmtree(run_dir)  # at SD 1.5 each run leaves a checkpoint and an export of several GB
+    return rate
 
 
 def main(argv: list[str] | None = None) -> dict[str, tuple[float, float]]:

@@ -50,11 +50,12 @@ def load_train_config(path: str | Path | None, overrides: list[str]) -> TrainCon
     config = from_dict(TrainConfig, data, where=str(path or "config"))
     for override in overrides:
         config = apply_override(config, override)
-    check_choices(config)
+    check_values(config)
     return config
 
 
-def check_choices(config: TrainConfig) -> None:
+def check_values(config: TrainConfig) -> None:
+    """Values the types allow but training cannot use: names outside their choices, counts below 1."""
     def value(dotted: str):
         section, key = dotted.split(".")
         return getattr(getattr(config, section), key)

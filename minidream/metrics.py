@@ -59,26 +59,22 @@ class PendingSteps:
     COLUMNS = ("loss", "loss_instance", "loss_prior", "grad_norm", "skipped")
 
     def __init__(self):
-        self.steps: list[int] = []
-        self.lrs: list[float] = []
-        self.values: list[torch.Tensor] = []
+        self.steps: list[tuple[int, float]] = []  # (step, its learning rate): host values
+        self.values: list[torch.Tensor] = []  # one row of COLUMNS per step, on the device
 
     def add(self, step: int, lr: float, losses: torch.Tensor, grad_norm: torch.Tensor, skipped: torch.Tensor) -> None:
         """losses: (loss, instance loss, prior loss) of this rank; grad_norm and skipped: 0-d, the same on every rank."""
-        self.steps.append(step)
-        self.lrs.append(lr)
+        self.steps.append((step, lr))
         self.values.append(torch.cat([losses.float(), grad_norm.float()[None], skipped.float()[None]]))
 
     def read(self) -> list[dict]:
-        """One record per pending step, losses averaged over ranks; empties the window."""
-        if not self.steps:
-            return []
+        """One record per pending step (at least one), losses averaged over ranks; empties the window."""
         values = torch.stack(self.values)
         values[:, :3] = mean_across_ranks(values[:, :3])
         records = []
-        for step, lr, row in zip(self.steps, self.lrs, values.tolist()):  # the one device-to-host copy
+        for (step, lr), row in zip(self.steps, values.tolist()):  # the one device-to-host copy
             record = {"step": step, "lr": lr} | dict(zip(self.COLUMNS, row))
             record["skipped"] = bool(record["skipped"])
             records.append(record)
-        self.steps, self.lrs, self.values = [], [], []
+        self.steps, self.values = [], []
         return records

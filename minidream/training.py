@@ -81,7 +81,7 @@ def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
     A copy from ordinary (pageable) memory to CUDA blocks until the GPU's queue has drained;
     from pinned memory with non_blocking=True it is queued like a kernel and the CPU runs ahead.
     """
-    if tensor.device == device or device.type != "cuda":
+    if tensor.device.type != "cpu" or device.type != "cuda":
         return tensor.to(device)
     return tensor.pin_memory().to(device, non_blocking=True)
 
