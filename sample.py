@@ -16,10 +16,10 @@ import torch
 from PIL import PngImagePlugin
 from tqdm.auto import tqdm
 
+from minidream.diffusion.samplers import SAMPLERS, make_sampler
+from minidream.diffusion.sampling import generate
 from minidream.files import atomic_file
-from minidream.sampling import generate
-from minidream.samplers import SAMPLERS, make_sampler
-from minidream.weights import load_pipeline
+from minidream.io.weights import load_pipeline
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 

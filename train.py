@@ -22,23 +22,31 @@ import yaml
 from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
-from minidream import checkpoint, schedule
-from minidream.batches import DreamBoothBatches, LatentSource, PromptEncoder
 from minidream.config import ARCHITECTURES, TrainConfig
-from minidream.config_file import ConfigError, load_train_config, save_config, to_dict
-from minidream.data import DataError, find_images, scan_images
-from minidream.distributed import Distributed, any_rank, barrier, gather_objects, init_distributed, shutdown
-from minidream.example_subject import write_example_subject
+from minidream.diffusion import schedule
+from minidream.diffusion.sampling import generate, image_grid
 from minidream.files import atomic_file
-from minidream.metrics import MetricsLog, PendingSteps
-from minidream.pipeline import Pipeline, random_pipeline
-from minidream.prior import generate_class_images, missing_class_indices
-from minidream.sampling import generate, image_grid
-from minidream.signals import StopRequest
-from minidream.training import (
-    Cursor, dreambooth_loss, lr_factor, noise_and_timesteps, noisy_latents, step_unless, take_items, to_device,
+from minidream.io.weights import WeightsError, load_pipeline, save_pipeline
+from minidream.models.pipeline import Pipeline, random_pipeline
+from minidream.training import checkpoint
+from minidream.training.batches import DreamBoothBatches, LatentSource, PromptEncoder
+from minidream.training.config_file import ConfigError, load_train_config, save_config, to_dict
+from minidream.training.data import DataError, find_images, scan_images
+from minidream.training.distributed import Distributed, any_rank, barrier, gather_objects, init_distributed, shutdown
+from minidream.training.example_subject import write_example_subject
+from minidream.training.metrics import MetricsLog, PendingSteps
+from minidream.training.prior import generate_class_images, missing_class_indices
+from minidream.training.signals import StopRequest
+from minidream.training.step import (
+    Cursor,
+    dreambooth_loss,
+    lr_factor,
+    noise_and_timesteps,
+    noisy_latents,
+    step_unless,
+    take_items,
+    to_device,
 )
-from minidream.weights import WeightsError, load_pipeline, save_pipeline
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent / "configs" / "tiny.yaml"
 AMP_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}

@@ -4,7 +4,7 @@
 
 Writes a random SD 1.5-shaped fp16 `.safetensors` (2.1 GB) to a temporary folder, then loads it
 with `minidream.load_pipeline` in a fresh Python process and reports that process's resident
-memory (VmRSS / VmHWM from /proc/self/status) above its baseline after `import minidream.weights`:
+memory (VmRSS / VmHWM from /proc/self/status) above its baseline after `import minidream.io.weights`:
 right after loading, and after reading every weight once (as the first forward pass does; the
 weights are memory-mapped, so loading alone reads almost nothing). Linux only.
 """
@@ -34,11 +34,11 @@ def write_random_sd15(path: Path) -> None:
     import torch
     from safetensors.torch import save_file
 
-    from minidream.clip import CLIPTextModel
     from minidream.config import SD15
-    from minidream.single_file import TEXT_ENCODER_PREFIX, UNET_PREFIX, VAE_PREFIX
-    from minidream.unet import UNet
-    from minidream.vae import AutoencoderKL
+    from minidream.io.single_file import TEXT_ENCODER_PREFIX, UNET_PREFIX, VAE_PREFIX
+    from minidream.models.clip import CLIPTextModel
+    from minidream.models.unet import UNet
+    from minidream.models.vae import AutoencoderKL
 
     generator = torch.Generator().manual_seed(0)
     tensors = {}
@@ -57,7 +57,7 @@ def write_random_sd15(path: Path) -> None:
 def measure(path: Path, dtype_name: str) -> dict:
     import torch
 
-    from minidream.weights import load_pipeline
+    from minidream.io.weights import load_pipeline
 
     baseline = memory_kib()["VmRSS"]
     pipe = load_pipeline(path, dtype=None if dtype_name == "keep" else torch.float32)
@@ -102,7 +102,7 @@ def main() -> None:
         size = path.stat().st_size
 
     print(f"file: SD 1.5 shapes, fp16, {size / GIB:.2f} GiB; loaded with dtype={args.dtype}")
-    print(f"baseline RSS after `import minidream.weights`: {result['baseline_kib'] / 1024**2:.2f} GiB")
+    print(f"baseline RSS after `import minidream.io.weights`: {result['baseline_kib'] / 1024**2:.2f} GiB")
     for label, key in (("after load_pipeline", "peak_above_baseline_after_load_kib"),
                        ("after reading every weight", "peak_above_baseline_after_reading_all_weights_kib")):
         peak = result[key] * 1024

@@ -18,7 +18,12 @@ import torch
 from bench.common import Settings, command, machine, parser, settings_from, versions
 from bench.models import IMPLEMENTATIONS, unet_forward, unet_pair
 from bench.unet_train_step import (
-    add_training_options, make_optimizer, train_step, training_benchmark, training_inputs, training_models,
+    add_training_options,
+    make_optimizer,
+    train_step,
+    training_benchmark,
+    training_inputs,
+    training_models,
 )
 
 REPO_ROOT = Path(__file__).resolve().parents[1]  # where `python -m bench.memory` finds the package

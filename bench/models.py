@@ -10,14 +10,14 @@ from diffusers import UNet2DConditionModel
 from torch import nn
 
 from bench.common import Settings
-from minidream.diffusers_layout import (
+from minidream.io.diffusers_layout import (
     unet_config_to_diffusers,
     unet_to_diffusers,
     vae_config_to_diffusers,
     vae_to_diffusers,
 )
-from minidream.unet import UNet
-from minidream.vae import AutoencoderKL
+from minidream.models.unet import UNet
+from minidream.models.vae import AutoencoderKL
 
 IMPLEMENTATIONS = ("minidream", "diffusers")
 UNetForward = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]

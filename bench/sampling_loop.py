@@ -1,6 +1,6 @@
 """DDIM sampling loop with classifier-free guidance, minidream against diffusers.
 
-minidream: `minidream.sampling.denoise`, what `generate` runs between encoding the prompts
+minidream: `minidream.diffusion.sampling.denoise`, what `generate` runs between encoding the prompts
 and decoding. diffusers: the real `StableDiffusionPipeline`, given the same prompt
 embeddings and `output_type="latent"`, so it runs the same span. Weights are cast to --dtype
 (as `sample.py` and diffusers' `torch_dtype` do); both start from the same per-image seeds,
@@ -14,11 +14,20 @@ import torch
 from diffusers import DDIMScheduler, StableDiffusionPipeline
 
 from bench.common import (
-    SD15_TFLOP, Row, Settings, command, compared, latent_scale, parser, report, settings_from, time_alternating,
+    SD15_TFLOP,
+    Row,
+    Settings,
+    command,
+    compared,
+    latent_scale,
+    parser,
+    report,
+    settings_from,
+    time_alternating,
 )
 from bench.models import unet_pair
-from minidream.pipeline import Pipeline
-from minidream.sampling import denoise, image_generators
+from minidream.diffusion.sampling import denoise, image_generators
+from minidream.models.pipeline import Pipeline
 
 
 def prompt_embeddings(settings: Settings, batch: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -12,7 +12,16 @@ import torch
 import torch.nn.functional as F
 
 from bench.common import (
-    SD15_TFLOP, Row, Settings, command, compared, latent_scale, parser, report, settings_from, time_alternating,
+    SD15_TFLOP,
+    Row,
+    Settings,
+    command,
+    compared,
+    latent_scale,
+    parser,
+    report,
+    settings_from,
+    time_alternating,
 )
 from bench.models import IMPLEMENTATIONS, UNetForward, memory_format, unet_forward, unet_pair
 

@@ -8,7 +8,7 @@ _WEIGHTS_API = ("load_pipeline", "save_pipeline", "WeightsError")
 
 def __getattr__(name: str):
     if name in _WEIGHTS_API:
-        from minidream import weights
+        from minidream.io import weights
 
         return getattr(weights, name)
     raise AttributeError(f"module 'minidream' has no attribute {name!r}")

@@ -6,7 +6,6 @@ import os
 import pytest
 import torch
 from hypothesis import settings
-
 from train_runs import run_setup, write_training_data
 
 # These machines are shared and noisy: per-example deadlines would fail on timing, not on

@@ -6,14 +6,14 @@ from diffusers import AutoencoderKL as DiffusersAutoencoderKL
 from diffusers import UNet2DConditionModel
 
 from minidream.config import UNetConfig, VAEConfig
-from minidream.diffusers_layout import (
+from minidream.io.diffusers_layout import (
     unet_config_to_diffusers,
     unet_from_diffusers,
     vae_config_to_diffusers,
     vae_from_diffusers,
 )
-from minidream.unet import UNet
-from minidream.vae import AutoencoderKL
+from minidream.models.unet import UNet
+from minidream.models.vae import AutoencoderKL
 
 # runwayml/stable-diffusion-v1-5's unet/config.json and vae/config.json, as published (the VAE
 # file predates the scaling_factor field; 0.18215 is diffusers' default for it).

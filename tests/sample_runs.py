@@ -23,8 +23,8 @@ from transformers import CLIPTextConfig, CLIPTextModel
 from transformers import CLIPTokenizer as TransformersCLIPTokenizer
 
 from minidream.config import TINY
-from minidream.diffusers_layout import unet_config_to_diffusers, vae_config_to_diffusers
-from minidream.tokenizer import CLIPTokenizer
+from minidream.io.diffusers_layout import unet_config_to_diffusers, vae_config_to_diffusers
+from minidream.models.tokenizer import CLIPTokenizer
 
 REPO = Path(__file__).resolve().parents[1]
 

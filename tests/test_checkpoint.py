@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from minidream import checkpoint
+from minidream.training import checkpoint
 
 
 def model_and_optimizer(seed=0):

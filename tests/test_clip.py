@@ -6,9 +6,9 @@ import pytest
 import torch
 import transformers
 
-from minidream.clip import CLIPTextModel
 from minidream.config import SD15, TINY, TextEncoderConfig
-from minidream.tokenizer import CLIPTokenizer
+from minidream.models.clip import CLIPTextModel
+from minidream.models.tokenizer import CLIPTokenizer
 
 SD_PREFIX = "cond_stage_model.transformer."
 PROMPTS = [

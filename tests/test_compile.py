@@ -8,11 +8,11 @@ inductor's minute-long CPU code generation), so the test is about graph capture,
 import functools
 
 import torch
+from train_runs import losses, train_args
 
 import train
 from minidream.config import TINY
-from minidream.unet import UNet
-from train_runs import losses, train_args
+from minidream.models.unet import UNet
 
 
 def inputs():
@@ -54,7 +54,7 @@ def test_sample_compile_gives_the_same_images(tmp_path, monkeypatch):
 
     import sample
     from minidream import save_pipeline
-    from minidream.pipeline import random_pipeline
+    from minidream.models.pipeline import random_pipeline
 
     weights = tmp_path / "tiny.safetensors"
     save_pipeline(random_pipeline(TINY, seed=0), weights, dtype=torch.float32)

@@ -4,7 +4,7 @@ import pytest
 import yaml
 
 from minidream.config import TrainConfig
-from minidream.config_file import ConfigError, apply_override, load_train_config, save_config, to_dict
+from minidream.training.config_file import ConfigError, apply_override, load_train_config, save_config, to_dict
 
 
 def write(tmp_path, text):

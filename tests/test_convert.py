@@ -1,4 +1,4 @@
-"""`python -m minidream.convert`: formats inferred or chosen, dtypes, EMA, and one-line errors."""
+"""`python -m minidream.io.convert`: formats inferred or chosen, dtypes, EMA, and one-line errors."""
 
 import subprocess
 import sys
@@ -11,9 +11,9 @@ from safetensors.torch import save_file
 
 from minidream import load_pipeline, save_pipeline
 from minidream.config import TINY
-from minidream.convert import main
-from minidream.pipeline import random_pipeline
-from minidream.single_file import ema_key, single_file_metadata, single_file_tensors
+from minidream.io.convert import main
+from minidream.io.single_file import ema_key, single_file_metadata, single_file_tensors
+from minidream.models.pipeline import random_pipeline
 
 
 @pytest.fixture(scope="module")
@@ -29,7 +29,7 @@ def tiny_file(tiny, tmp_path_factory) -> Path:
 
 
 def run_module(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "minidream.convert", *args], capture_output=True, text=True)
+    return subprocess.run([sys.executable, "-m", "minidream.io.convert", *args], capture_output=True, text=True)
 
 
 def test_help_explains_the_formats_and_options():

@@ -10,7 +10,7 @@ from diffusers import UNet2DConditionModel
 from reference_models import SD15_UNET_CONFIG, SD15_VAE_CONFIG
 
 from minidream.config import TINY, UNetConfig, VAEConfig
-from minidream.diffusers_layout import (
+from minidream.io.diffusers_layout import (
     unet_config_from_diffusers,
     unet_config_to_diffusers,
     unet_from_diffusers,
@@ -20,8 +20,8 @@ from minidream.diffusers_layout import (
     vae_from_diffusers,
     vae_to_diffusers,
 )
-from minidream.unet import UNet
-from minidream.vae import AutoencoderKL
+from minidream.models.unet import UNet
+from minidream.models.vae import AutoencoderKL
 
 # stabilityai/stable-diffusion-2-1's unet/config.json, as published.
 SD21_UNET_CONFIG = {

@@ -4,7 +4,7 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from minidream import guidance
+from minidream.diffusion import guidance
 
 scales = st.floats(-5, 20, allow_nan=False)
 

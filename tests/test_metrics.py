@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-from minidream.metrics import MetricsLog
+from minidream.training.metrics import MetricsLog
 
 
 def test_records_append_and_truncate_after_a_resumed_step(tmp_path):

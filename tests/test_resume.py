@@ -7,8 +7,6 @@ import re
 import signal
 
 import pytest
-
-import train
 from train_runs import (
     RUN_TIMEOUT_S,
     SETUPS,
@@ -26,6 +24,8 @@ from train_runs import (
     wait_until,
     worker_pid,
 )
+
+import train
 
 
 def assert_resumes_as_if_never_stopped(run_dir, data, setup, never_stopped) -> tuple[int, str]:

@@ -8,7 +8,14 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from sample_runs import REPO, load_sample_script, max_difference, one_torch_thread, read_pngs, save_tiny_diffusers_pipeline
+from sample_runs import (
+    REPO,
+    load_sample_script,
+    max_difference,
+    one_torch_thread,
+    read_pngs,
+    save_tiny_diffusers_pipeline,
+)
 
 from minidream import load_pipeline, save_pipeline
 

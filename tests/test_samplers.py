@@ -11,8 +11,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 from test_schedule_parity import fake_model, sd15_alphas_cumprod
 
-from minidream import samplers, schedule
 from minidream.config import ScheduleConfig
+from minidream.diffusion import samplers, schedule
 
 # diffusers' own schedulers trip over numpy 2's __array__ protocol; not ours to fix.
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")

@@ -25,15 +25,15 @@ from sample_runs import (
 from test_weights_sd15 import seeded_text_encoder
 from transformers import CLIPTokenizer as TransformersCLIPTokenizer
 
-from minidream.clip import CLIPTextModel
 from minidream.config import SD15
-from minidream.diffusers_layout import unet_from_diffusers, vae_from_diffusers
-from minidream.pipeline import Pipeline
-from minidream.sampling import decode_latents, denoise, encode_prompts, image_generators
-from minidream.single_file import with_text_model_prefix
-from minidream.tokenizer import CLIPTokenizer
-from minidream.unet import UNet
-from minidream.vae import AutoencoderKL
+from minidream.diffusion.sampling import decode_latents, denoise, encode_prompts, image_generators
+from minidream.io.diffusers_layout import unet_from_diffusers, vae_from_diffusers
+from minidream.io.single_file import with_text_model_prefix
+from minidream.models.clip import CLIPTextModel
+from minidream.models.pipeline import Pipeline
+from minidream.models.tokenizer import CLIPTokenizer
+from minidream.models.unet import UNet
+from minidream.models.vae import AutoencoderKL
 
 # diffusers' own schedulers trip over numpy 2's __array__ protocol; not ours to fix.
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")

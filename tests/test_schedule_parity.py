@@ -4,8 +4,8 @@ import pytest
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler
 
-from minidream import schedule
 from minidream.config import ScheduleConfig
+from minidream.diffusion import schedule
 
 SD15 = ScheduleConfig()
 SHAPE = (2, 4, 8, 6)

@@ -22,7 +22,7 @@ import transformers
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
-from minidream.tokenizer import BOS_TOKEN, EOS_TOKEN, CLIPTokenizer, clean_text
+from minidream.models.tokenizer import BOS_TOKEN, EOS_TOKEN, CLIPTokenizer, clean_text
 
 CORPUS_PATH = Path(__file__).parent / "data" / "prompts.json"
 OPEN_CLIP_DIR = Path(importlib.util.find_spec("open_clip").submodule_search_locations[0])
@@ -79,7 +79,7 @@ def transformers_ids(hf_tokenizer, prompts: list[str]) -> torch.Tensor:
 
 
 def test_bundled_vocabulary_is_open_clips(tokenizer, open_clip_tokenizer):
-    ours = Path(__file__).parents[1] / "minidream" / "data" / "bpe_simple_vocab_16e6.txt.gz"
+    ours = Path(__file__).parents[1] / "minidream" / "assets" / "bpe_simple_vocab_16e6.txt.gz"
     theirs = OPEN_CLIP_DIR / "bpe_simple_vocab_16e6.txt.gz"
     assert hashlib.sha256(ours.read_bytes()).digest() == hashlib.sha256(theirs.read_bytes()).digest()
     assert gzip.open(ours).readline().startswith(b'"bpe_simple_vocab_16e6.txt#version')

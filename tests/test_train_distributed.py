@@ -3,10 +3,10 @@ with the same global batch — each rank its own shard and noise, gradients all-
 without gradient accumulation."""
 
 import pytest
+from train_runs import STEPS, exported_weights, max_difference, metrics
 
 from minidream.config import TINY
-from minidream.pipeline import random_pipeline
-from train_runs import STEPS, exported_weights, max_difference, metrics
+from minidream.models.pipeline import random_pipeline
 
 UNET = "model.diffusion_model."
 # fp32 sums taken in another order differ in the last bits, and AdamW's g / (sqrt(v) + eps)

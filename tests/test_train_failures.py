@@ -5,8 +5,6 @@ import math
 import shutil
 
 import pytest
-
-import train
 from train_runs import (
     STEPS,
     checkpoint_names,
@@ -19,6 +17,8 @@ from train_runs import (
     same_tensors,
     train_args,
 )
+
+import train
 
 
 @pytest.fixture
@@ -129,7 +129,7 @@ def test_unusable_class_images_already_there_are_reported_before_any_model_loads
 def test_show_config_prints_every_key_resolved(capsys):
     import yaml
 
-    from minidream.config_file import load_train_config, to_dict
+    from minidream.training.config_file import load_train_config, to_dict
 
     assert train.main(["--show-config", "train.max_steps=7"]) == 0
     shown = yaml.safe_load(capsys.readouterr().out)

@@ -11,10 +11,10 @@ on the CPU there are none to see.
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
+from train_runs import STEPS, metrics, train_args
 
 import train
-from minidream.metrics import PendingSteps
-from train_runs import STEPS, metrics, train_args
+from minidream.training.metrics import PendingSteps
 
 
 class HostReads(TorchDispatchMode):

@@ -9,14 +9,25 @@ import pytest
 import torch
 from PIL import Image
 from safetensors.torch import load_file
+from train_runs import (
+    ENVIRONMENT,
+    STEPS,
+    TRAIN,
+    exported_weights,
+    losses,
+    metrics,
+    output,
+    run_setup,
+    same_tensors,
+    train_args,
+)
 
-import minidream.layers
+import minidream.models.layers
 import train
 from minidream import load_pipeline
 from minidream.config import TINY
-from minidream.config_file import load_train_config
-from minidream.pipeline import random_pipeline
-from train_runs import ENVIRONMENT, STEPS, TRAIN, exported_weights, losses, metrics, output, run_setup, same_tensors, train_args
+from minidream.models.pipeline import random_pipeline
+from minidream.training.config_file import load_train_config
 
 METRIC_FIELDS = {"step", "loss", "loss_instance", "loss_prior", "lr", "grad_norm", "samples_per_s"}
 
@@ -77,8 +88,8 @@ def test_bf16_autocast_trains_on_the_cpu(tmp_path, training_data, uninterrupted)
 def test_gradient_checkpointing_gives_the_same_training(tmp_path, training_data, uninterrupted, monkeypatch, one_thread):
     """Run in-process to count the recomputed blocks: the switch must really be on."""
     calls = []
-    checkpoint = minidream.layers.checkpoint
-    monkeypatch.setattr(minidream.layers, "checkpoint", lambda *args, **kwargs: calls.append(1) or checkpoint(*args, **kwargs))
+    checkpoint = minidream.models.layers.checkpoint
+    monkeypatch.setattr(minidream.models.layers, "checkpoint", lambda *args, **kwargs: calls.append(1) or checkpoint(*args, **kwargs))
     run_dir = tmp_path / "run"
     assert train.main(train_args(run_dir, training_data, ("train.batch_size=2", "train.gradient_checkpointing=true"))) == 0
     assert len(calls) >= STEPS  # blocks were checkpointed in every step

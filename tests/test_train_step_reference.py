@@ -6,12 +6,12 @@ import torch
 import torch.nn.functional as F
 from diffusers import DDPMScheduler, UNet2DConditionModel
 from safetensors.torch import load_file
+from train_runs import metrics, train_args
 
 import train
 from minidream.config import TINY
-from minidream.diffusers_layout import unet_config_to_diffusers, unet_to_diffusers
-from minidream.pipeline import random_pipeline
-from train_runs import metrics, train_args
+from minidream.io.diffusers_layout import unet_config_to_diffusers, unet_to_diffusers
+from minidream.models.pipeline import random_pipeline
 
 
 def test_first_training_step_equals_a_reference_step_on_diffusers(tmp_path, training_data, monkeypatch, one_thread):

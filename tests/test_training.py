@@ -8,7 +8,7 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from minidream.training import (
+from minidream.training.step import (
     Cursor,
     dreambooth_loss,
     lr_factor,

@@ -9,8 +9,8 @@ from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
 from reference_models import REL_TOL, SD15_UNET_CONFIG, SavedTensorBytes, relative_error, unet_inputs, unet_pair
 
 from minidream.config import TINY, UNetConfig
-from minidream.diffusers_layout import unet_to_diffusers
-from minidream.unet import LayerNorm32, UNet
+from minidream.io.diffusers_layout import unet_to_diffusers
+from minidream.models.unet import LayerNorm32, UNet
 
 # SD 2.x's knobs on a tiny model: a fixed head size, linear projections, two transformer
 # blocks per level, a level without attention, and a context width unlike the channels.

@@ -8,8 +8,8 @@ from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from reference_models import REL_TOL, SD15_VAE_CONFIG, SavedTensorBytes, images, relative_error, vae_pair
 
 from minidream.config import TINY, VAEConfig
-from minidream.diffusers_layout import vae_to_diffusers
-from minidream.vae import AutoencoderKL, DiagonalGaussian
+from minidream.io.diffusers_layout import vae_to_diffusers
+from minidream.models.vae import AutoencoderKL, DiagonalGaussian
 
 
 def test_sd15_has_exactly_sd15_parameter_count():

@@ -20,11 +20,11 @@ from safetensors.torch import load_file, save_file
 
 from minidream import WeightsError, load_pipeline, save_pipeline
 from minidream.config import TINY, ScheduleConfig
-from minidream.diffusers_layout import unet_config_to_diffusers, unet_to_diffusers
-from minidream.pipeline import random_pipeline
-from minidream.sampling import denoise, encode_prompts, generate, image_generators
-from minidream.schedule import alphas_cumprod, make_betas
-from minidream.single_file import ema_key, single_file_metadata, single_file_tensors
+from minidream.diffusion.sampling import denoise, encode_prompts, generate, image_generators
+from minidream.diffusion.schedule import alphas_cumprod, make_betas
+from minidream.io.diffusers_layout import unet_config_to_diffusers, unet_to_diffusers
+from minidream.io.single_file import ema_key, single_file_metadata, single_file_tensors
+from minidream.models.pipeline import random_pipeline
 
 PROMPTS = ["a photo of sks dog on the beach", "an oil painting of a lighthouse"]
 SEEDS = [11, 12]

@@ -24,8 +24,8 @@ from transformers import CLIPTokenizer as TransformersCLIPTokenizer
 
 from minidream import load_pipeline, save_pipeline
 from minidream.config import SD15
-from minidream.diffusers_layout import unet_to_diffusers, vae_to_diffusers
-from minidream.tokenizer import CLIPTokenizer
+from minidream.io.diffusers_layout import unet_to_diffusers, vae_to_diffusers
+from minidream.models.tokenizer import CLIPTokenizer
 
 # stable-diffusion-v1-5's text_encoder/config.json and scheduler/scheduler_config.json, as published.
 SD15_TEXT_ENCODER_CONFIG = dict(

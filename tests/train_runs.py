@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from minidream.example_subject import draw_example_subject, write_example_subject
+from minidream.training.example_subject import draw_example_subject, write_example_subject
 
 TRAIN = Path(__file__).resolve().parents[1] / "train.py"
 TINY_CONFIG = TRAIN.parent / "configs" / "tiny.yaml"
@@ -154,7 +154,7 @@ def output(result: subprocess.CompletedProcess) -> str:
 # written, then the process is SIGKILLed ("kill") or the disk is full ("disk-full").
 FAILING_SAVE = """
 import errno, os, signal, sys
-from minidream import checkpoint
+from minidream.training import checkpoint
 import train
 
 HOW, FAIL_AT = sys.argv[1], f"step-{int(sys.argv[2]):08d}.tmp"

@@ -10,8 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import TextEncoderConfig
-from .layers import multihead_attention
+from minidream.config import TextEncoderConfig
+from minidream.models.layers import multihead_attention
 
 
 def activation(name: str, x: torch.Tensor) -> torch.Tensor:

@@ -8,10 +8,10 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from minidream.data import find_images
+from minidream.diffusion.sampling import generate
 from minidream.files import atomic_file
-from minidream.pipeline import Pipeline
-from minidream.sampling import generate
+from minidream.models.pipeline import Pipeline
+from minidream.training.data import find_images
 
 
 def class_image_path(class_dir: Path, index: int) -> Path:

@@ -13,9 +13,9 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from minidream.guidance import guided_prediction
-from minidream.pipeline import Pipeline
-from minidream.samplers import make_sampler
+from minidream.diffusion.guidance import guided_prediction
+from minidream.diffusion.samplers import make_sampler
+from minidream.models.pipeline import Pipeline
 
 
 @torch.no_grad()

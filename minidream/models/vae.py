@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from minidream.config import VAEConfig
-from minidream.layers import GroupNorm32, Upsample, maybe_checkpoint, multihead_attention
+from minidream.models.layers import GroupNorm32, Upsample, maybe_checkpoint, multihead_attention
 
 
 class DiagonalGaussian:

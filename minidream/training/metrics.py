@@ -7,8 +7,8 @@ from pathlib import Path
 
 import torch
 
-from minidream.distributed import mean_across_ranks
 from minidream.files import atomic_file
+from minidream.training.distributed import mean_across_ranks
 
 
 class MetricsLog:

@@ -14,13 +14,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from minidream.clip import CLIPTextModel
-from minidream.diffusers_folder import is_diffusers_folder, read_diffusers_folder, write_diffusers_folder
-from minidream.pipeline import Pipeline, vae_dtype
-from minidream.single_file import cast, read_single_file, single_file_metadata, single_file_tensors
-from minidream.tensor_files import Checkpoint, Tensors, WeightsError, check_tensors, write_safetensors
-from minidream.unet import UNet
-from minidream.vae import AutoencoderKL
+from minidream.io.diffusers_folder import is_diffusers_folder, read_diffusers_folder, write_diffusers_folder
+from minidream.io.single_file import cast, read_single_file, single_file_metadata, single_file_tensors
+from minidream.io.tensor_files import Checkpoint, Tensors, WeightsError, check_tensors, write_safetensors
+from minidream.models.clip import CLIPTextModel
+from minidream.models.pipeline import Pipeline, vae_dtype
+from minidream.models.unet import UNet
+from minidream.models.vae import AutoencoderKL
 
 FORMATS = ("single-file", "diffusers")
 RUN_FOLDER_WEIGHTS = "model.safetensors"  # what train.py exports into its run folder

@@ -20,9 +20,9 @@ from pathlib import Path
 
 import torch
 
-from minidream import schedule
 from minidream.config import ModelConfig, ScheduleConfig, TextEncoderConfig, UNetConfig, VAEConfig
-from minidream.diffusers_layout import (
+from minidream.diffusion import schedule
+from minidream.io.diffusers_layout import (
     unet_config_from_diffusers,
     unet_config_to_diffusers,
     unet_from_diffusers,
@@ -32,9 +32,8 @@ from minidream.diffusers_layout import (
     vae_from_diffusers,
     vae_to_diffusers,
 )
-from minidream.pipeline import Pipeline
-from minidream.single_file import cast, with_text_model_prefix
-from minidream.tensor_files import (
+from minidream.io.single_file import cast, with_text_model_prefix
+from minidream.io.tensor_files import (
     Checkpoint,
     Tensors,
     WeightsError,
@@ -44,9 +43,10 @@ from minidream.tensor_files import (
     unsupported,
     write_safetensors,
 )
-from minidream.tokenizer import CLIPTokenizer
-from minidream.unet import UNet
-from minidream.vae import AutoencoderKL
+from minidream.models.pipeline import Pipeline
+from minidream.models.tokenizer import CLIPTokenizer
+from minidream.models.unet import UNet
+from minidream.models.vae import AutoencoderKL
 
 PARTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 # Weights file names in order of preference; the fp16 "variants" are what some repositories hold alone.

@@ -5,7 +5,7 @@ ddpm       ancestral DDPM (Ho et al. 2020), strided                         ~ DD
 euler-a    Euler ancestral (k-diffusion's sample_euler_ancestral)          ~ EulerAncestralDiscreteScheduler
 dpmpp-2m   DPM-Solver++(2M) (Lu et al. 2022), optionally Karras sigmas      ~ DPMSolverMultistepScheduler
 
-The math of each update is a pure function of tensors (`minidream.schedule.ddim_step`,
+The math of each update is a pure function of tensors (`minidream.diffusion.schedule.ddim_step`,
 `schedule.ddpm_step`, `euler_ancestral_step`, `dpmpp_2m_step`). `make_sampler` wraps one of
 them in a small frozen object that holds the precomputed schedule of one run; the caller
 owns the loop, the step index and the random draws:
@@ -31,8 +31,8 @@ from typing import Protocol
 
 import torch
 
-from minidream import schedule
 from minidream.config import ScheduleConfig
+from minidream.diffusion import schedule
 
 SAMPLERS = ("ddim", "ddpm", "euler-a", "dpmpp-2m")
 KARRAS_RHO = 7.0  # Karras et al. 2022, sec. 3: rho = 7 balances the step sizes over sigma
@@ -95,7 +95,7 @@ def make_sampler(
     return sampler
 
 
-# --- DDIM and DDPM: the update rules of minidream.schedule, stepping between alpha_bar values ---
+# --- DDIM and DDPM: the update rules of minidream.diffusion.schedule, stepping between alpha_bar values ---
 
 
 @dataclass(frozen=True)

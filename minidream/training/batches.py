@@ -10,11 +10,11 @@ Prompts: with a frozen text encoder each distinct prompt is encoded once.
 
 import torch
 
-from minidream.clip import CLIPTextModel
-from minidream.data import Example, image_to_tensor, load_image
-from minidream.tokenizer import CLIPTokenizer
-from minidream.training import Item, sample_generator, to_device
-from minidream.vae import AutoencoderKL
+from minidream.models.clip import CLIPTextModel
+from minidream.models.tokenizer import CLIPTokenizer
+from minidream.models.vae import AutoencoderKL
+from minidream.training.data import Example, image_to_tensor, load_image
+from minidream.training.step import Item, sample_generator, to_device
 
 
 class LatentSource:

@@ -23,7 +23,7 @@ import torch
 
 from minidream.config import ModelConfig
 from minidream.files import atomic_file, temporary_sibling
-from minidream.tokenizer import CLIPTokenizer
+from minidream.models.tokenizer import CLIPTokenizer
 
 
 class WeightsError(ValueError):

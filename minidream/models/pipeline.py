@@ -4,11 +4,11 @@ from dataclasses import dataclass
 
 import torch
 
-from minidream.clip import CLIPTextModel
 from minidream.config import ModelConfig
-from minidream.tokenizer import CLIPTokenizer
-from minidream.unet import UNet
-from minidream.vae import AutoencoderKL
+from minidream.models.clip import CLIPTextModel
+from minidream.models.tokenizer import CLIPTokenizer
+from minidream.models.unet import UNet
+from minidream.models.vae import AutoencoderKL
 
 
 @dataclass

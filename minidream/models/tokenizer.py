@@ -60,7 +60,7 @@ def clean_text(text: str) -> str:
 
 def bundled_vocabulary() -> tuple[dict[str, int], list[tuple[str, str]]]:
     """The vocabulary and merges of OpenAI's CLIP, from the file shipped in `minidream/data/`."""
-    resource = importlib.resources.files(__package__).joinpath("data", BUNDLED_MERGES_FILE)
+    resource = importlib.resources.files("minidream").joinpath("assets", BUNDLED_MERGES_FILE)
     with resource.open("rb") as raw, gzip.open(raw, "rt", encoding="utf-8") as lines:
         text = lines.read()
     # Line 0 is a version header; each following line is one merge "left right".

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from minidream.config import UNetConfig
-from minidream.layers import GroupNorm32, Upsample, maybe_checkpoint, multihead_attention, timestep_embedding
+from minidream.models.layers import GroupNorm32, Upsample, maybe_checkpoint, multihead_attention, timestep_embedding
 
 
 class LayerNorm32(nn.LayerNorm):

@@ -12,8 +12,8 @@ from typing import NamedTuple
 import torch
 
 from minidream.config import UNetConfig, VAEConfig
-from minidream.unet import UNet
-from minidream.vae import AutoencoderKL
+from minidream.models.unet import UNet
+from minidream.models.vae import AutoencoderKL
 
 
 class Rename(NamedTuple):

@@ -12,8 +12,8 @@ from dataclasses import dataclass
 
 import torch
 
-from minidream import schedule
-from minidream.data import epoch_order
+from minidream.diffusion import schedule
+from minidream.training.data import epoch_order
 
 MASK64 = (1 << 63) - 1
 

@@ -17,13 +17,13 @@ from pathlib import Path
 
 import torch
 
-from minidream import schedule
 from minidream.config import SD15, ModelConfig, ScheduleConfig, UNetConfig
-from minidream.config_file import from_dict, to_dict
-from minidream.pipeline import Pipeline
-from minidream.tensor_files import Checkpoint, Tensors, WeightsError, mismatch, read_tensor_file, unsupported
-from minidream.tokenizer import CLIPTokenizer
-from minidream.unet import UNet
+from minidream.diffusion import schedule
+from minidream.io.tensor_files import Checkpoint, Tensors, WeightsError, mismatch, read_tensor_file, unsupported
+from minidream.models.pipeline import Pipeline
+from minidream.models.tokenizer import CLIPTokenizer
+from minidream.models.unet import UNet
+from minidream.training.config_file import from_dict, to_dict
 
 UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
