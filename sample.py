@@ -16,12 +16,12 @@ import torch
 from PIL import PngImagePlugin
 from tqdm.auto import tqdm
 
-from minidream.diffusion.samplers import SAMPLERS, make_sampler
+from minidream.config import SAMPLERS
+from minidream.diffusion.samplers import check_sampler_options, make_sampler
 from minidream.diffusion.sampling import generate
 from minidream.files import atomic_file
 from minidream.io.weights import load_pipeline
-
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+from minidream.models.precision import DTYPES
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -37,7 +37,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--sampler", choices=SAMPLERS, default="ddim", help="default: %(default)s")
     parser.add_argument("--karras", action="store_true", help="Karras sigma spacing (dpmpp-2m only)")
     parser.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale; 1 disables it (default: %(default)s)")
+    parser.add_argument("--guidance-rescale", type=float, default=0.0, metavar="PHI",
+                        help="guidance rescale phi in [0, 1] (Lin et al. 2024; 0.7 for zero-terminal-SNR models; default: off)")
     parser.add_argument("--eta", type=float, default=0.0, help="DDIM noise: 0 deterministic, 1 ancestral (default: %(default)s)")
+    parser.add_argument("--clip-skip", type=int, default=None, metavar="N",
+                        help="condition on text-encoder layer -N: 2 = penultimate, as SD UIs count (default: the model's, 1)")
     parser.add_argument("--height", type=int, default=512, help="pixels, a multiple of 8 (default: %(default)s)")
     parser.add_argument("--width", type=int, default=512, help="pixels, a multiple of 8 (default: %(default)s)")
     parser.add_argument("--dtype", choices=DTYPES, default=None, help="default: fp16 on CUDA, fp32 on CPU")
@@ -52,10 +56,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     for name in ("num_images", "batch_size", "steps"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1")
-    if args.eta != 0 and args.sampler != "ddim":
-        parser.error(f"--eta applies to the ddim sampler only, not {args.sampler}")
-    if args.karras and args.sampler != "dpmpp-2m":
-        parser.error(f"--karras applies to the dpmpp-2m sampler only, not {args.sampler}")
+    try:
+        check_sampler_options(args.sampler, args.eta, args.karras)
+    except ValueError as error:
+        parser.error(str(error))
+    if not 0 <= args.guidance_rescale <= 1:
+        parser.error(f"--guidance-rescale must be in [0, 1], got {args.guidance_rescale}")
+    if args.clip_skip is not None and args.clip_skip < 1:
+        parser.error(f"--clip-skip must be at least 1, got {args.clip_skip}")
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: torch sees no CUDA GPU")
     return args
@@ -76,10 +84,13 @@ def read_prompts(args: argparse.Namespace) -> list[str]:
 def parameters_text(args: argparse.Namespace, prompt: str, seed: int) -> str:
     """The A1111-style "parameters" PNG text: prompt, negative prompt, then the settings line."""
     sampler = f"{args.sampler}{' karras' if args.karras else ''}"
+    extras = (f", CFG Rescale phi: {args.guidance_rescale}" if args.guidance_rescale else "") + (
+        f", Clip skip: {args.clip_skip}" if args.clip_skip else ""
+    )
     return (
         f"{prompt}\nNegative prompt: {args.negative_prompt}\n"
         f"Steps: {args.steps}, Sampler: {sampler}, CFG scale: {args.guidance}, Seed: {seed}, "
-        f"Size: {args.width}x{args.height}, Eta: {args.eta}, Model: {Path(args.weights).name}"
+        f"Size: {args.width}x{args.height}, Eta: {args.eta}{extras}, Model: {Path(args.weights).name}"
     )
 
 
@@ -90,9 +101,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         prompts = read_prompts(args)
         pipe = load_pipeline(args.weights, device=device, dtype=dtype)
-        # What the checkpoint's schedule cannot take (e.g. more steps than it was trained with)
-        # is refused here, before any image, rather than as a traceback from the first one.
+        # What the checkpoint cannot take (more steps than it was trained with, a clip skip deeper
+        # than its text encoder) is refused here, before any image, not as a traceback from the first.
         make_sampler(args.sampler, pipe.config.schedule, args.steps, args.eta, args.karras)
+        if args.clip_skip is not None and args.clip_skip > pipe.config.text_encoder.layers:
+            raise ValueError(f"--clip-skip {args.clip_skip}: the text encoder has {pipe.config.text_encoder.layers} layers")
     except ValueError as error:  # WeightsError is a ValueError too
         print(f"error: {error}", file=sys.stderr)
         return 2
@@ -105,7 +118,8 @@ def main(argv: list[str] | None = None) -> int:
         images = generate(
             pipe, [p for p, _ in batch], [s for _, s in batch], negative_prompts=[args.negative_prompt] * len(batch),
             steps=args.steps, sampler=args.sampler, guidance=args.guidance, eta=args.eta,
-            height=args.height, width=args.width, karras=args.karras, show_progress=True,
+            height=args.height, width=args.width, karras=args.karras, guidance_rescale=args.guidance_rescale,
+            clip_skip=args.clip_skip, show_progress=True,
         )
         for offset, ((prompt, seed), image) in enumerate(zip(batch, images)):
             info = PngImagePlugin.PngInfo()

@@ -22,23 +22,31 @@ import yaml
 from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
-from minidream.config import ARCHITECTURES, TrainConfig
+from minidream.config import ARCHITECTURES, ConfigError, TrainConfig, to_dict
 from minidream.diffusion import schedule
 from minidream.diffusion.sampling import generate, image_grid
 from minidream.files import atomic_file
 from minidream.io.weights import WeightsError, load_pipeline, save_pipeline
 from minidream.models.pipeline import Pipeline, random_pipeline
+from minidream.models.precision import dtype_named, vae_dtype
 from minidream.training import checkpoint
 from minidream.training.batches import DreamBoothBatches, LatentSource, PromptEncoder
-from minidream.training.config_file import ConfigError, load_train_config, save_config, to_dict
+from minidream.training.checkpoint import CheckpointError, TrainerState
+from minidream.training.config_file import load_train_config, save_config
 from minidream.training.data import DataError, find_images, scan_images
-from minidream.training.distributed import Distributed, any_rank, barrier, gather_objects, init_distributed, shutdown
+from minidream.training.distributed import (
+    Distributed,
+    any_rank,
+    barrier,
+    gather_objects,
+    init_distributed,
+    shutdown,
+)
 from minidream.training.example_subject import write_example_subject
 from minidream.training.metrics import MetricsLog, PendingSteps
 from minidream.training.prior import generate_class_images, missing_class_indices
 from minidream.training.signals import StopRequest
 from minidream.training.step import (
-    Cursor,
     dreambooth_loss,
     lr_factor,
     noise_and_timesteps,
@@ -49,8 +57,6 @@ from minidream.training.step import (
 )
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent / "configs" / "tiny.yaml"
-AMP_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-EXPORT_DTYPES = {"fp16": torch.float16, "fp32": torch.float32}
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -80,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         return train(cfg, env, resume_command(argv, env))
-    except (ConfigError, DataError, WeightsError, checkpoint.CheckpointError) as error:
+    except (ConfigError, DataError, WeightsError, CheckpointError) as error:
         print(f"error (rank {env.rank}): {error}", file=sys.stderr)
         return 2
     finally:
@@ -108,7 +114,7 @@ def prepare_run_dir(cfg: TrainConfig, env: Distributed) -> Path:
             probe.write_text("ok")
             probe.unlink()
         except OSError as error:
-            raise checkpoint.CheckpointError(f"run.output_dir {run_dir} is not writable ({error.strerror or error})") from None
+            raise CheckpointError(f"run.output_dir {run_dir} is not writable ({error.strerror or error})") from None
     barrier()
     return run_dir
 
@@ -141,23 +147,35 @@ def save_validation_grid(cfg: TrainConfig, pipe: Pipeline, run_dir: Path, step: 
     with amp():
         images = generate(
             pipe, list(val.prompts), seeds=[val.seed + i for i in range(len(val.prompts))], steps=val.steps,
-            guidance=val.guidance, height=cfg.data.resolution, width=cfg.data.resolution,
+            guidance=val.guidance, guidance_rescale=val.guidance_rescale, clip_skip=cfg.model.clip_skip,
+            height=cfg.data.resolution, width=cfg.data.resolution,
         )
     pipe.unet.train()
     with atomic_file(run_dir / "samples" / f"step-{step:08d}.png") as tmp:
         image_grid(images, columns=min(4, len(images))).save(tmp, format="PNG")
 
 
+def save_checkpoint_all_ranks(env: Distributed, run_dir: Path, state: TrainerState, keep_last: int) -> Path | None:
+    """Every rank hands over its RNG states; the main rank writes the checkpoint (its folder is returned there)."""
+    rng = gather_objects(checkpoint.capture_rng())
+    saved = None
+    if env.is_main:
+        saved = checkpoint.save_checkpoint(run_dir, state, rng)
+        checkpoint.rotate(run_dir, keep_last)
+    barrier()
+    return saved
+
+
 def train(cfg: TrainConfig, env: Distributed, resume_hint: str) -> int:
     tcfg, data = cfg.train, cfg.data
     run_dir = prepare_run_dir(cfg, env)
-    amp_dtype = AMP_DTYPES[tcfg.mixed_precision]
+    amp_dtype = dtype_named(tcfg.mixed_precision)
 
     def amp():
         return torch.autocast(env.device.type, dtype=amp_dtype, enabled=amp_dtype != torch.float32)
 
     # 1. Data problems surface before any model is loaded.
-    if data.example_subject and env.is_main:
+    if data.example_subject and env.is_main:  # config_file.with_instance_dir: its own folder in the run directory
         write_example_subject(Path(data.instance_dir), count=4, size=max(data.resolution, 64))
     barrier()
     instances = scan_images(data.instance_dir, data.instance_prompt, data.resolution, data.skip_bad_images, "instance")
@@ -165,7 +183,7 @@ def train(cfg: TrainConfig, env: Distributed, resume_hint: str) -> int:
     if prior and Path(data.class_dir).is_dir() and find_images(data.class_dir, "class"):  # class images already there must be usable too
         scan_images(data.class_dir, data.class_prompt, data.resolution, data.skip_bad_images, "class", use_captions=False)
     if cfg.run.resume == "none" and checkpoint.list_checkpoints(run_dir):
-        raise checkpoint.CheckpointError(
+        raise CheckpointError(
             f"{run_dir} already holds checkpoints of an earlier run; continue it with run.resume=latest "
             "or start afresh in another run.output_dir"
         )
@@ -173,10 +191,12 @@ def train(cfg: TrainConfig, env: Distributed, resume_hint: str) -> int:
     # 2. Models: the UNet (and optionally the text encoder) train in fp32 master weights;
     #    the frozen parts run in the AMP dtype.
     pipe = load_models(cfg, env)
+    if cfg.model.clip_skip > pipe.config.text_encoder.layers:
+        raise ConfigError(f"model.clip_skip={cfg.model.clip_skip}, but the text encoder has {pipe.config.text_encoder.layers} layers")
     if prior:
         ensure_class_images(cfg, env, pipe, amp)
     classes = scan_images(data.class_dir, data.class_prompt, data.resolution, data.skip_bad_images, "class", use_captions=False) if prior else []
-    pipe.vae.requires_grad_(False).to(dtype=amp_dtype)
+    pipe.vae.requires_grad_(False).to(dtype=vae_dtype(amp_dtype))  # fp16 keeps an fp32 VAE: its decoder overflows fp16
     pipe.text_encoder.requires_grad_(tcfg.train_text_encoder)
     if not tcfg.train_text_encoder:
         pipe.text_encoder.to(dtype=amp_dtype)
@@ -200,10 +220,10 @@ def train(cfg: TrainConfig, env: Distributed, resume_hint: str) -> int:
         random_flip=data.random_flip, cache=tcfg.cache_latents, scaling_factor=pipe.config.vae.scaling_factor,
     )
     batches = DreamBoothBatches(instances, classes, latents_of(instances), latents_of(classes) if prior else None, tcfg.seed)
-    encode_prompts = PromptEncoder(pipe.tokenizer, text_encoder, tcfg.train_text_encoder)
+    encode_prompts = PromptEncoder(pipe.tokenizer, text_encoder, tcfg.train_text_encoder, cfg.model.clip_skip)
 
     sched = pipe.config.schedule
-    alphas_cumprod = schedule.alphas_cumprod(schedule.make_betas(sched.beta_schedule, sched.num_train_timesteps, sched.beta_start, sched.beta_end)).to(env.device)
+    alphas_cumprod = schedule.alphas_cumprod_of(sched).to(env.device)
 
     # 3. Optimizer, LR schedule, loss scaler.
     groups = [{"params": list(pipe.unet.parameters()), "lr": tcfg.lr}]
@@ -219,47 +239,33 @@ def train(cfg: TrainConfig, env: Distributed, resume_hint: str) -> int:
     scaler = torch.amp.GradScaler(env.device.type, enabled=tcfg.mixed_precision == "fp16")
     params = [p for group in groups for p in group["params"]]
 
-    # 4. Resume: weights, optimizer, schedule, scaler, data position and RNG as they were.
-    setup = {"architecture": repr(pipe.config.unet), "trained": sorted(trained)}
-    step, cursor, nonfinite_run, diverged_at = 0, Cursor(), 0, None
+    # 4. The trainer state, saved and restored whole; resume puts everything back as it was.
+    state = TrainerState(
+        modules=trained, optimizer=optimizer, lr_schedule=lr_schedule, scaler=scaler,
+        setup={"architecture": repr(pipe.config.unet), "trained": sorted(trained)},
+    )
     resume_from = checkpoint.resolve_resume(run_dir, cfg.run.resume)
     if resume_from is not None:
-        state = checkpoint.load_checkpoint(resume_from, trained, optimizer, setup)
-        lr_schedule.load_state_dict(state["lr_schedule"])
-        scaler.load_state_dict(state["scaler"])
-        step, cursor, nonfinite_run = state["step"], Cursor(state["epoch"], state["position"]), state["nonfinite_run"]
-        rng = state["rng"]
-        checkpoint.restore_rng(rng[env.rank] if env.rank < len(rng) else rng[0])
-        log(env, f"resumed from {resume_from} at step {step}")
+        checkpoint.load_checkpoint(resume_from, state, env.rank)
+        log(env, f"resumed from {resume_from} at step {state.step}")
     metrics = MetricsLog(run_dir, cfg.run.tensorboard) if env.is_main else None
     if env.is_main:  # only now: a refused resume leaves the run directory as it was
         save_config(cfg, run_dir / "config.yaml")
-        metrics.truncate_after(step)
-
-    def save(at_step: int) -> Path | None:
-        rng_states = gather_objects(checkpoint.capture_rng())
-        saved = None
-        if env.is_main:
-            saved = checkpoint.save_checkpoint(run_dir, at_step, trained, optimizer, {
-                "step": at_step, "epoch": cursor.epoch, "position": cursor.position, "nonfinite_run": nonfinite_run,
-                "lr_schedule": lr_schedule.state_dict(), "scaler": scaler.state_dict(), "rng": rng_states, "setup": setup,
-            })
-            checkpoint.rotate(run_dir, cfg.checkpoint.keep_last)
-        barrier()
-        return saved
+        metrics.truncate_after(state.step)
+    diverged_at = None
 
     # 5. The loop: accumulate micro-batches, clip, step; every run.log_every_n_steps steps read the
     #    metrics back, then checkpoint and validate when due. Between those reads the host never
     #    waits for the GPU: batches go over as asynchronous copies, a non-finite step is skipped by
     #    the fused optimizer itself, and the losses stay on the device (metrics.PendingSteps).
     stop = StopRequest()
-    bar = tqdm(total=tcfg.max_steps, initial=step, desc="training", disable=not env.is_main, dynamic_ncols=True)
+    bar = tqdm(total=tcfg.max_steps, initial=state.step, desc="training", disable=not env.is_main, dynamic_ncols=True)
     accum = tcfg.gradient_accumulation_steps
     pending, window_started, window_samples = PendingSteps(), time.perf_counter(), 0
-    while step < tcfg.max_steps:
+    while state.step < tcfg.max_steps:
         totals = torch.zeros(3, device=env.device)  # loss, instance loss, prior loss over micro-steps
         for micro in range(accum):
-            items, cursor = take_items(cursor, tcfg.batch_size, len(batches), tcfg.seed, env.rank, env.world_size)
+            items, state.cursor = take_items(state.cursor, tcfg.batch_size, len(batches), tcfg.seed, env.rank, env.world_size)
             latents, prompts, generators = batches.batch(items)
             noise, t = noise_and_timesteps(latents.shape[1:], generators, sched.num_train_timesteps)
             latents, noise, t = (to_device(x, env.device) for x in (latents, noise, t))
@@ -285,19 +291,20 @@ def train(cfg: TrainConfig, env: Distributed, resume_hint: str) -> int:
         step_unless(optimizer, skip)
         scaler.update()
         optimizer.zero_grad(set_to_none=True)
-        pending.add(step + 1, optimizer.param_groups[0]["lr"], totals, grad_norm, skip)
+        pending.add(state.step + 1, optimizer.param_groups[0]["lr"], totals, grad_norm, skip)
         lr_schedule.step()
-        step += 1
+        state.step += 1
         bar.update(1)
 
         stop_now = False
+        step = state.step
         if step % cfg.run.log_every_n_steps == 0 or step % cfg.checkpoint.every_n_steps == 0 or step == tcfg.max_steps:
             records = pending.read()  # the host waits for the GPU here, and only here
             samples_per_s, window_samples = window_samples / (time.perf_counter() - window_started), 0
             for record in records:
                 # fp16 gradient overflow skips a step too, but only non-finite losses count towards stopping.
-                nonfinite_run = 0 if math.isfinite(record["loss"]) else nonfinite_run + 1
-                if nonfinite_run >= tcfg.max_nonfinite_steps and diverged_at is None:
+                state.nonfinite_run = 0 if math.isfinite(record["loss"]) else state.nonfinite_run + 1
+                if state.nonfinite_run >= tcfg.max_nonfinite_steps and diverged_at is None:
                     diverged_at = record["step"]
                 record["samples_per_s"] = samples_per_s  # the window's average: single steps are not timed
                 if env.device.type == "cuda":
@@ -309,7 +316,7 @@ def train(cfg: TrainConfig, env: Distributed, resume_hint: str) -> int:
                 break
             stop_now = any_rank(stop.requested, env.device)
             if stop_now or step % cfg.checkpoint.every_n_steps == 0 or step == tcfg.max_steps:
-                saved = save(step)
+                saved = save_checkpoint_all_ranks(env, run_dir, state, cfg.checkpoint.keep_last)
                 if env.is_main:
                     bar.write(f"checkpoint: {saved}")
             window_started = time.perf_counter()  # checkpoints are not training time
@@ -327,12 +334,12 @@ def train(cfg: TrainConfig, env: Distributed, resume_hint: str) -> int:
         log(env, f"stopping: {tcfg.max_nonfinite_steps} consecutive non-finite losses at step {diverged_at}; the last good checkpoint is kept "
             "— lower train.lr or use train.mixed_precision=bf16, then resume")
         return 1
-    if step < tcfg.max_steps:  # stopped by a signal
-        log(env, f"stopped at step {step}; to continue: {resume_hint}")
+    if state.step < tcfg.max_steps:  # stopped by a signal
+        log(env, f"stopped at step {state.step}; to continue: {resume_hint}")
         return 0
     if env.is_main:
         export = run_dir / "model.safetensors"
-        save_pipeline(pipe, export, format="single-file", dtype=EXPORT_DTYPES[cfg.run.export_dtype])
+        save_pipeline(pipe, export, format="single-file", dtype=dtype_named(cfg.run.export_dtype))
         log(env, f"done: {tcfg.max_steps} steps. Fine-tuned model: {export}\n"
             f"  metrics: {metrics.path}\n  samples: {run_dir / 'samples'}\n"
             f"  try it:  python sample.py --weights {export} --prompt {data.instance_prompt!r}")

@@ -26,6 +26,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import train
 from bench.common import command, machine, versions
+from minidream.training.example_subject import write_example_subject
 
 
 @dataclass(frozen=True)
@@ -113,6 +114,7 @@ def main(argv: list[str] | None = None) -> dict[str, tuple[float, float]]:
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
+        write_example_subject(root / "subject", count=4, size=max(args.resolution, 64))
         for key in args.features:
             feature = FEATURES[key]
             variants = {

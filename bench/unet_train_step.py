@@ -23,7 +23,13 @@ from bench.common import (
     settings_from,
     time_alternating,
 )
-from bench.models import IMPLEMENTATIONS, UNetForward, memory_format, unet_forward, unet_pair
+from bench.models import (
+    IMPLEMENTATIONS,
+    UNetForward,
+    memory_format,
+    unet_forward,
+    unet_pair,
+)
 
 TrainingInputs = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
 

@@ -8,7 +8,16 @@ import sys
 
 import torch
 
-from bench.common import SD15_TFLOP, Row, command, compared, parser, report, settings_from, time_alternating
+from bench.common import (
+    SD15_TFLOP,
+    Row,
+    command,
+    compared,
+    parser,
+    report,
+    settings_from,
+    time_alternating,
+)
 from bench.models import memory_format, vae_pair
 
 

@@ -4,7 +4,17 @@ The defaults are Stable Diffusion 1.5; `TINY` is a small model of the same archi
 runs in seconds on a CPU. Nothing here imports torch, so configs load before any model does.
 """
 
+import dataclasses
+import difflib
+import types
+import typing
 from dataclasses import dataclass, field
+
+# The names users choose from, in one place: config checks, CLIs and the code that acts on them read these.
+PREDICTION_TYPES = ("epsilon", "v_prediction")
+TIMESTEP_SPACINGS = ("leading", "trailing", "linspace")
+SAMPLERS = ("ddim", "ddpm", "euler-a", "dpmpp-2m")
+PRECISIONS = ("fp32", "fp16", "bf16")  # torch dtypes by name: minidream.models.precision.DTYPES
 
 
 @dataclass(frozen=True)
@@ -106,13 +116,14 @@ class ModelSection:
     architecture: str = "sd15"  # "sd15" | "tiny": the shapes to build when no weights are given
     weights: str | None = None  # checkpoint file or folder; None = random init (tiny runs, tests)
     use_ema: bool = False  # take model_ema.* weights from single files that carry them
+    clip_skip: int = 1  # text-encoder layer the UNet reads: 1 = last, 2 = penultimate (+ final norm), as UIs offer
 
 
 @dataclass(frozen=True)
 class DataSection:
-    instance_dir: str = ""
+    instance_dir: str = ""  # your subject's photos; empty = the drawn example subject, if example_subject
     instance_prompt: str = "a photo of sks dog"
-    example_subject: bool = False  # draw the built-in example subject into instance_dir (embedded default)
+    example_subject: bool = False  # with no instance_dir: draw an example subject into run.output_dir/example-subject
     class_dir: str | None = None  # None = no prior preservation
     class_prompt: str = "a photo of dog"
     num_class_images: int = 200
@@ -172,6 +183,7 @@ class ValidationSection:
     every_n_steps: int = 200
     steps: int = 25
     guidance: float = 7.5
+    guidance_rescale: float = 0.0  # Lin et al. 2024 eq. 15-16; 0.7 is their choice for zero-terminal-SNR models
     seed: int = 0
 
 
@@ -188,3 +200,84 @@ class TrainConfig:
 
 
 ARCHITECTURES = {"sd15": SD15, "tiny": TINY}
+
+
+# ---- configs as plain data: YAML files, checkpoint metadata ----------------------------------
+
+
+class ConfigError(ValueError):
+    """A config file or override that does not fit the dataclasses."""
+
+
+def from_dict(cls: type, data: dict, where: str):
+    """Build dataclass `cls` from a (nested) mapping, checking every key and type."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: expected a mapping, got {data!r}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
+    values = {}
+    for key, value in data.items():
+        if key not in fields:
+            raise ConfigError(f"{where}: unknown key {key!r}{suggestion(key, fields)}")
+        values[key] = coerce(value, hints[key], f"{where}: {key}")
+    return cls(**values)
+
+
+def to_dict(config) -> dict:
+    """Plain nested dict (tuples as lists) for writing YAML."""
+    out = {}
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        if dataclasses.is_dataclass(value):
+            value = to_dict(value)
+        elif isinstance(value, tuple):
+            value = list(value)
+        out[f.name] = value
+    return out
+
+
+def members(hint) -> tuple:
+    """The alternatives of a `X | Y` annotation, or (hint,) for a plain one."""
+    return typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
+
+
+def coerce(value, hint, where: str):
+    if dataclasses.is_dataclass(hint):
+        return from_dict(hint, value, where)
+    alternatives = members(hint)
+    if value is None:
+        if type(None) in alternatives:
+            return None
+        raise ConfigError(f"{where}: must not be empty")
+    for member in alternatives:
+        if member is bool and isinstance(value, bool):
+            return value
+        if member is int and isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if member is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if member is float and isinstance(value, str):
+            try:  # YAML 1.1 reads "1e-6" (no dot) as a string
+                return float(value)
+            except ValueError:
+                pass
+        if member is str and isinstance(value, str):
+            return value
+        if typing.get_origin(member) is tuple and isinstance(value, list):
+            (item,) = {a for a in typing.get_args(member) if a is not Ellipsis}
+            return tuple(coerce(v, item, f"{where}[{i}]") for i, v in enumerate(value))
+    expected = " or ".join(_type_name(m) for m in alternatives)
+    quote = " (YAML reads yes/no/on/off as booleans: quote the word, e.g. \"no\")" if isinstance(value, bool) else ""
+    raise ConfigError(f"{where}: expected {expected}, got {value!r}{quote}")
+
+
+def _type_name(hint) -> str:
+    if typing.get_origin(hint) is tuple:
+        return "a list"
+    return "null" if hint is type(None) else hint.__name__
+
+
+def suggestion(key: str, valid) -> str:
+    close = difflib.get_close_matches(key, list(valid), n=1)
+    hint = f"; did you mean {close[0]!r}?" if close else ""
+    return f"{hint} (valid: {', '.join(sorted(valid))})"

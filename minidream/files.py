@@ -1,4 +1,9 @@
-"""Writing files so that a crash or a full disk never leaves one half-written."""
+"""Writing files and folders so that a crash or a full disk never leaves one half-written.
+
+One mechanism for everything minidream writes: the content goes under a temporary name in the
+destination's folder (same filesystem, so the final rename is atomic) and is renamed into place
+only when complete; whatever is left under the temporary name, by success or failure, is removed.
+"""
 
 import contextlib
 import os
@@ -8,12 +13,12 @@ from pathlib import Path
 
 
 @contextlib.contextmanager
-def temporary_sibling(path: Path) -> Iterator[Path]:
-    """A fresh name in `path`'s folder (same filesystem, so the final rename is atomic); whatever
-    is left under it when the block ends, by success or failure, is removed."""
+def temporary_sibling(path: Path, temporary: Path | None = None) -> Iterator[Path]:
+    """A fresh name in `path`'s folder (default `.NAME.PID.tmp`: two processes never share one),
+    removed when the block ends, whatever is under it."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    temporary = temporary or path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         yield temporary
     finally:
@@ -29,3 +34,33 @@ def atomic_file(path: Path) -> Iterator[Path]:
     with temporary_sibling(path) as temporary:
         yield temporary
         os.replace(temporary, path)
+
+
+@contextlib.contextmanager
+def atomic_folder(path: Path, replace: bool = False, temporary: Path | None = None) -> Iterator[Path]:
+    """Yield a fresh temporary folder; when the block succeeds it becomes `path`.
+
+    An existing non-empty `path` raises FileExistsError (it could hold the user's files) unless
+    `replace` is set, in which case it is removed only once the new folder is complete.
+    `temporary` names the temporary folder, for callers that recognise interrupted writes by it.
+    """
+    path = Path(path)
+    if not replace:
+        refuse_non_empty_folder(path)
+    with temporary_sibling(path, temporary) as folder:
+        if folder.exists():  # left by a write that was killed
+            shutil.rmtree(folder)
+        folder.mkdir()
+        yield folder
+        if replace and path.is_dir():
+            shutil.rmtree(path)
+        else:
+            refuse_non_empty_folder(path)
+            if path.is_dir():
+                path.rmdir()
+        os.replace(folder, path)
+
+
+def refuse_non_empty_folder(path: Path) -> None:
+    if path.exists() and not (path.is_dir() and not any(path.iterdir())):
+        raise FileExistsError(f"{path}: already exists; remove it or choose another destination")

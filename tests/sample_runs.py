@@ -23,7 +23,10 @@ from transformers import CLIPTextConfig, CLIPTextModel
 from transformers import CLIPTokenizer as TransformersCLIPTokenizer
 
 from minidream.config import TINY
-from minidream.io.diffusers_layout import unet_config_to_diffusers, vae_config_to_diffusers
+from minidream.io.diffusers_layout import (
+    unet_config_to_diffusers,
+    vae_config_to_diffusers,
+)
 from minidream.models.tokenizer import CLIPTokenizer
 
 REPO = Path(__file__).resolve().parents[1]
@@ -122,8 +125,10 @@ def reference_scheduler(pipe: StableDiffusionPipeline, sampler: str, karras: boo
 def reference_images(
     pipe: StableDiffusionPipeline, prompt: str, negative_prompt: str, seed: int, num_images: int, steps: int,
     sampler: str, guidance: float, height: int, width: int, eta: float = 0.0, karras: bool = False,
+    **pipeline_options: float,
 ) -> list[np.ndarray]:
-    """diffusers' images, one generator per image seeded seed + i (DESIGN.md, same seed same image)."""
+    """diffusers' images, one generator per image seeded seed + i (DESIGN.md, same seed same image);
+    `pipeline_options` go to the pipeline call as they are (guidance_rescale, clip_skip)."""
     pipe.scheduler = reference_scheduler(pipe, sampler, karras)
     images = pipe(
         prompt,
@@ -135,6 +140,7 @@ def reference_images(
         eta=eta,  # the pipeline passes it to schedulers whose step() takes it: DDIM only
         height=height,
         width=width,
+        **pipeline_options,
     ).images
     return [np.asarray(image) for image in images]
 

@@ -4,7 +4,14 @@ timing is checked here: speed is shown by BENCHMARKS.md, not by tests."""
 import math
 import re
 
-from bench import memory, sampling_loop, saved_tensors, train_features, unet_train_step, vae
+from bench import (
+    memory,
+    sampling_loop,
+    saved_tensors,
+    train_features,
+    unet_train_step,
+    vae,
+)
 
 TINIEST = ["--device", "cpu", "--config", "tiny", "--warmup", "0", "--repeats", "1"]
 

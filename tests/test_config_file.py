@@ -1,10 +1,17 @@
 """YAML presets and `a.b=c` overrides."""
 
+import re
+from pathlib import Path
+
 import pytest
 import yaml
 
-from minidream.config import TrainConfig
-from minidream.training.config_file import ConfigError, apply_override, load_train_config, save_config, to_dict
+from minidream.config import ConfigError, TrainConfig, to_dict
+from minidream.training.config_file import (
+    apply_override,
+    load_train_config,
+    save_config,
+)
 
 
 def write(tmp_path, text):
@@ -91,3 +98,22 @@ def test_unquoted_yaml_no_gets_a_hint(tmp_path):
 def test_counts_and_intervals_below_one_are_refused(key):
     with pytest.raises(ConfigError, match=f"^{key} must be at least 1, got 0$"):
         load_train_config(None, [f"{key}=0"])
+
+
+def test_your_photos_turn_the_example_subject_off_and_without_them_it_gets_its_own_folder():
+    tiny = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
+    default = load_train_config(tiny, ["run.output_dir=runs/x"])
+    assert default.data.example_subject and default.data.instance_dir == str(Path("runs/x") / "example-subject")
+    yours = load_train_config(tiny, ["data.instance_dir=photos/my-dog"])
+    assert yours.data.instance_dir == "photos/my-dog" and not yours.data.example_subject
+    assert load_train_config(tiny, ["data.example_subject=true", "data.instance_dir=photos/my-dog"]) == yours
+
+
+@pytest.mark.parametrize("override, message", [
+    ("validation.guidance_rescale=1.5", "validation.guidance_rescale must be in [0, 1], got 1.5"),
+    ("model.clip_skip=0", "model.clip_skip must be at least 1, got 0"),
+    ("data.class_sampler=unipc", "data.class_sampler='unipc' is not one of ddim, ddpm, euler-a, dpmpp-2m"),
+])
+def test_sampling_options_are_checked_before_anything_loads(override, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_train_config(None, [override])

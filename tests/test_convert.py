@@ -1,4 +1,4 @@
-"""`python -m minidream.io.convert`: formats inferred or chosen, dtypes, EMA, and one-line errors."""
+"""`python -m minidream.convert`: formats inferred or chosen, dtypes, EMA, and one-line errors."""
 
 import subprocess
 import sys
@@ -29,7 +29,7 @@ def tiny_file(tiny, tmp_path_factory) -> Path:
 
 
 def run_module(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "minidream.io.convert", *args], capture_output=True, text=True)
+    return subprocess.run([sys.executable, "-m", "minidream.convert", *args], capture_output=True, text=True)
 
 
 def test_help_explains_the_formats_and_options():

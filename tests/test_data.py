@@ -9,7 +9,13 @@ import pytest
 import torch
 from PIL import Image
 
-from minidream.training.data import DataError, epoch_order, image_to_tensor, load_image, scan_images
+from minidream.training.data import (
+    DataError,
+    epoch_order,
+    image_to_tensor,
+    load_image,
+    scan_images,
+)
 
 PHOTOS = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "dreambooth"
 

@@ -92,22 +92,14 @@ def test_vae_attention_1x1_convs_become_linears_with_the_same_values():
     assert all(torch.equal(back[k], ours[k]) for k in ours)
 
 
-def test_a_mismatched_state_dict_is_refused_with_every_problem_listed():
+def test_keys_the_table_does_not_know_pass_through_for_the_loader_to_name():
+    """Renaming checks nothing (the loader checks once, tensor_files.check_tensors): unknown keys
+    keep their names, so a bad file's error names them as the file spells them."""
     state = dict(meta_state(UNet, TINY.unet))
-    del state["out.2.bias"]
     state["input_blocks.1.0.extra.weight"] = torch.zeros(1)
-    state["time_embed.0.weight"] = torch.zeros(3, 3)
-    with pytest.raises(ValueError) as error:
-        unet_to_diffusers(state, TINY.unet)
-    message = str(error.value)
-    assert "missing (1)" in message and "out.2.bias" in message
-    assert "unexpected (1)" in message and "input_blocks.1.0.extra.weight" in message
-    assert "mis-shaped (1)" in message and "time_embed.0.weight: (3, 3), expected (128, 32)" in message
-
-    diffusers_state = unet_to_diffusers(meta_state(UNet, TINY.unet), TINY.unet)
-    del diffusers_state["conv_out.weight"]
-    with pytest.raises(ValueError, match="conv_out.weight"):
-        unet_from_diffusers(diffusers_state, TINY.unet)
+    converted = unet_to_diffusers(state, TINY.unet)
+    assert converted["input_blocks.1.0.extra.weight"] is state["input_blocks.1.0.extra.weight"]
+    assert "conv_in.weight" in converted and "input_blocks.0.0.weight" not in converted
 
 
 def test_the_published_sd_configs_read_as_minidream_configs():

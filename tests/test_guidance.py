@@ -98,7 +98,9 @@ def test_scalar_timestep_is_broadcast_to_the_doubled_batch():
 
 
 def test_rescale_equals_diffusers():
-    from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import rescale_noise_cfg
+    from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import (
+        rescale_noise_cfg,
+    )
 
     uncond, cond = pair(7)
     guided = guidance.combine(uncond, cond, 7.5)

@@ -4,7 +4,11 @@ from PIL import Image
 
 from minidream.config import TINY
 from minidream.models.pipeline import random_pipeline
-from minidream.training.prior import class_image_path, generate_class_images, missing_class_indices
+from minidream.training.prior import (
+    class_image_path,
+    generate_class_images,
+    missing_class_indices,
+)
 
 
 def test_missing_indices_count_user_images_and_skip_existing_names(tmp_path):

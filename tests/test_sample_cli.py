@@ -142,11 +142,15 @@ def test_bf16_on_the_cpu_gives_nearly_the_fp32_image(sample, weights, tmp_path, 
 @pytest.mark.parametrize("args, message", [
     (["--height", "60"], "--height and --width must be positive multiples of 8, got 60x48"),
     (["--width", "30"], "--height and --width must be positive multiples of 8, got 32x30"),
-    (["--sampler", "euler-a", "--eta", "0.5"], "--eta applies to the ddim sampler only, not euler-a"),
-    (["--sampler", "ddim", "--karras"], "--karras applies to the dpmpp-2m sampler only, not ddim"),
+    (["--sampler", "euler-a", "--eta", "0.5"], "eta applies only to the ddim sampler, not euler-a; leave it at 0"),
+    (["--sampler", "ddim", "--karras"], "karras sigmas apply only to the dpmpp-2m sampler, not ddim"),
     (["--sampler", "unipc"], "argument --sampler: invalid choice: 'unipc'"),
     (["--num-images", "0"], "--num-images must be at least 1"),
-], ids=["height", "width", "eta-not-ddim", "karras-not-dpmpp", "unknown-sampler", "no-images"])
+    (["--eta", "1.5"], "eta must be in [0, 1]"),
+    (["--guidance-rescale", "1.5"], "--guidance-rescale must be in [0, 1], got 1.5"),
+    (["--clip-skip", "0"], "--clip-skip must be at least 1, got 0"),
+], ids=["height", "width", "eta-not-ddim", "karras-not-dpmpp", "unknown-sampler", "no-images", "eta-above-1",
+        "rescale-above-1", "clip-skip-0"])
 def test_usage_errors_exit_2_with_one_line(sample, weights, tmp_path, capsys, args, message):
     with pytest.raises(SystemExit) as exit_info:
         sample.main(["--weights", str(weights), "--prompt", PROMPT, "--out", str(tmp_path), *SMALL, *args])
@@ -157,10 +161,10 @@ def test_usage_errors_exit_2_with_one_line(sample, weights, tmp_path, capsys, ar
 
 @pytest.mark.parametrize("args, message", [
     (["--steps", "1000"], "num_steps must be in [1, 999], got 1000"),
-    (["--eta", "1.5"], "eta must be in [0, 1]"),
+    (["--clip-skip", "3"], "--clip-skip 3: the text encoder has 2 layers"),
     (["--from-file", "missing.txt"], "--from-file missing.txt: no such file"),
     (["--from-file", "empty.txt"], "--from-file empty.txt holds no prompts"),
-], ids=["too-many-steps", "eta-above-1", "missing-prompt-file", "empty-prompt-file"])
+], ids=["too-many-steps", "clip-skip-deeper-than-the-model", "missing-prompt-file", "empty-prompt-file"])
 def test_settings_the_checkpoint_or_the_prompt_file_refuse_exit_2_before_any_image(
     sample, weights, tmp_path, capsys, monkeypatch, args, message
 ):
@@ -190,7 +194,7 @@ def test_help_explains_every_flag(sample, capsys):
     text = capsys.readouterr().out
     for flag in ("--weights", "--prompt", "--negative-prompt", "--num-images", "--batch-size", "--seed", "--steps",
                  "--sampler", "ddim", "ddpm", "euler-a", "dpmpp-2m", "--karras", "--guidance", "--eta", "--height",
-                 "--width", "--dtype", "bf16", "--device", "--from-file", "--out"):
+                 "--width", "--dtype", "bf16", "--device", "--from-file", "--out", "--guidance-rescale", "--clip-skip"):
         assert flag in text
 
 

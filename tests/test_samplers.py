@@ -5,7 +5,12 @@ import dataclasses
 
 import pytest
 import torch
-from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, EulerAncestralDiscreteScheduler
+from diffusers import (
+    DDIMScheduler,
+    DDPMScheduler,
+    DPMSolverMultistepScheduler,
+    EulerAncestralDiscreteScheduler,
+)
 from diffusers.utils.torch_utils import randn_tensor
 from hypothesis import given
 from hypothesis import strategies as st
@@ -135,7 +140,7 @@ def test_bfloat16_trajectory_equals_diffusers(name, eta, karras):
 
 
 @pytest.mark.parametrize("beta_schedule", ["scaled_linear", "squaredcos_cap_v2"])
-@pytest.mark.parametrize("spacing", schedule.SPACINGS)
+@pytest.mark.parametrize("spacing", schedule.TIMESTEP_SPACINGS)
 @pytest.mark.parametrize(("name", "eta", "karras"), CASES, ids=CASE_IDS)
 def test_timesteps_sigmas_and_initial_noise_scale_equal_diffusers(name, eta, karras, spacing, beta_schedule):
     config = ScheduleConfig(timestep_spacing=spacing, beta_schedule=beta_schedule)

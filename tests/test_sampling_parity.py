@@ -26,9 +26,14 @@ from test_weights_sd15 import seeded_text_encoder
 from transformers import CLIPTokenizer as TransformersCLIPTokenizer
 
 from minidream.config import SD15
-from minidream.diffusion.sampling import decode_latents, denoise, encode_prompts, image_generators
+from minidream.diffusion.sampling import (
+    decode_latents,
+    denoise,
+    encode_prompts,
+    image_generators,
+)
 from minidream.io.diffusers_layout import unet_from_diffusers, vae_from_diffusers
-from minidream.io.single_file import with_text_model_prefix
+from minidream.io.tensor_files import with_text_model_prefix
 from minidream.models.clip import CLIPTextModel
 from minidream.models.pipeline import Pipeline
 from minidream.models.tokenizer import CLIPTokenizer
@@ -69,14 +74,14 @@ def sample():
 
 
 def run_sample(sample, folder, out, seed, num_images, steps, sampler, guidance, height, width,
-               eta=0.0, karras=False, batch_size=1, prompt=PROMPT, negative_prompt=NEGATIVE):
+               eta=0.0, karras=False, batch_size=1, prompt=PROMPT, negative_prompt=NEGATIVE, extra=()):
     args = ["--weights", str(folder), "--prompt", prompt, "--negative-prompt", negative_prompt,
             "--seed", str(seed), "--num-images", str(num_images), "--batch-size", str(batch_size),
             "--steps", str(steps), "--sampler", sampler, "--guidance", str(guidance),
             "--height", str(height), "--width", str(width), "--out", str(out), "--dtype", "fp32", "--device", "cpu"]
     args += ["--eta", str(eta)] if eta else []
     args += ["--karras"] if karras else []
-    assert sample.main(args) == 0
+    assert sample.main([*args, *extra]) == 0
     return read_pngs(out)
 
 
@@ -109,6 +114,31 @@ def test_sample_py_gives_diffusers_images(tiny_folder, reference, sample, tmp_pa
     # Not vacuous: real images, each different (its own generator).
     assert all(image.std() > 10 for image in ours)
     assert all(max_difference([ours[i]], [ours[i + 1]]) > 10 * TOLERANCE for i in range(num_images - 1))
+
+
+def penultimate_layer_embeds(reference, prompt: str) -> torch.Tensor:
+    """The text states a UI's "clip skip 2" conditions on: the penultimate layer, then the final
+    norm. (diffusers' own clip_skip reads text_encoder.text_model, which transformers 5 removed.)"""
+    ids = reference.tokenizer(prompt, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
+    with torch.no_grad():
+        hidden = reference.text_encoder(ids, output_hidden_states=True).hidden_states[-2]
+        return reference.text_encoder.final_layer_norm(hidden)
+
+
+@pytest.mark.parametrize("flag", ["--guidance-rescale", "--clip-skip"])
+def test_guidance_rescale_and_clip_skip_give_diffusers_images(tiny_folder, reference, sample, tmp_path, flag):
+    settings = dict(seed=9, num_images=2, steps=6, sampler="ddim", guidance=7.5, height=32, width=48)
+    if flag == "--guidance-rescale":
+        ours = run_sample(sample, tiny_folder, tmp_path / "with", **settings, extra=[flag, "0.7"])
+        theirs = reference_images(reference, PROMPT, NEGATIVE, **settings, guidance_rescale=0.7)
+    else:
+        ours = run_sample(sample, tiny_folder, tmp_path / "with", **settings, extra=[flag, "2"])
+        embeds = {"prompt_embeds": penultimate_layer_embeds(reference, PROMPT),
+                  "negative_prompt_embeds": penultimate_layer_embeds(reference, NEGATIVE)}
+        theirs = reference_images(reference, None, None, **settings, **embeds)
+    assert max_difference(ours, theirs) <= TOLERANCE
+    without = run_sample(sample, tiny_folder, tmp_path / "without", **settings)
+    assert max_difference(ours, without) > 10 * TOLERANCE  # the option did change the image
 
 
 def test_the_prompt_and_the_negative_prompt_change_the_image(tiny_folder, sample, tmp_path):

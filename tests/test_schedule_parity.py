@@ -54,7 +54,7 @@ def test_betas_and_alphas_cumprod_equal_diffusers(name):
     assert torch.equal(schedule.alphas_cumprod(betas), ref.alphas_cumprod)
 
 
-@pytest.mark.parametrize("spacing", schedule.SPACINGS)
+@pytest.mark.parametrize("spacing", schedule.TIMESTEP_SPACINGS)
 @pytest.mark.parametrize("steps", [1, 10, 50, 250, 1000])
 def test_timestep_lists_equal_diffusers(spacing, steps):
     for scheduler_class in (DDIMScheduler, DDPMScheduler):

@@ -133,7 +133,7 @@ def test_alpha_bar_at_gathers_per_sample_and_uses_final_for_negative(ts):
 
 
 @settings(max_examples=50)
-@given(st.integers(1, 1000), st.sampled_from(schedule.SPACINGS))
+@given(st.integers(1, 1000), st.sampled_from(schedule.TIMESTEP_SPACINGS))
 def test_inference_timesteps_descending_and_in_range(n, spacing):
     offset = 1 if spacing == "leading" else 0
     ts = schedule.inference_timesteps(n, 1000, spacing, steps_offset=offset)

@@ -129,7 +129,8 @@ def test_unusable_class_images_already_there_are_reported_before_any_model_loads
 def test_show_config_prints_every_key_resolved(capsys):
     import yaml
 
-    from minidream.training.config_file import load_train_config, to_dict
+    from minidream.config import to_dict
+    from minidream.training.config_file import load_train_config
 
     assert train.main(["--show-config", "train.max_steps=7"]) == 0
     shown = yaml.safe_load(capsys.readouterr().out)

@@ -6,7 +6,14 @@ import pytest
 import torch
 from diffusers import UNet2DConditionModel
 from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
-from reference_models import REL_TOL, SD15_UNET_CONFIG, SavedTensorBytes, relative_error, unet_inputs, unet_pair
+from reference_models import (
+    REL_TOL,
+    SD15_UNET_CONFIG,
+    SavedTensorBytes,
+    relative_error,
+    unet_inputs,
+    unet_pair,
+)
 
 from minidream.config import TINY, UNetConfig
 from minidream.io.diffusers_layout import unet_to_diffusers

@@ -5,7 +5,14 @@ import torch
 from diffusers import AutoencoderKL as DiffusersAutoencoderKL
 from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
-from reference_models import REL_TOL, SD15_VAE_CONFIG, SavedTensorBytes, images, relative_error, vae_pair
+from reference_models import (
+    REL_TOL,
+    SD15_VAE_CONFIG,
+    SavedTensorBytes,
+    images,
+    relative_error,
+    vae_pair,
+)
 
 from minidream.config import TINY, VAEConfig
 from minidream.io.diffusers_layout import vae_to_diffusers

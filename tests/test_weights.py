@@ -20,10 +20,16 @@ from safetensors.torch import load_file, save_file
 
 from minidream import WeightsError, load_pipeline, save_pipeline
 from minidream.config import TINY, ScheduleConfig
-from minidream.diffusion.sampling import denoise, encode_prompts, generate, image_generators
+from minidream.diffusion.sampling import (
+    denoise,
+    encode_prompts,
+    generate,
+    image_generators,
+)
 from minidream.diffusion.schedule import alphas_cumprod, make_betas
 from minidream.io.diffusers_layout import unet_config_to_diffusers, unet_to_diffusers
 from minidream.io.single_file import ema_key, single_file_metadata, single_file_tensors
+from minidream.io.tensor_files import read_torch_checkpoint
 from minidream.models.pipeline import random_pipeline
 
 PROMPTS = ["a photo of sks dog on the beach", "an oil painting of a lighthouse"]
@@ -299,7 +305,7 @@ def test_sd15_release_scheduler_config_reads_as_sd_defaults(tiny_folder, tmp_pat
 @pytest.mark.parametrize("change, fragment", [
     ({"rescale_betas_zero_snr": True}, "rescale_betas_zero_snr=True"),
     ({"trained_betas": [0.1, 0.2]}, "trained_betas=[0.1, 0.2]"),
-    ({"prediction_type": "sample"}, "unsupported prediction_type 'sample'"),
+    ({"prediction_type": "sample"}, "unknown prediction type 'sample'"),
     ({"beta_schedule": "sigmoid"}, "unknown beta schedule 'sigmoid'"),
 ])
 def test_scheduler_settings_minidream_cannot_honour_are_refused(tiny_folder, tmp_path, change, fragment):
@@ -499,6 +505,27 @@ def test_pickled_checkpoint_with_arbitrary_objects_is_refused_without_running_th
         load_pipeline(path)
     assert_one_clear_line(error, path, "refused", "Python objects other than tensors", "os.makedirs",
                           "weights_only=True")
+    assert not marker.exists()
+
+
+def test_a_legacy_non_zip_ckpt_is_read_weights_only_and_refused_by_name_when_it_holds_objects(tiny, tmp_path):
+    """torch.save's pre-1.6 format cannot be memory-mapped; torch's own message for it was
+    "mmap can only be used with files saved with ...". It loads (weights only) without mmap."""
+    legacy = tmp_path / "legacy.ckpt"
+    tensors = tiny_tensors(tiny)
+    torch.save({"state_dict": tensors}, legacy, _use_new_zipfile_serialization=False)
+    read = read_torch_checkpoint(legacy)
+    assert read.keys() == tensors.keys() and all(torch.equal(read[k], tensors[k]) for k in tensors)
+    with pytest.raises(WeightsError) as error:  # read, then checked against SD 1.5 (no config metadata in a .ckpt)
+        load_pipeline(legacy)
+    assert_one_clear_line(error, legacy, "tensors do not match the SD 1.x")
+
+    marker = tmp_path / "ran"
+    evil = tmp_path / "evil-legacy.ckpt"
+    torch.save({"state_dict": {}, "payload": RunsCodeWhenUnpickled(marker)}, evil, _use_new_zipfile_serialization=False)
+    with pytest.raises(WeightsError) as error:
+        load_pipeline(evil)
+    assert_one_clear_line(error, evil, "refused: a legacy (pre-zip) PyTorch checkpoint", "weights_only=True")
     assert not marker.exists()
 
 

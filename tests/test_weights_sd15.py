@@ -17,7 +17,13 @@ from diffusers.loaders.single_file_utils import (
     convert_ldm_vae_checkpoint,
 )
 from pipeline_checks import assert_same_weights
-from reference_models import REL_TOL, SD15_UNET_CONFIG, SD15_VAE_CONFIG, relative_error, seeded_diffusers_model
+from reference_models import (
+    REL_TOL,
+    SD15_UNET_CONFIG,
+    SD15_VAE_CONFIG,
+    relative_error,
+    seeded_diffusers_model,
+)
 from safetensors.torch import load_file
 from transformers import CLIPTextConfig, CLIPTextModel
 from transformers import CLIPTokenizer as TransformersCLIPTokenizer

@@ -13,7 +13,10 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from minidream.training.example_subject import draw_example_subject, write_example_subject
+from minidream.training.example_subject import (
+    draw_example_subject,
+    write_example_subject,
+)
 
 TRAIN = Path(__file__).resolve().parents[1] / "train.py"
 TINY_CONFIG = TRAIN.parent / "configs" / "tiny.yaml"

@@ -31,10 +31,9 @@ from typing import Protocol
 
 import torch
 
-from minidream.config import ScheduleConfig
+from minidream.config import SAMPLERS, ScheduleConfig
 from minidream.diffusion import schedule
 
-SAMPLERS = ("ddim", "ddpm", "euler-a", "dpmpp-2m")
 KARRAS_RHO = 7.0  # Karras et al. 2022, sec. 3: rho = 7 balances the step sizes over sigma
 
 
@@ -56,28 +55,31 @@ class Sampler(Protocol):
         """Step i: the next sample and the state to pass to step i + 1 (None to start)."""
 
 
+def check_sampler_options(name: str, eta: float = 0.0, karras: bool = False) -> None:
+    """Raise ValueError unless `name` is a sampler and the options fit it (what sample.py and
+    the training config check before any model loads)."""
+    if name not in SAMPLERS:
+        raise ValueError(f"unknown sampler {name!r}; choose one of {', '.join(SAMPLERS)}")
+    if eta != 0 and name != "ddim":
+        raise ValueError(f"eta applies only to the ddim sampler, not {name}; leave it at 0")
+    if not 0 <= eta <= 1:
+        raise ValueError(f"eta must be in [0, 1] (0 = deterministic DDIM, 1 = DDPM's variance), got {eta}")
+    if karras and name != "dpmpp-2m":
+        raise ValueError(f"karras sigmas apply only to the dpmpp-2m sampler, not {name}")
+
+
 def make_sampler(
     name: str, schedule_config: ScheduleConfig, num_steps: int, eta: float = 0.0, karras: bool = False
 ) -> Sampler:
     """The sampler `name` for an N-step run, configured as a diffusers pipeline configures
     `XScheduler.from_config(config)` from the same schedule config."""
-    if name not in SAMPLERS:
-        raise ValueError(f"unknown sampler {name!r}; choose one of {', '.join(SAMPLERS)}")
-    if eta != 0 and name != "ddim":
-        raise ValueError(f"eta applies only to the ddim sampler, not {name!r}; leave it at 0")
-    if not 0 <= eta <= 1:
-        raise ValueError(f"eta must be in [0, 1] (0 = deterministic DDIM, 1 = DDPM's variance), got {eta}")
-    if karras and name != "dpmpp-2m":
-        raise ValueError(f"karras sigmas apply only to the dpmpp-2m sampler, not {name!r}")
-    if schedule_config.prediction_type not in schedule.PREDICTION_TYPES:
-        raise _prediction_type_error(schedule_config.prediction_type)
+    check_sampler_options(name, eta, karras)
+    schedule.check_prediction_type(schedule_config.prediction_type)
     total = schedule_config.num_train_timesteps
     if not 1 <= num_steps < total:
         raise ValueError(f"num_steps must be in [1, {total - 1}], got {num_steps}")
 
-    alphas_cumprod = schedule.alphas_cumprod(
-        schedule.make_betas(schedule_config.beta_schedule, total, schedule_config.beta_start, schedule_config.beta_end)
-    )
+    alphas_cumprod = schedule.alphas_cumprod_of(schedule_config)
     spacing, offset = schedule_config.timestep_spacing, schedule_config.steps_offset
     if name == "ddim":
         sampler = _ddim(schedule_config, alphas_cumprod, num_steps, eta)
@@ -265,7 +267,7 @@ def dpmpp_2m_step(
     alpha_to, std_to = _vp_coefficients(sigma_to)
     # The data prediction is formed in the sample's dtype, the update in at least float32:
     # the same split as diffusers.
-    x0 = _x0_from_vp(x, model_output, alpha_from, std_from, prediction_type)
+    x0 = schedule.x0_from_output(x, model_output, alpha_from, std_from, prediction_type)
     x = x.to(torch.promote_types(x.dtype, torch.float32))
     lambda_from, lambda_to = _log_snr(alpha_from, std_from), _log_snr(alpha_to, std_to)
     h = lambda_to - lambda_from
@@ -388,29 +390,14 @@ def _log_snr(alpha: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
 
 
 def _x0_from_ve(x: torch.Tensor, model_output: torch.Tensor, sigma: torch.Tensor, prediction_type: str) -> torch.Tensor:
-    """The clean sample implied by the model's output at the VE sample x (noise level sigma)."""
+    """The clean sample implied by the model's output at the VE sample x (noise level sigma),
+    in the operation order of diffusers' Euler scheduler, which the parity tests hold to the bit."""
+    schedule.check_prediction_type(prediction_type)
     if prediction_type == "epsilon":
         return x - sigma * model_output
-    if prediction_type == "v_prediction":
-        # v = alpha_t eps - sigma_t x0 (VP); with x_VP = x / sqrt(sigma^2 + 1):
-        # x0 = x / (sigma^2 + 1) - v sigma / sqrt(sigma^2 + 1).
-        return model_output * (-sigma / (sigma**2 + 1) ** 0.5) + (x / (sigma**2 + 1))
-    raise _prediction_type_error(prediction_type)
-
-
-def _x0_from_vp(
-    x: torch.Tensor, model_output: torch.Tensor, alpha: torch.Tensor, std: torch.Tensor, prediction_type: str
-) -> torch.Tensor:
-    """The clean sample implied by the model's output at the VP sample x = alpha x0 + std eps."""
-    if prediction_type == "epsilon":
-        return (x - std * model_output) / alpha
-    if prediction_type == "v_prediction":
-        return alpha * x - std * model_output
-    raise _prediction_type_error(prediction_type)
-
-
-def _prediction_type_error(prediction_type: str) -> ValueError:
-    return ValueError(f"unknown prediction type {prediction_type!r}; choose one of {', '.join(schedule.PREDICTION_TYPES)}")
+    # v = alpha_t eps - sigma_t x0 (VP); with x_VP = x / sqrt(sigma^2 + 1):
+    # x0 = x / (sigma^2 + 1) - v sigma / sqrt(sigma^2 + 1).
+    return model_output * (-sigma / (sigma**2 + 1) ** 0.5) + (x / (sigma**2 + 1))
 
 
 def _check_noise(sampler: Sampler, i: int, noise: torch.Tensor | None) -> None:

@@ -19,10 +19,11 @@ from minidream.models.pipeline import Pipeline
 
 
 @torch.no_grad()
-def encode_prompts(pipe: Pipeline, prompts: Sequence[str]) -> torch.Tensor:
-    """B prompts -> B x 77 x width text-encoder states, in the pipeline's device and dtype."""
+def encode_prompts(pipe: Pipeline, prompts: Sequence[str], clip_skip: int | None = None) -> torch.Tensor:
+    """B prompts -> B x 77 x width text-encoder states, in the pipeline's device and dtype.
+    clip_skip: 2 reads the penultimate layer (None: the text encoder's config)."""
     ids = pipe.tokenizer(list(prompts)).to(pipe.device)
-    return pipe.text_encoder(ids).to(pipe.dtype)
+    return pipe.text_encoder(ids, clip_skip=clip_skip).to(pipe.dtype)
 
 
 def image_generators(seeds: Sequence[int]) -> list[torch.Generator]:
@@ -47,6 +48,7 @@ def denoise(
     guidance: float,
     eta: float = 0.0,
     karras: bool = False,
+    guidance_rescale: float = 0.0,
     progress: tqdm | None = None,
 ) -> torch.Tensor:
     """Run the sampler from pure noise to clean latents: B x 4 x h x w (unscaled by 0.18215)."""
@@ -64,7 +66,7 @@ def denoise(
     for i, noise in enumerate(steps_noise):
         model_input = sampler.scale_model_input(latents, i)
         t_batch = timesteps[i].expand(latents.shape[0])
-        output = guided_prediction(pipe.unet, model_input, t_batch, uncond, cond, guidance)
+        output = guided_prediction(pipe.unet, model_input, t_batch, uncond, cond, guidance, guidance_rescale)
         latents, state = sampler.step(latents, output, i, state, noise)
         if progress is not None:
             progress.update(1)
@@ -73,9 +75,14 @@ def denoise(
 
 @torch.no_grad()
 def decode_latents(pipe: Pipeline, latents: torch.Tensor) -> np.ndarray:
-    """Latents -> B x H x W x 3 uint8 images (rounded, as diffusers' image processor does)."""
+    """Latents -> B x H x W x 3 uint8 images (rounded, as diffusers' image processor does).
+
+    The VAE runs in its own dtype (models.precision.vae_dtype: fp32 beside fp16 models) even
+    inside an fp16 autocast region, which would otherwise run its convolutions in fp16 and
+    overflow the decoder: the black or NaN images of fp16 pipelines."""
     vae_dtype = next(pipe.vae.parameters()).dtype
-    images = pipe.vae.decode(latents.to(vae_dtype) / pipe.config.vae.scaling_factor)
+    with torch.autocast(latents.device.type, enabled=False):
+        images = pipe.vae.decode(latents.to(vae_dtype) / pipe.config.vae.scaling_factor)
     images = (images.float() / 2 + 0.5).clamp(0, 1)
     return (images.permute(0, 2, 3, 1).cpu().numpy() * 255).round().astype(np.uint8)
 
@@ -92,20 +99,27 @@ def generate(
     height: int = 512,
     width: int = 512,
     karras: bool = False,
+    guidance_rescale: float = 0.0,
+    clip_skip: int | None = None,
     show_progress: bool = False,
 ) -> list[Image.Image]:
-    """One image per (prompt, seed) pair, as PIL images."""
+    """One image per (prompt, seed) pair, as PIL images.
+
+    guidance_rescale: phi of guidance rescale (0 = off), as diffusers' `guidance_rescale`.
+    clip_skip: 2 conditions on the penultimate text-encoder layer (None: the model's setting).
+    """
     if len(prompts) != len(seeds):
         raise ValueError(f"got {len(prompts)} prompts but {len(seeds)} seeds; give one seed per image")
     if height % 8 or width % 8:
         raise ValueError(f"height and width must be multiples of 8, got {height}x{width}")
     negative_prompts = list(negative_prompts) if negative_prompts is not None else [""] * len(prompts)
-    cond = encode_prompts(pipe, prompts)
-    uncond = encode_prompts(pipe, negative_prompts) if guidance != 1.0 else cond
+    cond = encode_prompts(pipe, prompts, clip_skip)
+    uncond = encode_prompts(pipe, negative_prompts, clip_skip) if guidance != 1.0 else cond
     latent_shape = (pipe.config.unet.in_channels, height // 8, width // 8)
     with tqdm(total=steps, desc="denoising", disable=not show_progress, leave=False) as bar:
         latents = denoise(
-            pipe, cond, uncond, image_generators(seeds), latent_shape, sampler, steps, guidance, eta, karras, bar
+            pipe, cond, uncond, image_generators(seeds), latent_shape, sampler, steps, guidance, eta, karras,
+            guidance_rescale, bar,
         )
     return [Image.fromarray(image) for image in decode_latents(pipe, latents)]
 

@@ -11,8 +11,7 @@ import math
 
 import torch
 
-PREDICTION_TYPES = ("epsilon", "v_prediction")
-SPACINGS = ("leading", "trailing", "linspace")
+from minidream.config import PREDICTION_TYPES, TIMESTEP_SPACINGS, ScheduleConfig
 
 
 def make_betas(schedule: str, num_train_timesteps: int, beta_start: float, beta_end: float) -> torch.Tensor:
@@ -37,6 +36,16 @@ def make_betas(schedule: str, num_train_timesteps: int, beta_start: float, beta_
 def alphas_cumprod(betas: torch.Tensor) -> torch.Tensor:
     """alpha_bar_t = prod_{s<=t} (1 - beta_s)."""
     return torch.cumprod(1.0 - betas, dim=0)
+
+
+def betas_of(cfg: ScheduleConfig) -> torch.Tensor:
+    """The training betas a schedule config describes."""
+    return make_betas(cfg.beta_schedule, cfg.num_train_timesteps, cfg.beta_start, cfg.beta_end)
+
+
+def alphas_cumprod_of(cfg: ScheduleConfig) -> torch.Tensor:
+    """alpha_bar_t for every training timestep of a schedule config, float32 [num_train_timesteps]."""
+    return alphas_cumprod(betas_of(cfg))
 
 
 def final_alpha_cumprod(alphas_cumprod: torch.Tensor, set_alpha_to_one: bool) -> torch.Tensor:
@@ -74,21 +83,30 @@ def v_target(x0: torch.Tensor, noise: torch.Tensor, alpha_bar: torch.Tensor) -> 
 
 def training_target(x0: torch.Tensor, noise: torch.Tensor, alpha_bar: torch.Tensor, prediction_type: str) -> torch.Tensor:
     """What the UNet is trained to output for this (x0, noise) pair."""
-    _check_prediction_type(prediction_type)
+    check_prediction_type(prediction_type)
     return noise if prediction_type == "epsilon" else v_target(x0, noise, alpha_bar)
 
 
 def predict_x0(x_t: torch.Tensor, model_output: torch.Tensor, alpha_bar: torch.Tensor, prediction_type: str) -> torch.Tensor:
     """The clean sample implied by the model's output at x_t."""
-    _check_prediction_type(prediction_type)
+    return x0_from_output(x_t, model_output, alpha_bar.sqrt(), (1 - alpha_bar).sqrt(), prediction_type)
+
+
+def x0_from_output(
+    x_t: torch.Tensor, model_output: torch.Tensor, signal: torch.Tensor, noise_std: torch.Tensor, prediction_type: str
+) -> torch.Tensor:
+    """The clean sample implied by the model's output at x_t = signal x0 + noise_std eps
+    (signal = sqrt(alpha_bar), noise_std = sqrt(1 - alpha_bar); samplers that work with sigmas
+    pass the two they already hold, so no square root is taken twice)."""
+    check_prediction_type(prediction_type)
     if prediction_type == "epsilon":
-        return (x_t - (1 - alpha_bar).sqrt() * model_output) / alpha_bar.sqrt()
-    return alpha_bar.sqrt() * x_t - (1 - alpha_bar).sqrt() * model_output
+        return (x_t - noise_std * model_output) / signal
+    return signal * x_t - noise_std * model_output
 
 
 def predict_eps(x_t: torch.Tensor, model_output: torch.Tensor, alpha_bar: torch.Tensor, prediction_type: str) -> torch.Tensor:
     """The noise implied by the model's output at x_t."""
-    _check_prediction_type(prediction_type)
+    check_prediction_type(prediction_type)
     if prediction_type == "epsilon":
         return model_output
     return alpha_bar.sqrt() * model_output + (1 - alpha_bar).sqrt() * x_t
@@ -194,7 +212,7 @@ def inference_timesteps(
         return torch.round(total + torch.arange(n, dtype=torch.float64) * delta).to(torch.int64) - 1
     if spacing == "linspace":
         return torch.round(torch.linspace(0, total - 1, n, dtype=torch.float64)).to(torch.int64).flip(0)
-    raise ValueError(f"unknown timestep spacing {spacing!r}; choose one of {', '.join(SPACINGS)}")
+    raise ValueError(f"unknown timestep spacing {spacing!r}; choose one of {', '.join(TIMESTEP_SPACINGS)}")
 
 
 def ddim_previous_timestep(t: torch.Tensor, num_train_timesteps: int, num_inference_steps: int) -> torch.Tensor:
@@ -214,6 +232,6 @@ def next_in_sequence(timesteps: torch.Tensor) -> torch.Tensor:
     return torch.cat([timesteps[1:], timesteps.new_full((1,), -1)])
 
 
-def _check_prediction_type(prediction_type: str) -> None:
+def check_prediction_type(prediction_type: str) -> None:
     if prediction_type not in PREDICTION_TYPES:
         raise ValueError(f"unknown prediction type {prediction_type!r}; choose one of {', '.join(PREDICTION_TYPES)}")

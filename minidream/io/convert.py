@@ -1,17 +1,16 @@
 """Convert a Stable Diffusion 1.x checkpoint between formats.
 
-    python -m minidream.io.convert SRC DST [--format single-file|diffusers] [--dtype fp16|fp32] [--ema]
+    python -m minidream.convert SRC DST [--format single-file|diffusers] [--dtype fp16|fp32] [--ema]
 """
 
 import argparse
 import sys
 from pathlib import Path
 
-import torch
-
 from minidream.io.weights import FORMATS, WeightsError, load_pipeline, save_pipeline
+from minidream.models.precision import DTYPES
 
-DTYPES = {"fp16": torch.float16, "fp32": torch.float32}
+FILE_PRECISIONS = ("fp16", "fp32")  # what SD files are released in
 
 DESCRIPTION = """\
 Convert a Stable Diffusion 1.x checkpoint between formats.
@@ -34,16 +33,16 @@ existing non-empty DST folder is refused.
 
 EXAMPLES = """\
 examples:
-  python -m minidream.io.convert weights/stable-diffusion-v1-5 weights/sd15.safetensors
-  python -m minidream.io.convert weights/sd-v1-4.ckpt weights/sd14-diffusers
-  python -m minidream.io.convert weights/sd-v1-4-full-ema.ckpt weights/sd14-ema.safetensors --ema --dtype fp32
-  python -m minidream.io.convert runs/dreambooth weights/my-dog.safetensors
+  python -m minidream.convert weights/stable-diffusion-v1-5 weights/sd15.safetensors
+  python -m minidream.convert weights/sd-v1-4.ckpt weights/sd14-diffusers
+  python -m minidream.convert weights/sd-v1-4-full-ema.ckpt weights/sd14-ema.safetensors --ema --dtype fp32
+  python -m minidream.convert runs/dreambooth weights/my-dog.safetensors
 """
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        prog="python -m minidream.io.convert",
+        prog="python -m minidream.convert",
         description=DESCRIPTION,
         epilog=EXAMPLES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -57,7 +56,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--dtype",
-        choices=sorted(DTYPES),
+        choices=FILE_PRECISIONS,
         default="fp16",
         help="precision of the written weights (default: fp16, as SD releases are)",
     )

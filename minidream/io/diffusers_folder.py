@@ -20,33 +20,41 @@ from pathlib import Path
 
 import torch
 
-from minidream.config import ModelConfig, ScheduleConfig, TextEncoderConfig, UNetConfig, VAEConfig
+from minidream.config import (
+    ModelConfig,
+    ScheduleConfig,
+    TextEncoderConfig,
+    UNetConfig,
+    VAEConfig,
+)
 from minidream.diffusion import schedule
+from minidream.files import atomic_folder
 from minidream.io.diffusers_layout import (
+    TensorName,
+    diffusers_key_map,
     unet_config_from_diffusers,
     unet_config_to_diffusers,
     unet_from_diffusers,
+    unet_names,
     unet_to_diffusers,
     vae_config_from_diffusers,
     vae_config_to_diffusers,
     vae_from_diffusers,
+    vae_names,
     vae_to_diffusers,
 )
-from minidream.io.single_file import cast, with_text_model_prefix
 from minidream.io.tensor_files import (
-    Checkpoint,
+    StoredPipeline,
     Tensors,
     WeightsError,
-    atomic_folder,
-    check_tensors,
+    cast,
     read_tensor_file,
     unsupported,
+    with_text_model_prefix,
     write_safetensors,
 )
 from minidream.models.pipeline import Pipeline
 from minidream.models.tokenizer import CLIPTokenizer
-from minidream.models.unet import UNet
-from minidream.models.vae import AutoencoderKL
 
 PARTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 # Weights file names in order of preference; the fp16 "variants" are what some repositories hold alone.
@@ -79,7 +87,7 @@ def is_diffusers_folder(path: Path) -> bool:
     return (path / "model_index.json").is_file() or (path / "unet").is_dir()
 
 
-def read_diffusers_folder(path: Path) -> Checkpoint:
+def read_diffusers_folder(path: Path) -> StoredPipeline:
     missing = [f"{part}/" for part in PARTS if not (path / part).is_dir()]
     if missing:
         raise WeightsError(
@@ -89,7 +97,7 @@ def read_diffusers_folder(path: Path) -> Checkpoint:
     model_index = _read_json(path / "model_index.json") if (path / "model_index.json").is_file() else {}
     unet_json = _read_json(path / "unet" / "config.json")
     text_json = _read_json(path / "text_encoder" / "config.json")
-    what = _identify(path, model_index, unet_json, text_json)
+    what = _unsupported_kind(path, model_index, unet_json, text_json)
     if what is not None:
         raise unsupported(path, what)
 
@@ -107,16 +115,16 @@ def read_diffusers_folder(path: Path) -> Checkpoint:
         tokenizer = CLIPTokenizer.from_folder(path / "tokenizer", context_length=config.text_encoder.context_length)
     except (OSError, ValueError, KeyError) as error:
         raise WeightsError(f"{path / 'tokenizer'}: unreadable tokenizer ({error})") from None
-    return Checkpoint(
+    return StoredPipeline(
         config=config,
         tokenizer=tokenizer,
-        unet=_read_renamed(path / "unet", config.unet, UNet, unet_to_diffusers, unet_from_diffusers),
-        vae=_read_renamed(path / "vae", config.vae, AutoencoderKL, vae_to_diffusers, vae_from_diffusers),
+        unet=_read_renamed(path / "unet", "UNet", unet_names(config.unet), unet_from_diffusers, config.unet),
+        vae=_read_renamed(path / "vae", "AutoencoderKL", vae_names(config.vae), vae_from_diffusers, config.vae),
         text_encoder=_read_text_encoder(path / "text_encoder"),
     )
 
 
-def _identify(path: Path, model_index: dict, unet_json: dict, text_json: dict) -> str | None:
+def _unsupported_kind(path: Path, model_index: dict, unet_json: dict, text_json: dict) -> str | None:
     """What the folder is when it is not an SD 1.x pipeline (None when it is one)."""
     pipeline_class = str(model_index.get("_class_name", ""))
     if "XL" in pipeline_class or (path / "text_encoder_2").is_dir():
@@ -129,21 +137,21 @@ def _identify(path: Path, model_index: dict, unet_json: dict, text_json: dict) -
 
 
 def _read_renamed(
-    folder: Path, cfg: UNetConfig | VAEConfig, model_class: type, to_diffusers: Callable, from_diffusers: Callable
+    folder: Path, model_name: str, names: tuple[TensorName, ...], from_diffusers: Callable, cfg: UNetConfig | VAEConfig
 ) -> Tensors:
-    """A UNet or VAE file, checked in diffusers' names (as the file spells them), then renamed."""
+    """A UNet or VAE file renamed to minidream's names; weights.py checks it, naming keys as the file does."""
     file = _weights_file(folder, DIFFUSERS_WEIGHTS)
     tensors, _ = read_tensor_file(file)
-    with torch.device("meta"):
-        expected = to_diffusers(model_class(cfg).state_dict(), cfg)
-    check_tensors(str(file), f"the diffusers {model_class.__name__} of {folder.name}/config.json", expected, tensors)
-    return Tensors(from_diffusers(tensors, cfg), str(file))
+    return Tensors(
+        from_diffusers(tensors, cfg), str(file), f"the diffusers {model_name} of {folder.name}/config.json",
+        renamed=diffusers_key_map(names),
+    )
 
 
 def _read_text_encoder(folder: Path) -> Tensors:
     file = _weights_file(folder, TRANSFORMERS_WEIGHTS)
     tensors, _ = read_tensor_file(file)
-    return Tensors(with_text_model_prefix(tensors), str(file))
+    return Tensors(with_text_model_prefix(tensors), str(file), "the SD 1.x CLIP text encoder")
 
 
 def _weights_file(folder: Path, names: tuple[str, ...]) -> Path:
@@ -202,13 +210,10 @@ def schedule_config_from_diffusers(config: dict) -> ScheduleConfig:
         raise ValueError(f"unsupported scheduler options {', '.join(refused)}")
     names = [field.name for field in dataclasses.fields(ScheduleConfig)]
     cfg = ScheduleConfig(**{name: config[name] for name in names if name in config})
-    if cfg.prediction_type not in schedule.PREDICTION_TYPES:
-        raise ValueError(
-            f"unsupported prediction_type {cfg.prediction_type!r}: expected one of {schedule.PREDICTION_TYPES}"
-        )
-    if cfg.timestep_spacing not in schedule.SPACINGS:
-        raise ValueError(f"unsupported timestep_spacing {cfg.timestep_spacing!r}: expected one of {schedule.SPACINGS}")
-    schedule.make_betas(cfg.beta_schedule, cfg.num_train_timesteps, cfg.beta_start, cfg.beta_end)  # raises if unknown
+    schedule.check_prediction_type(cfg.prediction_type)
+    if cfg.timestep_spacing not in schedule.TIMESTEP_SPACINGS:
+        raise ValueError(f"unsupported timestep_spacing {cfg.timestep_spacing!r}: expected one of {schedule.TIMESTEP_SPACINGS}")
+    schedule.betas_of(cfg)  # raises if the beta schedule is unknown
     return cfg
 
 
@@ -257,6 +262,13 @@ def write_diffusers_folder(pipe: Pipeline, path: Path, dtype: torch.dtype | None
             TRANSFORMERS_WEIGHTS[0],
         ),
     )
+    try:
+        _write_folder(path, components, pipe, dtype)
+    except FileExistsError as error:  # a non-empty folder is never replaced: it may hold the user's files
+        raise WeightsError(str(error)) from None
+
+
+def _write_folder(path: Path, components: tuple, pipe: Pipeline, dtype: torch.dtype | None) -> None:
     with atomic_folder(path) as folder:
         for name, config_json, tensors, weights_name in components:
             (folder / name).mkdir()
@@ -265,7 +277,7 @@ def write_diffusers_folder(pipe: Pipeline, path: Path, dtype: torch.dtype | None
             write_safetensors(cast_tensors, folder / name / weights_name, {"format": "pt"})
         pipe.tokenizer.save_folder(folder / "tokenizer")
         (folder / "scheduler").mkdir()
-        _write_json(folder / "scheduler" / "scheduler_config.json", schedule_config_to_diffusers(cfg.schedule))
+        _write_json(folder / "scheduler" / "scheduler_config.json", schedule_config_to_diffusers(pipe.config.schedule))
         _write_json(folder / "model_index.json", model_index())
 
 

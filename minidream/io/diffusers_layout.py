@@ -7,11 +7,14 @@ module with its diffusers twin; every tensor below a pair keeps its relative nam
 table serves both directions. The text encoder needs no map: its names agree in both layouts.
 """
 
+import functools
+from collections.abc import Mapping
 from typing import NamedTuple
 
 import torch
 
 from minidream.config import UNetConfig, VAEConfig
+from minidream.io.tensor_files import meta_shapes
 from minidream.models.unet import UNet
 from minidream.models.vae import AutoencoderKL
 
@@ -132,12 +135,12 @@ class TensorName(NamedTuple):
     conv1x1_as_linear: bool
 
 
-def tensor_names(renames: list[Rename], model: torch.nn.Module) -> list[TensorName]:
-    """Every tensor of `model` (built on the meta device) named in both layouts through the
+def tensor_names(renames: list[Rename], shapes: Mapping[str, torch.Size]) -> tuple[TensorName, ...]:
+    """Every tensor of a model (`shapes`: its names and shapes) named in both layouts through the
     rename of the module holding it; raises if a tensor has none or two share a diffusers name."""
     by_prefix = {rename.minidream: rename for rename in renames}
     names = []
-    for key, tensor in model.state_dict().items():
+    for key, shape in shapes.items():
         parts = key.split(".")
         prefixes = (".".join(parts[:i]) for i in range(len(parts) - 1, 0, -1))
         rename = next((by_prefix[p] for p in prefixes if p in by_prefix), None)
@@ -147,75 +150,66 @@ def tensor_names(renames: list[Rename], model: torch.nn.Module) -> list[TensorNa
         names.append(TensorName(
             minidream=key,
             diffusers=rename.diffusers + key[len(rename.minidream):],
-            minidream_shape=tensor.shape,
-            diffusers_shape=tensor.shape[:2] if reshaped else tensor.shape,
+            minidream_shape=shape,
+            diffusers_shape=shape[:2] if reshaped else shape,
             conv1x1_as_linear=reshaped,
         ))
     if len({name.diffusers for name in names}) != len(names):
         raise KeyError("two minidream tensors map to one diffusers name")
-    return names
+    return tuple(names)
 
 
-def _meta_unet_names(cfg: UNetConfig) -> list[TensorName]:
-    with torch.device("meta"):
-        return tensor_names(unet_renames(cfg), UNet(cfg))
+@functools.cache
+def unet_names(cfg: UNetConfig) -> tuple[TensorName, ...]:
+    return tensor_names(unet_renames(cfg), meta_shapes(UNet, cfg))
 
 
-def _meta_vae_names(cfg: VAEConfig) -> list[TensorName]:
-    with torch.device("meta"):
-        return tensor_names(vae_renames(cfg), AutoencoderKL(cfg))
+@functools.cache
+def vae_names(cfg: VAEConfig) -> tuple[TensorName, ...]:
+    return tensor_names(vae_renames(cfg), meta_shapes(AutoencoderKL, cfg))
 
 
 def _convert(
-    state_dict: dict[str, torch.Tensor], names: list[TensorName], to_diffusers: bool, what: str
+    state_dict: dict[str, torch.Tensor], names: tuple[TensorName, ...], to_diffusers: bool
 ) -> dict[str, torch.Tensor]:
-    """Rename every tensor once, reshaping 1x1 convs <-> linears; all keys and shapes must match."""
-    source = {(n.minidream if to_diffusers else n.diffusers): n for n in names}
-    missing = sorted(source.keys() - state_dict.keys())
-    unexpected = sorted(state_dict.keys() - source.keys())
-    misshaped = []
-    for key, name in source.items():
-        shape = name.minidream_shape if to_diffusers else name.diffusers_shape
-        if key in state_dict and state_dict[key].shape != shape:
-            misshaped.append(f"{key}: {tuple(state_dict[key].shape)}, expected {tuple(shape)}")
-    if missing or unexpected or misshaped:
-        layout = "minidream (SD single-file)" if to_diffusers else "diffusers"
-        raise ValueError(
-            f"{what} state dict does not match the {layout} layout for this config:"
-            + _listing("missing", missing)
-            + _listing("unexpected", unexpected)
-            + _listing("mis-shaped", misshaped)
-        )
+    """Rename every tensor the table knows, reshaping 1x1 convs <-> linears. Keys it does not
+    know pass through unchanged and shapes are not checked: the loader checks the result once,
+    naming the keys as the file does (tensor_files.check_tensors)."""
+    table = {(n.minidream if to_diffusers else n.diffusers): n for n in names}
     converted = {}
-    for key, name in source.items():
-        tensor = state_dict[key]
+    for key, tensor in state_dict.items():
+        name = table.get(key)
+        if name is None:
+            converted[key] = tensor
+            continue
         if name.conv1x1_as_linear:  # C x C x 1 x 1 <-> C x C
-            tensor = tensor[:, :, 0, 0] if to_diffusers else tensor[:, :, None, None]
+            if to_diffusers and tensor.dim() == 4:
+                tensor = tensor[:, :, 0, 0]
+            elif not to_diffusers and tensor.dim() == 2:
+                tensor = tensor[:, :, None, None]
         converted[name.diffusers if to_diffusers else name.minidream] = tensor
     return converted
 
 
-def _listing(label: str, items: list[str], limit: int = 20) -> str:
-    if not items:
-        return ""
-    more = f"\n    ... and {len(items) - limit} more" if len(items) > limit else ""
-    return f"\n  {label} ({len(items)}):\n    " + "\n    ".join(items[:limit]) + more
+def diffusers_key_map(names: tuple[TensorName, ...]) -> dict[str, str]:
+    """minidream name -> diffusers name, for error messages that name keys as the file does."""
+    return {n.minidream: n.diffusers for n in names}
 
 
 def unet_to_diffusers(state_dict: dict[str, torch.Tensor], cfg: UNetConfig) -> dict[str, torch.Tensor]:
-    return _convert(state_dict, _meta_unet_names(cfg), to_diffusers=True, what="UNet")
+    return _convert(state_dict, unet_names(cfg), to_diffusers=True)
 
 
 def unet_from_diffusers(state_dict: dict[str, torch.Tensor], cfg: UNetConfig) -> dict[str, torch.Tensor]:
-    return _convert(state_dict, _meta_unet_names(cfg), to_diffusers=False, what="UNet")
+    return _convert(state_dict, unet_names(cfg), to_diffusers=False)
 
 
 def vae_to_diffusers(state_dict: dict[str, torch.Tensor], cfg: VAEConfig) -> dict[str, torch.Tensor]:
-    return _convert(state_dict, _meta_vae_names(cfg), to_diffusers=True, what="VAE")
+    return _convert(state_dict, vae_names(cfg), to_diffusers=True)
 
 
 def vae_from_diffusers(state_dict: dict[str, torch.Tensor], cfg: VAEConfig) -> dict[str, torch.Tensor]:
-    return _convert(state_dict, _meta_vae_names(cfg), to_diffusers=False, what="VAE")
+    return _convert(state_dict, vae_names(cfg), to_diffusers=False)
 
 
 # ---- config.json ----------------------------------------------------------------------------
@@ -410,6 +404,13 @@ def vae_config_from_diffusers(config: dict) -> VAEConfig:
         norm_eps=DIFFUSERS_VAE_NORM_EPS,
         scaling_factor=config["scaling_factor"],
     )
+
+
+def _listing(label: str, items: list[str], limit: int = 20) -> str:
+    if not items:
+        return ""
+    more = f"\n    ... and {len(items) - limit} more" if len(items) > limit else ""
+    return f"\n  {label} ({len(items)}):\n    " + "\n    ".join(items[:limit]) + more
 
 
 def _read_fields(config: dict, fixed: dict, required: set[str], optional: dict) -> dict:

@@ -17,18 +17,33 @@ from pathlib import Path
 
 import torch
 
-from minidream.config import SD15, ModelConfig, ScheduleConfig, UNetConfig
+from minidream.config import (
+    SD15,
+    ModelConfig,
+    ScheduleConfig,
+    UNetConfig,
+    from_dict,
+    to_dict,
+)
 from minidream.diffusion import schedule
-from minidream.io.tensor_files import Checkpoint, Tensors, WeightsError, mismatch, read_tensor_file, unsupported
+from minidream.io.tensor_files import (
+    StoredPipeline,
+    Tensors,
+    WeightsError,
+    cast,
+    meta_shapes,
+    mismatch,
+    read_tensor_file,
+    unsupported,
+    with_text_model_prefix,
+)
 from minidream.models.pipeline import Pipeline
 from minidream.models.tokenizer import CLIPTokenizer
 from minidream.models.unet import UNet
-from minidream.training.config_file import from_dict, to_dict
 
 UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
 TEXT_ENCODER_PREFIX = "cond_stage_model.transformer."
-TEXT_MODEL_PREFIX = "text_model."
 EMA_PREFIX = "model_ema."
 EMA_BOOKKEEPING = {"model_ema.decay", "model_ema.num_updates"}
 # LDM's DDPM.register_schedule: all derived from betas, so only betas and alphas_cumprod are checked.
@@ -41,9 +56,9 @@ CONFIG_METADATA_KEY = "minidream_config"
 LORA_MARKERS = ("lora", "hada_", "lokr_")  # LoRA (kohya, PEFT, diffusers) and LyCORIS key names
 
 
-def read_single_file(path: Path, use_ema: bool) -> Checkpoint:
+def read_single_file(path: Path, use_ema: bool) -> StoredPipeline:
     tensors, metadata = read_tensor_file(path)
-    what = identify(tensors)
+    what = unsupported_kind(tensors)
     if what is not None:
         raise unsupported(path, what)
     config = _config_from_metadata(path, metadata)
@@ -53,23 +68,24 @@ def read_single_file(path: Path, use_ema: bool) -> Checkpoint:
     if unexpected:
         raise mismatch(str(path), "the SD single-file layout", [], unexpected, [])
     if use_ema:
-        unet = Tensors(_ema_unet(path, tensors, config.unet), f"{path} (EMA weights)", UNET_PREFIX)
+        unet = _ema_unet(path, tensors, config.unet)
     else:
-        unet = Tensors(_strip(tensors, UNET_PREFIX), str(path), UNET_PREFIX)
-    return Checkpoint(
+        unet = Tensors(_strip(tensors, UNET_PREFIX), str(path), "the SD 1.x UNet", UNET_PREFIX)
+    return StoredPipeline(
         config=config,
         tokenizer=CLIPTokenizer(context_length=config.text_encoder.context_length),
         unet=unet,
-        vae=Tensors(_strip(tensors, VAE_PREFIX), str(path), VAE_PREFIX),
+        vae=Tensors(_strip(tensors, VAE_PREFIX), str(path), "the SD 1.x VAE", VAE_PREFIX),
         text_encoder=Tensors(
-            with_text_model_prefix(_strip(tensors, TEXT_ENCODER_PREFIX)), str(path), TEXT_ENCODER_PREFIX
+            with_text_model_prefix(_strip(tensors, TEXT_ENCODER_PREFIX)), str(path), "the SD 1.x CLIP text encoder",
+            TEXT_ENCODER_PREFIX,
         ),
     )
 
 
-def identify(tensors: dict[str, torch.Tensor]) -> str | None:
-    """What the file is when it is not an SD 1.x checkpoint (None when it is one), from its
-    key names and the shapes that tell the SD generations apart."""
+def unsupported_kind(tensors: dict[str, torch.Tensor]) -> str | None:
+    """What the file is when it is not an SD 1.x checkpoint minidream can load (None when it
+    is one), from its key names and the shapes that tell the SD generations apart."""
     keys = tensors.keys()
     if any(marker in key for key in keys for marker in LORA_MARKERS):
         return "a LoRA (or LyCORIS) file, which modifies a model rather than being one"
@@ -99,26 +115,16 @@ def ema_key(unet_key: str) -> str:
     return EMA_PREFIX + ("diffusion_model." + unet_key).replace(".", "")
 
 
-def _ema_unet(path: Path, tensors: dict[str, torch.Tensor], cfg: UNetConfig) -> dict[str, torch.Tensor]:
+def _ema_unet(path: Path, tensors: dict[str, torch.Tensor], cfg: UNetConfig) -> Tensors:
+    """The UNet from the EMA buffers, under the UNet's names; weights.py checks them like any part."""
     if not any(k.startswith(EMA_PREFIX) and k not in EMA_BOOKKEEPING for k in tensors):
         raise WeightsError(
             f"{path}: has no EMA weights (no model_ema.* tensors); load it without use_ema / --ema "
             "(an '-emaonly' file already holds the EMA weights as its model)"
         )
-    with torch.device("meta"):
-        names = list(UNet(cfg).state_dict())
-    missing = [ema_key(name) for name in names if ema_key(name) not in tensors]
-    if missing:
-        raise mismatch(f"{path} (EMA weights)", "the SD 1.x UNet", missing, [], [])
-    return {name: tensors[ema_key(name)] for name in names}
-
-
-def with_text_model_prefix(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """CLIP text-encoder tensors under transformers' `text_model.` level, which some SD 1.x
-    files (saved with old transformers) and transformers >= 5 folders leave out."""
-    if any(key.startswith(TEXT_MODEL_PREFIX) for key in tensors):
-        return tensors
-    return {TEXT_MODEL_PREFIX + key: tensor for key, tensor in tensors.items()}
+    renamed = {name: ema_key(name) for name in meta_shapes(UNet, cfg)}
+    present = {name: tensors[key] for name, key in renamed.items() if key in tensors}
+    return Tensors(present, f"{path} (EMA weights)", "the SD 1.x UNet", renamed=renamed)
 
 
 def _strip(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
@@ -138,7 +144,7 @@ def _config_from_metadata(path: Path, metadata: dict[str, str]) -> ModelConfig:
 def _check_schedule_buffers(path: Path, tensors: dict[str, torch.Tensor], cfg: ScheduleConfig) -> None:
     """A training checkpoint's betas must be the schedule the sampler will use; fp16 files
     store them to ~5e-4 relative precision, hence the tolerance."""
-    betas = schedule.make_betas(cfg.beta_schedule, cfg.num_train_timesteps, cfg.beta_start, cfg.beta_end)
+    betas = schedule.betas_of(cfg)
     for name, expected in (("betas", betas), ("alphas_cumprod", schedule.alphas_cumprod(betas))):
         found = tensors.get(name)
         if found is None:
@@ -161,9 +167,3 @@ def single_file_tensors(pipe: Pipeline, dtype: torch.dtype | None) -> dict[str, 
 def single_file_metadata(config: ModelConfig) -> dict[str, str]:
     # "format": "pt" is what transformers and diffusers expect in safetensors metadata.
     return {"format": "pt", CONFIG_METADATA_KEY: json.dumps(to_dict(config))}
-
-
-def cast(tensor: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
-    """Floating-point tensors to `dtype`; integer ones (and everything when dtype is None) as they are."""
-    tensor = tensor.detach()
-    return tensor.to(dtype) if dtype is not None and tensor.is_floating_point() else tensor

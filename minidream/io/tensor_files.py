@@ -4,25 +4,28 @@ Reading never runs code from the file: safetensors holds only tensors, and pickl
 files go through `torch.load(weights_only=True)`. Both are memory-mapped, so a loaded tensor
 costs no RAM until it is used and the whole file at most once. Writing goes to a temporary
 name in the destination's folder and is renamed into place at the end, so a failure leaves
-nothing half-written. `Checkpoint` is what the two layouts (single_file.py,
-diffusers_folder.py) read a file into; weights.py builds the models from it.
+nothing half-written. `StoredPipeline` is what the two layouts (single_file.py,
+diffusers_folder.py) read a file into; weights.py checks each part once (`check_tensors`) and
+builds the models from it.
 """
 
-import contextlib
+import functools
 import json
-import os
 import pickle
 import struct
-from collections.abc import Iterator
+import zipfile
+from collections.abc import Mapping
 from pathlib import Path
+from types import MappingProxyType
 from typing import NamedTuple
 
 import safetensors
 import safetensors.torch
 import torch
+from torch import nn
 
 from minidream.config import ModelConfig
-from minidream.files import atomic_file, temporary_sibling
+from minidream.files import atomic_file
 from minidream.models.tokenizer import CLIPTokenizer
 
 
@@ -36,19 +39,50 @@ def unsupported(path: Path, what: str) -> WeightsError:
     )
 
 
-def check_tensors(
-    source: str, what: str, expected: dict[str, torch.Tensor], found: dict[str, torch.Tensor], key_prefix: str = ""
-) -> None:
-    """Raise unless `found` has exactly the names and shapes of `expected` (a meta state dict)."""
-    missing = [key_prefix + key for key in expected if key not in found]
-    unexpected = [key_prefix + key for key in found if key not in expected]
+class Tensors(NamedTuple):
+    """One model's tensors under minidream's module names, and how the file names them (for errors)."""
+
+    tensors: dict[str, torch.Tensor]  # keys the file has but minidream does not know stay as the file spells them
+    source: str  # the file, as error messages name it
+    what: str  # the model the tensors must fit, as error messages name it
+    key_prefix: str = ""  # what the file puts before each name
+    renamed: Mapping[str, str] = MappingProxyType({})  # minidream name -> the file's, where they differ
+
+    def file_name(self, key: str) -> str:
+        return self.key_prefix + self.renamed.get(key, key)
+
+
+class StoredPipeline(NamedTuple):
+    """What a weights file or folder holds, before any model is built."""
+
+    config: ModelConfig
+    tokenizer: CLIPTokenizer
+    unet: Tensors
+    vae: Tensors
+    text_encoder: Tensors
+
+
+@functools.cache
+def meta_shapes(model_class: type[nn.Module], cfg) -> Mapping[str, torch.Size]:
+    """Every tensor name and shape of `model_class(cfg)`, from one build on the meta device (no
+    memory, no init) per class and config: the table every key check and key map reads."""
+    with torch.device("meta"):
+        return MappingProxyType({key: t.shape for key, t in model_class(cfg).state_dict().items()})
+
+
+def check_tensors(part: Tensors, expected: Mapping[str, torch.Size]) -> None:
+    """THE key check: raise unless `part` has exactly the names and shapes of `expected`. The one
+    error names the file, counts each kind of problem and gives the first keys as the file spells them."""
+    found = part.tensors
+    missing = [part.file_name(key) for key in expected if key not in found]
+    unexpected = [part.file_name(key) for key in found if key not in expected]
     misshaped = [
-        f"{key_prefix}{key} {list(found[key].shape)}, expected {list(tensor.shape)}"
-        for key, tensor in expected.items()
-        if key in found and found[key].shape != tensor.shape
+        f"{part.file_name(key)} {list(found[key].shape)}, expected {list(shape)}"
+        for key, shape in expected.items()
+        if key in found and found[key].shape != shape
     ]
     if missing or unexpected or misshaped:
-        raise mismatch(source, what, missing, unexpected, misshaped)
+        raise mismatch(part.source, part.what, missing, unexpected, misshaped)
 
 
 def mismatch(source: str, what: str, missing: list[str], unexpected: list[str], misshaped: list[str]) -> WeightsError:
@@ -66,22 +100,21 @@ def _first_few(keys: list[str], limit: int = 3) -> str:
     return ", ".join(keys[:limit]) + more
 
 
-class Tensors(NamedTuple):
-    """One model's tensors under minidream's module names, and where they came from (for errors)."""
-
-    tensors: dict[str, torch.Tensor]
-    source: str  # the file, as error messages name it
-    key_prefix: str = ""  # what the file puts before minidream's names
+def cast(tensor: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
+    """Floating-point tensors to `dtype`; integer ones (and everything when dtype is None) as they are."""
+    tensor = tensor.detach()
+    return tensor.to(dtype) if dtype is not None and tensor.is_floating_point() else tensor
 
 
-class Checkpoint(NamedTuple):
-    """What a weights file or folder holds, before any model is built."""
+TEXT_MODEL_PREFIX = "text_model."
 
-    config: ModelConfig
-    tokenizer: CLIPTokenizer
-    unet: Tensors
-    vae: Tensors
-    text_encoder: Tensors
+
+def with_text_model_prefix(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """CLIP text-encoder tensors under transformers' `text_model.` level, which some SD 1.x
+    files (saved with old transformers) and transformers >= 5 folders leave out."""
+    if any(key.startswith(TEXT_MODEL_PREFIX) for key in tensors):
+        return tensors
+    return {TEXT_MODEL_PREFIX + key: tensor for key, tensor in tensors.items()}
 
 
 TORCH_SUFFIXES = {".ckpt", ".pt", ".pth", ".bin"}
@@ -160,12 +193,18 @@ TRAINING_METADATA_GLOBALS = [
 def read_torch_checkpoint(path: Path) -> dict[str, torch.Tensor]:
     """The tensors of a pickled checkpoint, unwrapping Lightning's `state_dict` key; read only
     with `weights_only=True`, so a file holding any other Python object is refused."""
+    # torch.save wrote a plain pickle stream before PyTorch 1.6 (and with
+    # _use_new_zipfile_serialization=False): it loads, still weights-only, but cannot be memory-mapped.
+    legacy = not zipfile.is_zipfile(path)
+    if legacy and not _starts_like_a_pickle(path):
+        raise WeightsError(f"{path}: not a readable PyTorch checkpoint (neither a zip archive nor a pickle)")
+    what = "a legacy (pre-zip) PyTorch checkpoint" if legacy else "a PyTorch checkpoint"
     try:
         with torch.serialization.safe_globals(TRAINING_METADATA_GLOBALS):
-            checkpoint = torch.load(path, weights_only=True, map_location="cpu", mmap=True)
+            checkpoint = torch.load(path, weights_only=True, map_location="cpu", mmap=not legacy)
     except pickle.UnpicklingError as error:
         raise WeightsError(
-            f"{path}: refused: it holds Python objects other than tensors ({_unpickler_reason(error)}); "
+            f"{path}: refused: {what} holding Python objects other than tensors ({_unpickler_reason(error)}); "
             "minidream reads pickled checkpoints only with torch.load(weights_only=True). "
             "Convert it to .safetensors with a tool you trust, or get the .safetensors release"
         ) from None
@@ -176,6 +215,12 @@ def read_torch_checkpoint(path: Path) -> dict[str, torch.Tensor]:
     if not isinstance(checkpoint, dict):
         raise WeightsError(f"{path}: holds a {type(checkpoint).__name__}, not a dict of tensors")
     return {key: value for key, value in checkpoint.items() if isinstance(value, torch.Tensor)}
+
+
+def _starts_like_a_pickle(path: Path) -> bool:
+    """Pickle protocol 2+ streams (all torch.save has written) open with the PROTO opcode 0x80."""
+    with open(path, "rb") as f:
+        return f.read(1) == b"\x80"
 
 
 def _unpickler_reason(error: Exception) -> str:
@@ -189,22 +234,3 @@ def write_safetensors(tensors: dict[str, torch.Tensor], path: Path, metadata: di
     """Write atomically: a temporary file in the same folder, renamed over `path` when complete."""
     with atomic_file(path) as temporary:
         safetensors.torch.save_file(tensors, temporary, metadata=metadata)
-
-
-@contextlib.contextmanager
-def atomic_folder(path: Path) -> Iterator[Path]:
-    """Yield a temporary folder beside `path`; when the block succeeds it becomes `path`.
-    An existing non-empty folder is never replaced: that could destroy the user's files."""
-    _refuse_non_empty_folder(path)
-    with temporary_sibling(path) as temporary:
-        temporary.mkdir()
-        yield temporary
-        _refuse_non_empty_folder(path)
-        if path.is_dir():
-            path.rmdir()
-        os.replace(temporary, path)
-
-
-def _refuse_non_empty_folder(path: Path) -> None:
-    if path.exists() and not (path.is_dir() and not any(path.iterdir())):
-        raise WeightsError(f"{path}: already exists; remove it or choose another destination")

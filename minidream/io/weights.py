@@ -14,11 +14,28 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from minidream.io.diffusers_folder import is_diffusers_folder, read_diffusers_folder, write_diffusers_folder
-from minidream.io.single_file import cast, read_single_file, single_file_metadata, single_file_tensors
-from minidream.io.tensor_files import Checkpoint, Tensors, WeightsError, check_tensors, write_safetensors
+from minidream.io.diffusers_folder import (
+    is_diffusers_folder,
+    read_diffusers_folder,
+    write_diffusers_folder,
+)
+from minidream.io.single_file import (
+    read_single_file,
+    single_file_metadata,
+    single_file_tensors,
+)
+from minidream.io.tensor_files import (
+    StoredPipeline,
+    Tensors,
+    WeightsError,
+    cast,
+    check_tensors,
+    meta_shapes,
+    write_safetensors,
+)
 from minidream.models.clip import CLIPTextModel
-from minidream.models.pipeline import Pipeline, vae_dtype
+from minidream.models.pipeline import Pipeline
+from minidream.models.precision import vae_dtype
 from minidream.models.unet import UNet
 from minidream.models.vae import AutoencoderKL
 
@@ -37,7 +54,7 @@ def load_pipeline(
     file's dtypes. use_ema: take the UNet from a training checkpoint's `model_ema.*` tensors.
     Raises WeightsError, whose one-line message names the file and what is wrong with it.
     """
-    pipe = assemble_pipeline(read_checkpoint(Path(path), use_ema), dtype)
+    pipe = assemble_pipeline(read_weights(Path(path), use_ema), dtype)
     return pipe if device is None else pipe.to(device)
 
 
@@ -62,7 +79,7 @@ def save_pipeline(
         raise ValueError(f"format must be one of {', '.join(FORMATS)}, got {format!r}")
 
 
-def read_checkpoint(path: Path, use_ema: bool) -> Checkpoint:
+def read_weights(path: Path, use_ema: bool) -> StoredPipeline:
     if not path.exists():
         raise WeightsError(f"{path}: no such file or folder")
     if path.is_file():
@@ -81,27 +98,27 @@ def read_checkpoint(path: Path, use_ema: bool) -> Checkpoint:
     )
 
 
-def assemble_pipeline(checkpoint: Checkpoint, dtype: torch.dtype | None) -> Pipeline:
-    cfg = checkpoint.config
-    text_encoder = checkpoint.text_encoder._replace(
-        tensors={key: tensor for key, tensor in checkpoint.text_encoder.tensors.items() if key != POSITION_IDS}
+def assemble_pipeline(stored: StoredPipeline, dtype: torch.dtype | None) -> Pipeline:
+    cfg = stored.config
+    text_encoder = stored.text_encoder._replace(
+        tensors={key: tensor for key, tensor in stored.text_encoder.tensors.items() if key != POSITION_IDS}
     )
     return Pipeline(
-        unet=_load_module(UNet, cfg.unet, checkpoint.unet, "the SD 1.x UNet", dtype),
-        vae=_load_module(AutoencoderKL, cfg.vae, checkpoint.vae, "the SD 1.x VAE", vae_dtype(dtype)),
-        text_encoder=_load_module(CLIPTextModel, cfg.text_encoder, text_encoder, "the SD 1.x CLIP text encoder", dtype),
-        tokenizer=checkpoint.tokenizer,
+        unet=_load_module(UNet, cfg.unet, stored.unet, dtype),
+        vae=_load_module(AutoencoderKL, cfg.vae, stored.vae, vae_dtype(dtype)),
+        text_encoder=_load_module(CLIPTextModel, cfg.text_encoder, text_encoder, dtype),
+        tokenizer=stored.tokenizer,
         config=cfg,
     )
 
 
-def _load_module(model_class: type[nn.Module], cfg, part: Tensors, what: str, dtype: torch.dtype | None) -> nn.Module:
-    """A model holding `part`'s tensors, after checking every name and shape. Built on the meta
-    device (no random init) and given the tensors by assignment, not copied: it uses the file's
-    memory map."""
+def _load_module(model_class: type[nn.Module], cfg, part: Tensors, dtype: torch.dtype | None) -> nn.Module:
+    """A model holding `part`'s tensors, after the one check of every name and shape. Built on the
+    meta device (no random init) and given the tensors by assignment, not copied: it uses the
+    file's memory map."""
+    check_tensors(part, meta_shapes(model_class, cfg))
     with torch.device("meta"):
         model = model_class(cfg)
-    check_tensors(part.source, what, model.state_dict(), part.tensors, part.key_prefix)
     dtype = dtype if dtype is not None else _common_dtype(part.tensors)
     model.load_state_dict({key: cast(t, dtype) for key, t in part.tensors.items()}, strict=True, assign=True)
     return model

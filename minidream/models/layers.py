@@ -5,7 +5,9 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.checkpoint import checkpoint
+from torch.utils.checkpoint import (
+    checkpoint as recompute_in_backward,  # "checkpoint" in minidream is the training state
+)
 
 
 class GroupNorm32(nn.GroupNorm):
@@ -64,12 +66,12 @@ class Upsample(nn.Module):
         return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
 
 
-def maybe_checkpoint(enabled: bool, block: nn.Module, *inputs: torch.Tensor | None) -> torch.Tensor:
+def maybe_recompute(enabled: bool, block: nn.Module, *inputs: torch.Tensor | None) -> torch.Tensor:
     """block(*inputs), recomputing its activations during backward instead of storing them when enabled.
 
     Non-reentrant checkpointing replays the same ops, so it trades compute for memory and
     never changes the numbers. Without autograd there is nothing to save, so it is skipped.
     """
     if enabled and torch.is_grad_enabled():
-        return checkpoint(block, *inputs, use_reentrant=False)
+        return recompute_in_backward(block, *inputs, use_reentrant=False)
     return block(*inputs)

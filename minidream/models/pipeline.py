@@ -6,6 +6,7 @@ import torch
 
 from minidream.config import ModelConfig
 from minidream.models.clip import CLIPTextModel
+from minidream.models.precision import vae_dtype
 from minidream.models.tokenizer import CLIPTokenizer
 from minidream.models.unet import UNet
 from minidream.models.vae import AutoencoderKL
@@ -36,11 +37,6 @@ class Pipeline:
     @property
     def dtype(self) -> torch.dtype:
         return next(self.unet.parameters()).dtype
-
-
-def vae_dtype(dtype: torch.dtype | None) -> torch.dtype | None:
-    """The VAE's dtype in a pipeline of `dtype`: fp32 for fp16, since SD's VAE decoder overflows fp16."""
-    return torch.float32 if dtype == torch.float16 else dtype
 
 
 def random_pipeline(config: ModelConfig, seed: int = 0) -> Pipeline:

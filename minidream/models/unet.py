@@ -11,7 +11,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from minidream.config import UNetConfig
-from minidream.models.layers import GroupNorm32, Upsample, maybe_checkpoint, multihead_attention, timestep_embedding
+from minidream.models.layers import (
+    GroupNorm32,
+    Upsample,
+    maybe_recompute,
+    multihead_attention,
+    timestep_embedding,
+)
 
 
 class LayerNorm32(nn.LayerNorm):
@@ -252,10 +258,10 @@ class UNet(nn.Module):
         skips = []
         h = x
         for block in self.input_blocks:
-            h = maybe_checkpoint(self.gradient_checkpointing, block, h, emb, context)
+            h = maybe_recompute(self.gradient_checkpointing, block, h, emb, context)
             skips.append(h)
-        h = maybe_checkpoint(self.gradient_checkpointing, self.middle_block, h, emb, context)
+        h = maybe_recompute(self.gradient_checkpointing, self.middle_block, h, emb, context)
         for block in self.output_blocks:
             h = torch.cat([h, skips.pop()], dim=1)
-            h = maybe_checkpoint(self.gradient_checkpointing, block, h, emb, context)
+            h = maybe_recompute(self.gradient_checkpointing, block, h, emb, context)
         return self.out(h)

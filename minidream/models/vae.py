@@ -12,7 +12,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from minidream.config import VAEConfig
-from minidream.models.layers import GroupNorm32, Upsample, maybe_checkpoint, multihead_attention
+from minidream.models.layers import (
+    GroupNorm32,
+    Upsample,
+    maybe_recompute,
+    multihead_attention,
+)
 
 
 class DiagonalGaussian:
@@ -158,7 +163,7 @@ class Encoder(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.conv_in(x)
         for stage in (*self.down, self.mid):
-            h = maybe_checkpoint(self.gradient_checkpointing, stage, h)
+            h = maybe_recompute(self.gradient_checkpointing, stage, h)
         return self.conv_out(F.silu(self.norm_out(h)))
 
 
@@ -182,7 +187,7 @@ class Decoder(nn.Module):
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         h = self.conv_in(z)
         for stage in (self.mid, *reversed(self.up)):
-            h = maybe_checkpoint(self.gradient_checkpointing, stage, h)
+            h = maybe_recompute(self.gradient_checkpointing, stage, h)
         return self.conv_out(F.silu(self.norm_out(h)))
 
 

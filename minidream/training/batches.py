@@ -64,19 +64,20 @@ class LatentSource:
 
 
 class PromptEncoder:
-    """Prompts -> text-encoder states; remembers them when the encoder is frozen."""
+    """Prompts -> text-encoder states (of layer -clip_skip); remembers them when the encoder is frozen."""
 
-    def __init__(self, tokenizer: CLIPTokenizer, text_encoder: CLIPTextModel, trainable: bool):
+    def __init__(self, tokenizer: CLIPTokenizer, text_encoder: CLIPTextModel, trainable: bool, clip_skip: int = 1):
         self.tokenizer, self.text_encoder, self.trainable = tokenizer, text_encoder, trainable
+        self.clip_skip = clip_skip
         self.cache: dict[str, torch.Tensor] = {}
 
     def __call__(self, prompts: list[str], device: torch.device) -> torch.Tensor:
         if self.trainable:
-            return self.text_encoder(to_device(self.tokenizer(prompts), device))
+            return self.text_encoder(to_device(self.tokenizer(prompts), device), clip_skip=self.clip_skip)
         missing = sorted(set(prompts) - self.cache.keys())
         if missing:
             with torch.no_grad():
-                states = self.text_encoder(self.tokenizer(missing).to(device))
+                states = self.text_encoder(self.tokenizer(missing).to(device), clip_skip=self.clip_skip)
             self.cache.update({p: s for p, s in zip(missing, states)})
         return torch.stack([self.cache[p] for p in prompts])
 

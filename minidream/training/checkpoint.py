@@ -13,12 +13,16 @@ import random
 import re
 import shutil
 import warnings
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
+
+from minidream.files import atomic_folder
+from minidream.training.step import Cursor
 
 NAME = re.compile(r"^step-(\d{8})$")
 
@@ -52,29 +56,50 @@ def restore_rng(states: dict) -> None:
     random.setstate(states["python"])
 
 
-def save_checkpoint(
-    run_dir: Path, step: int, modules: dict[str, nn.Module], optimizer: torch.optim.Optimizer, trainer_state: dict
-) -> Path:
-    """Write the checkpoint of `step` atomically; return its folder. Call on the main rank only.
+@dataclass
+class TrainerState:
+    """Everything a run needs to continue as if it had never stopped, saved and restored whole.
+
+    The modules and optimizer are the live objects (their state is read at save time and loaded
+    in place at resume); the counters are plain values train.py advances. EMA and LoRA state
+    join here as fields, so train.py never packs a checkpoint by hand.
+    """
+
+    modules: dict[str, nn.Module]  # the trainable modules; frozen ones are never saved
+    optimizer: torch.optim.Optimizer
+    lr_schedule: torch.optim.lr_scheduler.LRScheduler
+    scaler: torch.amp.GradScaler
+    setup: dict  # what a resumed run must match: architecture, trained modules
+    step: int = 0  # optimizer steps done
+    cursor: Cursor = field(default_factory=Cursor)  # this rank's place in the data
+    nonfinite_run: int = 0  # consecutive non-finite losses so far
+
+    def counters(self, rng: list[dict]) -> dict:
+        """trainer.pt: numbers and tensors only (read back with weights_only=True)."""
+        return {
+            "step": self.step, "epoch": self.cursor.epoch, "position": self.cursor.position,
+            "nonfinite_run": self.nonfinite_run, "lr_schedule": self.lr_schedule.state_dict(),
+            "scaler": self.scaler.state_dict(), "rng": rng, "setup": self.setup,
+        }
+
+
+def save_checkpoint(run_dir: Path, state: TrainerState, rng: list[dict]) -> Path:
+    """Write `state` (and every rank's RNG states, `rng`) as the checkpoint of its step,
+    atomically; return its folder. Call on the main rank only.
 
     On any failure (disk full, permissions) the partial folder is removed, earlier
     checkpoints are untouched, and a CheckpointError says what happened.
     """
-    final = checkpoint_dir(run_dir, step)
-    tmp = final.with_name(final.name + ".tmp")
+    final = checkpoint_dir(run_dir, state.step)
     try:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        for name, module in modules.items():
-            state = {k: v.detach().contiguous().cpu() for k, v in module.state_dict().items()}
-            save_file(state, tmp / f"{name}.safetensors")
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-        torch.save(trainer_state, tmp / "trainer.pt")
-        if final.exists():  # a rerun of the same step: replace it only now that the new one is whole
-            shutil.rmtree(final)
-        tmp.rename(final)
+        # The temporary name is step-N.tmp: list_checkpoints recognises an interrupted write by it.
+        with atomic_folder(final, replace=True, temporary=final.with_name(final.name + ".tmp")) as folder:
+            for name, module in state.modules.items():
+                tensors = {k: v.detach().contiguous().cpu() for k, v in module.state_dict().items()}
+                save_file(tensors, folder / f"{name}.safetensors")
+            torch.save(state.optimizer.state_dict(), folder / "optimizer.pt")
+            torch.save(state.counters(rng), folder / "trainer.pt")
     except OSError as error:
-        shutil.rmtree(tmp, ignore_errors=True)
         raise CheckpointError(
             f"could not write checkpoint {final} ({error.strerror or error}); the previous checkpoint is intact — "
             "free disk space or fix permissions, then resume with run.resume=latest"
@@ -114,22 +139,26 @@ def resolve_resume(run_dir: Path, resume: str) -> Path | None:
     return path
 
 
-def load_checkpoint(
-    path: Path, modules: dict[str, nn.Module], optimizer: torch.optim.Optimizer, expected: dict
-) -> dict:
-    """Load weights and optimizer state in place; return the trainer state.
+def load_checkpoint(path: Path, state: TrainerState, rank: int) -> None:
+    """Restore `state` in place from the checkpoint folder `path`, and this rank's RNG states.
 
-    `expected` holds what must match the current run (architecture, trainable modules);
-    a mismatch is refused with both values named.
+    The checkpoint's setup must equal `state.setup` (architecture, trainable modules); a
+    mismatch is refused with both values named, before anything is loaded.
     """
-    trainer_state = torch.load(path / "trainer.pt", weights_only=True)
-    for key, value in expected.items():
-        if trainer_state["setup"].get(key) != value:
+    saved = torch.load(path / "trainer.pt", weights_only=True)
+    for key, value in state.setup.items():
+        if saved["setup"].get(key) != value:
             raise CheckpointError(
-                f"{path} was written with {key}={trainer_state['setup'].get(key)!r} but this run has {key}={value!r}; "
+                f"{path} was written with {key}={saved['setup'].get(key)!r} but this run has {key}={value!r}; "
                 "resume with the same setup or start a new run.output_dir"
             )
-    for name, module in modules.items():
+    for name, module in state.modules.items():
         module.load_state_dict(load_file(path / f"{name}.safetensors", device=str(next(module.parameters()).device)))
-    optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
-    return trainer_state
+    state.optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
+    state.lr_schedule.load_state_dict(saved["lr_schedule"])
+    state.scaler.load_state_dict(saved["scaler"])
+    state.step, state.nonfinite_run = saved["step"], saved["nonfinite_run"]
+    state.cursor = Cursor(saved["epoch"], saved["position"])
+    # A run resumed on more ranks than it was saved with gives the new ranks rank 0's states.
+    rng = saved["rng"]
+    restore_rng(rng[rank] if rank < len(rng) else rng[0])

@@ -5,33 +5,38 @@ names the closest valid key, so a typo never silently trains with a default.
 """
 
 import dataclasses
-import difflib
-import types
 import typing
 from pathlib import Path
 
 import yaml
 
-from minidream.config import TrainConfig
+from minidream.config import (
+    ARCHITECTURES,
+    PRECISIONS,
+    SAMPLERS,
+    ConfigError,
+    TrainConfig,
+    coerce,
+    from_dict,
+    members,
+    suggestion,
+    to_dict,
+)
 from minidream.files import atomic_file
-
-
-class ConfigError(ValueError):
-    """A config file or override that does not fit the dataclasses."""
-
 
 # Keys whose value is one of a few names: checked once the config is complete.
 CHOICES = {
-    "model.architecture": ("sd15", "tiny"),
-    "data.class_sampler": ("ddim", "ddpm", "euler-a", "dpmpp-2m"),
+    "model.architecture": tuple(ARCHITECTURES),
+    "data.class_sampler": SAMPLERS,
     "train.lr_schedule": ("constant", "linear", "cosine"),
-    "train.mixed_precision": ("no", "fp16", "bf16"),
+    "train.mixed_precision": ("no", *PRECISIONS[1:]),  # "no" = fp32 weights and no autocast
     "train.device": ("auto", "cpu", "cuda"),
-    "run.export_dtype": ("fp16", "fp32"),
+    "run.export_dtype": PRECISIONS[:2],  # fp16 or fp32 files, as SD releases are
 }
+EXAMPLE_SUBJECT_DIR = "example-subject"  # inside run.output_dir: never a folder the user named
 # Counts and intervals: zero or less would divide by zero or train nothing.
 POSITIVE = (
-    "train.max_steps", "train.batch_size", "train.gradient_accumulation_steps", "train.max_nonfinite_steps",
+    "model.clip_skip", "train.max_steps", "train.batch_size", "train.gradient_accumulation_steps", "train.max_nonfinite_steps",
     "checkpoint.every_n_steps", "checkpoint.keep_last", "run.log_every_n_steps", "validation.every_n_steps",
 )
 
@@ -51,7 +56,23 @@ def load_train_config(path: str | Path | None, overrides: list[str]) -> TrainCon
     for override in overrides:
         config = apply_override(config, override)
     check_values(config)
-    return config
+    return with_instance_dir(config)
+
+
+def with_instance_dir(config: TrainConfig) -> TrainConfig:
+    """Decide where the subject's images come from, once, so config.yaml records it.
+
+    Photos the user names (`data.instance_dir`) always win: the drawn example subject is then
+    off, so it is never written into, or mixed with, the user's folder. Without them the
+    example subject (the embedded default) is drawn into its own folder in the run directory.
+    """
+    data = config.data
+    own_folder = str(Path(config.run.output_dir) / EXAMPLE_SUBJECT_DIR)
+    if data.example_subject and data.instance_dir in ("", own_folder):  # own_folder: a config.yaml read back
+        return dataclasses.replace(config, data=dataclasses.replace(data, instance_dir=own_folder))
+    if data.instance_dir:
+        return dataclasses.replace(config, data=dataclasses.replace(data, example_subject=False))
+    return config  # neither: the data check names the missing folder before any model loads
 
 
 def check_values(config: TrainConfig) -> None:
@@ -63,23 +84,11 @@ def check_values(config: TrainConfig) -> None:
     for dotted, allowed in CHOICES.items():
         if value(dotted) not in allowed:
             raise ConfigError(f"{dotted}={value(dotted)!r} is not one of {', '.join(allowed)}")
+    if not 0 <= config.validation.guidance_rescale <= 1:
+        raise ConfigError(f"validation.guidance_rescale must be in [0, 1], got {config.validation.guidance_rescale}")
     for dotted in POSITIVE:
         if value(dotted) < 1:
             raise ConfigError(f"{dotted} must be at least 1, got {value(dotted)}")
-
-
-def from_dict(cls: type, data: dict, where: str):
-    """Build dataclass `cls` from a (nested) mapping, checking every key and type."""
-    if not isinstance(data, dict):
-        raise ConfigError(f"{where}: expected a mapping, got {data!r}")
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    hints = typing.get_type_hints(cls)
-    values = {}
-    for key, value in data.items():
-        if key not in fields:
-            raise ConfigError(f"{where}: unknown key {key!r}{_suggestion(key, fields)}")
-        values[key] = _coerce(value, hints[key], f"{where}: {key}")
-    return cls(**values)
 
 
 def apply_override(config, override: str):
@@ -88,19 +97,6 @@ def apply_override(config, override: str):
     if not sep or not dotted:
         raise ConfigError(f"override {override!r} is not of the form section.key=value")
     return _replace_path(config, dotted.split("."), raw, dotted)
-
-
-def to_dict(config) -> dict:
-    """Plain nested dict (tuples as lists) for writing YAML."""
-    out = {}
-    for f in dataclasses.fields(config):
-        value = getattr(config, f.name)
-        if dataclasses.is_dataclass(value):
-            value = to_dict(value)
-        elif isinstance(value, tuple):
-            value = list(value)
-        out[f.name] = value
-    return out
 
 
 def save_config(config, path: str | Path) -> None:
@@ -113,7 +109,7 @@ def _replace_path(config, keys: list[str], raw: str, dotted: str):
     fields = {f.name for f in dataclasses.fields(config)}
     key = keys[0]
     if key not in fields:
-        raise ConfigError(f"override {dotted!r}: unknown key {key!r}{_suggestion(key, fields)}")
+        raise ConfigError(f"override {dotted!r}: unknown key {key!r}{suggestion(key, fields)}")
     current = getattr(config, key)
     if len(keys) > 1:
         if not dataclasses.is_dataclass(current):
@@ -123,53 +119,6 @@ def _replace_path(config, keys: list[str], raw: str, dotted: str):
         raise ConfigError(f"override {dotted!r}: {key!r} is a section; set one of its keys, e.g. {key}.<key>=...")
     hint = typing.get_type_hints(type(config))[key]
     value = yaml.safe_load(raw) if raw.strip() else None
-    if str in _members(hint) and not isinstance(value, str) and value is not None:
+    if str in members(hint) and not isinstance(value, str) and value is not None:
         value = raw  # a prompt like "1984" stays the text the user typed
-    return dataclasses.replace(config, **{key: _coerce(value, hint, f"override {dotted}")})
-
-
-def _members(hint) -> tuple:
-    """The alternatives of a `X | Y` annotation, or (hint,) for a plain one."""
-    return typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
-
-
-def _coerce(value, hint, where: str):
-    if dataclasses.is_dataclass(hint):
-        return from_dict(hint, value, where)
-    members = _members(hint)
-    if value is None:
-        if type(None) in members:
-            return None
-        raise ConfigError(f"{where}: must not be empty")
-    for member in members:
-        if member is bool and isinstance(value, bool):
-            return value
-        if member is int and isinstance(value, int) and not isinstance(value, bool):
-            return value
-        if member is float and isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if member is float and isinstance(value, str):
-            try:  # YAML 1.1 reads "1e-6" (no dot) as a string
-                return float(value)
-            except ValueError:
-                pass
-        if member is str and isinstance(value, str):
-            return value
-        if typing.get_origin(member) is tuple and isinstance(value, list):
-            (item,) = {a for a in typing.get_args(member) if a is not Ellipsis}
-            return tuple(_coerce(v, item, f"{where}[{i}]") for i, v in enumerate(value))
-    expected = " or ".join(_type_name(m) for m in members)
-    quote = " (YAML reads yes/no/on/off as booleans: quote the word, e.g. \"no\")" if isinstance(value, bool) else ""
-    raise ConfigError(f"{where}: expected {expected}, got {value!r}{quote}")
-
-
-def _type_name(hint) -> str:
-    if typing.get_origin(hint) is tuple:
-        return "a list"
-    return "null" if hint is type(None) else hint.__name__
-
-
-def _suggestion(key: str, valid) -> str:
-    close = difflib.get_close_matches(key, list(valid), n=1)
-    hint = f"; did you mean {close[0]!r}?" if close else ""
-    return f"{hint} (valid: {', '.join(sorted(valid))})"
+    return dataclasses.replace(config, **{key: coerce(value, hint, f"override {dotted}")})

@@ -10,6 +10,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from minidream.files import atomic_file
+from minidream.training.data import DataError, find_images
 
 
 def draw_example_subject(index: int, size: int) -> Image.Image:
@@ -31,9 +32,17 @@ def draw_example_subject(index: int, size: int) -> Image.Image:
 
 
 def write_example_subject(folder: Path, count: int, size: int) -> list[Path]:
-    """Draw `count` shots of the example subject into `folder` (skipping files already there)."""
+    """Draw `count` shots of the example subject into `folder` (skipping files already there).
+
+    A folder that holds any other image is refused: it is someone's photos, and the drawn
+    subject must never be mixed into them.
+    """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
+    names = {f"subject-{index:02d}.png" for index in range(count)}
+    others = [p.name for p in find_images(folder, "instance") if p.name not in names]
+    if others:
+        raise DataError(f"{folder} holds other images ({', '.join(others[:3])}); not drawing the example subject there")
     paths = []
     for index in range(count):
         path = folder / f"subject-{index:02d}.png"
