@@ -6,10 +6,10 @@ import io
 import pytest
 import torch
 from diffusers.training_utils import EMAModel
+from host_reads import HostReads
 from hypothesis import given
 from hypothesis import strategies as st
 from torch import nn
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from minidream.training.ema import EMA, ema_decay
 
@@ -96,19 +96,6 @@ def test_a_skipped_update_leaves_the_ema_bit_identical():
     ema.update(torch.tensor(False))
     reference.update()
     assert all(bits_equal(a, b) for a, b in zip(ema.shadow, reference.shadow))
-
-
-class HostReads(TorchDispatchMode):
-    """Counts reads of a tensor's value on the host (aten._local_scalar_dense): each is a GPU sync."""
-
-    def __init__(self):
-        super().__init__()
-        self.count = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func is torch.ops.aten._local_scalar_dense.default:
-            self.count += 1
-        return func(*args, **(kwargs or {}))
 
 
 def test_update_never_reads_a_value_on_the_host():
