@@ -117,6 +117,9 @@ class ModelSection:
     weights: str | None = None  # checkpoint file or folder; None = random init (tiny runs, tests)
     use_ema: bool = False  # take model_ema.* weights from single files that carry them
     clip_skip: int = 1  # text-encoder layer the UNet reads: 1 = last, 2 = penultimate (+ final norm), as UIs offer
+    # Lin et al. 2024: rescale the betas so the last step is pure noise (alpha_bar_T = 0); pair it with
+    # v-prediction, "trailing" timestep spacing and guidance rescale (diffusion/schedule.rescale_zero_terminal_snr)
+    zero_terminal_snr: bool = False
 
 
 @dataclass(frozen=True)
@@ -160,6 +163,20 @@ class TrainSection:
     compile: bool = False  # torch.compile the UNet (one graph, no breaks: fullgraph=True)
     device: str = "auto"  # "auto" (this rank's GPU if any, else CPU) | "cpu" | "cuda"
     max_nonfinite_steps: int = 5  # stop after this many consecutive non-finite losses
+    # The training recipe (diffusion/loss_weighting.py); every option is off by default.
+    snr_gamma: float | None = None  # min-SNR-gamma loss weighting (Hang et al. 2023), e.g. 5; None = off
+    noise_offset: float = 0.0  # offset noise (Guttenberg 2023), e.g. 0.05; 0 = off
+    input_perturbation: float = 0.0  # input perturbation (Ning et al. 2023), e.g. 0.1; 0 = off
+    loss: str = "mse"  # "mse" | "huber" (pseudo-Huber) | "smooth_l1"
+    huber_c: float = 0.1  # the Huber / smooth-L1 parameter c (at the most noisy step, when scheduled)
+    huber_schedule: str = "snr"  # "snr" | "exponential" | "constant": c over timesteps (kohya's scheduled pseudo-Huber)
+    min_timestep: int = 0  # training timesteps are drawn uniformly from [min_timestep, max_timestep)
+    max_timestep: int | None = None  # None = num_train_timesteps
+    ema_decay: float | None = None  # keep an EMA of the trained weights, e.g. 0.9999; None = off
+    ema_warmup: bool = True  # decay min(ema_decay, (1 + n) / (10 + n)) after n updates
+    ema_every: int = 1  # update the EMA every this many optimizer steps
+    optimizer: str = "adamw"  # "adamw" (fused) | "adamw8bit" (needs bitsandbytes)
+    fused_backward: bool = False  # step each weight inside backward and free its gradient (one process, no clipping/accumulation)
 
 
 @dataclass(frozen=True)
@@ -175,6 +192,7 @@ class RunSection:
     tensorboard: bool = False
     log_every_n_steps: int = 10  # how often the host reads losses back from the GPU (metrics keep every step)
     export_dtype: str = "fp16"  # dtype of the exported model.safetensors: "fp16" | "fp32"
+    export_ema: str = "ema"  # with train.ema_decay: "ema" (EMA weights as the model) | "raw" | "both" (+ model_ema.*)
 
 
 @dataclass(frozen=True)

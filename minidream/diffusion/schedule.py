@@ -235,3 +235,22 @@ def next_in_sequence(timesteps: torch.Tensor) -> torch.Tensor:
 def check_prediction_type(prediction_type: str) -> None:
     if prediction_type not in PREDICTION_TYPES:
         raise ValueError(f"unknown prediction type {prediction_type!r}; choose one of {', '.join(PREDICTION_TYPES)}")
+
+
+def rescale_zero_terminal_snr(betas: torch.Tensor) -> torch.Tensor:
+    """Betas rescaled so the last timestep has zero SNR (alpha_bar_T = 0 exactly), the first unchanged.
+
+    Lin et al. 2024, "Common Diffusion Noise Schedules and Sample Steps are Flawed", Algorithm 1:
+    shift sqrt(alpha_bar) so its last value is 0, scale it so its first value is what it was,
+    then turn it back into betas. SD's schedule otherwise leaves alpha_bar_T = 0.0047, so the model
+    never sees pure noise in training yet starts from it at sampling. The paper pairs it with
+    v-prediction (epsilon cannot be predicted from pure noise: predict_x0 divides by
+    sqrt(alpha_bar_T) = 0), "trailing" spacing (`inference_timesteps`) and guidance rescale.
+    Computed in the betas' dtype; returns the same shape and dtype.
+    """
+    root = alphas_cumprod(betas).sqrt()
+    first, last = root[0].clone(), root[-1].clone()
+    root = (root - last) * (first / (first - last))  # root[-1] becomes 0, root[0] stays `first`
+    alpha_bar = root**2
+    alphas = torch.cat([alpha_bar[:1], alpha_bar[1:] / alpha_bar[:-1]])  # undo the cumulative product
+    return 1 - alphas

@@ -1,0 +1,100 @@
+"""The training recipe of one step, composed from diffusion/loss_weighting.py: what train.py calls.
+
+    recipe = Recipe.from_config(cfg.train, pipe.config.schedule)
+    noise, input_noise, t = draw_noise(latents.shape[1:], generators, recipe)      # on the host
+    ... to the device ...
+    noisy, target = noisy_latents_and_target(latents, noise, input_noise, t, alphas_cumprod, recipe)
+    loss, loss_instance, loss_prior = recipe_loss(prediction, target, t, alphas_cumprod, recipe, n_instance, prior_loss_weight)
+
+With every option off, the draws and the loss are exactly those of training.step's
+noise_and_timesteps, noisy_latents and dreambooth_loss.
+"""
+
+from dataclasses import dataclass
+
+import torch
+
+from minidream.config import ScheduleConfig, TrainSection
+from minidream.diffusion import loss_weighting, schedule
+from minidream.training.step import dreambooth_loss
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """The train.* recipe keys, with max_timestep resolved and the schedule's prediction type."""
+
+    prediction_type: str
+    min_timestep: int
+    max_timestep: int
+    num_train_timesteps: int
+    noise_offset: float = 0.0
+    input_perturbation: float = 0.0
+    snr_gamma: float | None = None
+    loss: str = "mse"
+    huber_c: float = 0.1
+    huber_schedule: str = "snr"
+
+    @classmethod
+    def from_config(cls, train: TrainSection, sched: ScheduleConfig) -> "Recipe":
+        return cls(
+            prediction_type=sched.prediction_type,
+            min_timestep=train.min_timestep,
+            max_timestep=sched.num_train_timesteps if train.max_timestep is None else train.max_timestep,
+            num_train_timesteps=sched.num_train_timesteps,
+            noise_offset=train.noise_offset,
+            input_perturbation=train.input_perturbation,
+            snr_gamma=train.snr_gamma,
+            loss=train.loss,
+            huber_c=train.huber_c,
+            huber_schedule=train.huber_schedule,
+        )
+
+
+def draw_noise(
+    latent_shape: tuple[int, ...], generators: list[torch.Generator], recipe: Recipe
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Each sample's draws from its own generator, in the order timestep, noise, offset, perturbation.
+
+    Returns (noise: the target's noise, B x latent_shape; input_noise: the noise that makes x_t,
+    the same tensor unless input perturbation is on; t: B timesteps). Host tensors.
+    """
+    t = loss_weighting.sample_timesteps(generators, recipe.min_timestep, recipe.max_timestep)
+    noise = torch.cat([torch.randn((1, *latent_shape), generator=g) for g in generators])
+    noise = loss_weighting.offset_noise(noise, generators, recipe.noise_offset)
+    return noise, loss_weighting.perturbed_noise(noise, generators, recipe.input_perturbation), t
+
+
+def noisy_latents_and_target(
+    latents: torch.Tensor, noise: torch.Tensor, input_noise: torch.Tensor, t: torch.Tensor,
+    alphas_cumprod: torch.Tensor, recipe: Recipe,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """x_t from `input_noise` (Ho et al. eq. 4) and the UNet's target from `noise` (Ning et al. 2023)."""
+    alpha_bar = schedule.alpha_bar_at(alphas_cumprod, t, latents)
+    target = schedule.training_target(latents, noise, alpha_bar, recipe.prediction_type)
+    return schedule.add_noise(latents, input_noise, alpha_bar), target
+
+
+def recipe_loss(
+    prediction: torch.Tensor, target: torch.Tensor, t: torch.Tensor, alphas_cumprod: torch.Tensor, recipe: Recipe,
+    num_instance: int, prior_loss_weight: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The DreamBooth loss (Ruiz et al. 2023 eq. 2) with the recipe's loss and per-sample weights.
+
+    Each sample's loss is weighted first (min-SNR-gamma), then the instance samples (the first
+    num_instance) and the class samples are averaged apart: (total, instance, prior; prior 0
+    without class samples). fp32; no host reads.
+    """
+    if recipe.loss == "mse" and recipe.snr_gamma is None:
+        return dreambooth_loss(prediction, target, num_instance, prior_loss_weight)  # the plain recipe, unchanged
+    huber_c = None
+    if recipe.loss != "mse":
+        huber_c = loss_weighting.huber_c_schedule(recipe.huber_schedule, recipe.huber_c, t, alphas_cumprod, recipe.num_train_timesteps)
+    per_sample = loss_weighting.per_sample_loss(prediction, target, recipe.loss, huber_c)
+    if recipe.snr_gamma is not None:
+        snr_t = loss_weighting.snr(alphas_cumprod, t)
+        per_sample = per_sample * loss_weighting.min_snr_weights(snr_t, recipe.snr_gamma, recipe.prediction_type).to(per_sample.device)
+    loss_instance = per_sample[:num_instance].mean()
+    if num_instance == per_sample.shape[0]:
+        return loss_instance, loss_instance, torch.zeros((), device=per_sample.device)
+    loss_prior = per_sample[num_instance:].mean()
+    return loss_instance + prior_loss_weight * loss_prior, loss_instance, loss_prior
