@@ -35,16 +35,18 @@ KOHYA_PREFIXES = {"unet": "lora_unet_", "text_encoder": "lora_te_"}
 DIFFUSERS_PREFIXES = {"unet": "unet.", "text_encoder": "text_encoder."}
 MODEL_FAMILIES = {768: "SD 1.x", 1024: "SD 2.x", 2048: "SDXL"}  # by cross-attention width (the text encoding's)
 TEXT_FAMILIES = {768: "SD 1.x", 1024: "SD 2.x", 1280: "SDXL"}  # by text-encoder width
-# Keys of adapter kinds that are not LoRA, and the one line that names them.
+# Keys of adapter kinds that are not LoRA, or not for SD 1.x, and the one line that names them.
+NOT_LORA = "minidream reads plain LoRA files (lora_down/lora_up or lora_A/lora_B)"
+NOT_SD1 = "minidream applies LoRAs to Stable Diffusion 1.x models"
 OTHER_KINDS = [
-    ("hada_", "a LoHa (LyCORIS) file"),
-    ("lokr_", "a LoKr (LyCORIS) file"),
-    ("dora_scale", "a DoRA file (LoRA with a learned magnitude, dora_scale keys)"),
-    ("lora_magnitude_vector", "a DoRA file (LoRA with a learned magnitude, lora_magnitude_vector keys)"),
-    ("lora_mid", "a LyCORIS LoCon with Tucker-decomposed convs (lora_mid keys)"),
-    ("lora_te1_", "an SDXL LoRA (lora_te1_/lora_te2_ keys: two text encoders)"),
-    ("lora_te2_", "an SDXL LoRA (lora_te1_/lora_te2_ keys: two text encoders)"),
-    ("text_encoder_2.", "an SDXL LoRA (text_encoder_2 keys: two text encoders)"),
+    ("hada_", f"a LoHa (LyCORIS) file; {NOT_LORA}"),
+    ("lokr_", f"a LoKr (LyCORIS) file; {NOT_LORA}"),
+    ("dora_scale", f"a DoRA file (dora_scale keys: a learned magnitude); {NOT_LORA}"),
+    ("lora_magnitude_vector", f"a DoRA file (lora_magnitude_vector keys: a learned magnitude); {NOT_LORA}"),
+    ("lora_mid", f"a LyCORIS LoCon with Tucker-decomposed convs (lora_mid keys); {NOT_LORA}"),
+    ("lora_te1_", f"an SDXL LoRA (lora_te1_/lora_te2_ keys: two text encoders); {NOT_SD1}"),
+    ("lora_te2_", f"an SDXL LoRA (lora_te1_/lora_te2_ keys: two text encoders); {NOT_SD1}"),
+    ("text_encoder_2.", f"an SDXL LoRA (text_encoder_2 keys: two text encoders); {NOT_SD1}"),
 ]
 
 
@@ -183,7 +185,7 @@ def read_lora_file(path: str | Path, cfg: ModelConfig = SD15) -> LoRAFile:
     tensors, metadata = read_tensor_file(path)
     for marker, what in OTHER_KINDS:
         if any(marker in key for key in tensors):
-            raise WeightsError(f"{path}: this is {what}; minidream reads LoRA files (lora_down/lora_up, lora_A/lora_B)")
+            raise WeightsError(f"{path}: this is {what}")
     if any(key.startswith(tuple(KOHYA_PREFIXES.values())) for key in tensors):
         parts = _parse_kohya(path, tensors, cfg)
     elif any(".lora" in key or "_lora." in key for key in tensors):
@@ -239,8 +241,10 @@ def _parse_diffusers(
     path: Path, tensors: dict[str, torch.Tensor], cfg: ModelConfig, alphas: dict[str, "_PeftAlpha"]
 ) -> dict[str, dict[str, Adapter]]:
     layers = model_layers(cfg)
-    table = {(part, layer.diffusers): (part, layer.minidream) for part, part_layers in layers.items()
-             for layer in part_layers}
+    # transformers 5 names CLIPTextModel's modules without `text_model.`; PEFT files written with
+    # it say `text_encoder.encoder.layers...`, older ones `text_encoder.text_model.encoder.layers...`.
+    table = {(part, module): (part, layer.minidream) for part, part_layers in layers.items()
+             for layer in part_layers for module in {layer.diffusers, layer.diffusers.removeprefix("text_model.")}}
     found, unknown = {}, []
     for key, tensor in tensors.items():
         part, name = _diffusers_part(key.removeprefix("base_model.model."))
@@ -267,7 +271,7 @@ def _diffusers_part(key: str) -> tuple[str, str]:
     for part, prefix in DIFFUSERS_PREFIXES.items():
         if key.startswith(prefix):
             return part, key.removeprefix(prefix)
-    return ("text_encoder" if key.startswith("text_model.") else "unet"), key
+    return ("text_encoder" if key.startswith(("text_model.", "encoder.layers.")) else "unet"), key
 
 
 def _split_role(key: str, roles: dict[str, str]) -> tuple[str, str | None]:
@@ -321,7 +325,7 @@ def _adapters(
     parts = {"unet": {}, "text_encoder": {}}
     for (part, name), roles in found.items():
         if "down" not in roles or "up" not in roles:
-            present = next(iter(roles.values()))[0]
+            present = (roles.get("down") or roles.get("up") or roles["alpha"])[0]
             missing += [f"{present} has no {role}" for role in ("down", "up") if role not in roles]
             continue
         (down_key, down), (up_key, up) = roles["down"], roles["up"]
