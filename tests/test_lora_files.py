@@ -25,17 +25,21 @@ from test_clip import build_pair
 from test_lora import adapted_with_random_up
 from transformers import CLIPTokenizer as TransformersCLIPTokenizer
 
-from minidream.config import TINY, ModelConfig
+from minidream.config import TINY, ModelConfig, TrainConfig
 from minidream.io.diffusers_layout import unet_config_to_diffusers, unet_from_diffusers, vae_config_to_diffusers
 from minidream.io.lora_files import (
     LoRAFile,
     apply_lora_file,
     convert_lora_file,
+    kohya_settings,
+    lora_argument,
+    lora_merged,
     read_lora_file,
     save_lora,
     write_lora_file,
 )
 from minidream.io.tensor_files import WeightsError
+from minidream.io.weights import load_pipeline, save_pipeline
 from minidream.models import lora
 from minidream.models.pipeline import Pipeline, random_pipeline
 from minidream.models.tokenizer import CLIPTokenizer
@@ -171,6 +175,15 @@ def test_kohya_file_layout_dtype_and_metadata(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["lora.safetensors"]  # no temporary left behind
 
 
+def test_kohya_settings_record_the_run_config_as_strings(tmp_path):
+    settings = kohya_settings(TrainConfig(), num_instance_images=5, num_class_images=200)
+    assert settings["ss_learning_rate"] == "2e-06" and settings["ss_max_train_steps"] == "800"
+    assert settings["ss_resolution"] == "(512, 512)" and settings["ss_num_reg_images"] == "200"
+    donor = adapt(random_pipeline(TINY))
+    save_lora(tmp_path / "lora.safetensors", donor.unet, settings=settings)  # all str -> str: accepted
+    assert settings.items() <= read_lora_file(tmp_path / "lora.safetensors", TINY).metadata.items()
+
+
 def test_writing_refuses_bad_names_formats_and_metadata(tmp_path):
     donor = adapt(random_pipeline(TINY))
     with pytest.raises(WeightsError, match="must be named"):
@@ -282,6 +295,52 @@ def test_kohya_file_with_ldm_names_reads_as_the_diffusers_named_one(pair, tmp_pa
     lora.remove_lora(ours.text_encoder)
     apply_lora_file(ours, path)
     assert_close(outputs(ours), expected)
+
+
+def test_lora_merged_is_diffusers_fused_file_and_restores_every_bit(pair, tmp_path):
+    """Validation grids from the exported file merged as UIs merge it, while training's live
+    adapters are off; afterwards the base weights and the live model are exactly as before."""
+    reference, ours = pair
+    adapt(ours)
+    path = tmp_path / "lora.safetensors"
+    save_lora(path, ours.unet, ours.text_encoder)  # fp16, as exported after training
+    before = {key: value.clone() for key, value in lora.base_state_dict(ours.unet).items()}
+    live = outputs(ours)
+    reference.load_lora_weights(str(path))
+    reference.fuse_lora()  # diffusers folds the file into the weights, as UIs do
+    with lora_merged(ours, read_lora_file(path, TINY)):
+        assert_close(outputs(ours), outputs(reference))
+    after = lora.base_state_dict(ours.unet)
+    assert all(torch.equal(after[key], value) for key, value in before.items())
+    assert all(torch.equal(a, b) for a, b in zip(outputs(ours), live))
+
+
+def test_apply_lora_file_merges_into_a_loaded_fp16_checkpoint(tmp_path):
+    """What load_pipeline(loras=...) will do: merge into the memory-mapped weights of a loaded
+    single file, in fp32, rounded once to fp16, at the given strength; the file stays as it was."""
+    pipe = random_pipeline(TINY)
+    save_pipeline(pipe, tmp_path / "model.safetensors")
+    donor = adapt(random_pipeline(TINY))
+    save_lora(tmp_path / "lora.safetensors", donor.unet, donor.text_encoder)
+    loaded = load_pipeline(tmp_path / "model.safetensors")
+    apply_lora_file(loaded, tmp_path / "lora.safetensors", scale=0.5)
+    expected = load_pipeline(tmp_path / "model.safetensors", dtype=torch.float32)
+    read = read_lora_file(tmp_path / "lora.safetensors", TINY)
+    for name, adapter in read.unet.items():
+        weight = expected.unet.get_submodule(name).weight
+        delta = lora.weight_delta(adapter.down, adapter.up, 0.5 * adapter.alpha / adapter.rank)
+        merged = loaded.unet.get_submodule(name).weight
+        assert merged.dtype == torch.float16
+        assert torch.equal(merged, (weight + delta).half()), name
+    fresh = load_pipeline(tmp_path / "model.safetensors").unet.get_submodule(name).weight  # the file is untouched
+    assert torch.equal(fresh, expected.unet.get_submodule(name).weight.half())
+
+
+def test_lora_argument_splits_an_optional_scale():
+    assert lora_argument("loras/sks.safetensors") == (Path("loras/sks.safetensors"), 1.0)
+    assert lora_argument("loras/sks.safetensors:0.7") == (Path("loras/sks.safetensors"), 0.7)
+    assert lora_argument("C:/loras/sks.safetensors") == (Path("C:/loras/sks.safetensors"), 1.0)
+    assert lora_argument("C:/loras/sks.safetensors:-1") == (Path("C:/loras/sks.safetensors"), -1.0)
 
 
 # ---- converting between the layouts ---------------------------------------------------------------

@@ -14,19 +14,21 @@ minidream writes diffusers files with alpha/rank folded into lora_B, so every re
 layout, with or without the metadata, applies the same change as the kohya file.
 """
 
+import contextlib
 import json
 import re
+from collections.abc import Iterator
 from pathlib import Path
 from typing import NamedTuple
 
 import torch
 from torch import nn
 
-from minidream.config import SD15, ModelConfig, UNetConfig
+from minidream.config import SD15, ModelConfig, TrainConfig, UNetConfig
 from minidream.io.diffusers_layout import tensor_names, unet_renames
 from minidream.io.tensor_files import WeightsError, mismatch, read_tensor_file, write_safetensors
 from minidream.models.clip import CLIPTextModel
-from minidream.models.lora import Adapter, adapters_of, lora_scale, weight_delta
+from minidream.models.lora import Adapter, adapters_of, adapters_off, lora_scale, weight_delta
 from minidream.models.pipeline import Pipeline
 from minidream.models.unet import UNet
 
@@ -169,6 +171,34 @@ def kohya_metadata(lora: LoRAFile, cfg: ModelConfig) -> dict[str, str]:
     return metadata
 
 
+def kohya_settings(cfg: TrainConfig, num_instance_images: int, num_class_images: int) -> dict[str, str]:
+    """The training settings kohya's train_network.py records (`ss_*`), from a minidream run config,
+    for `save_lora(settings=...)`; UIs show them in their LoRA info panels."""
+    train = cfg.train
+    return {
+        "ss_sd_model_name": Path(cfg.model.weights).name if cfg.model.weights else cfg.model.architecture,
+        "ss_resolution": f"({cfg.data.resolution}, {cfg.data.resolution})",
+        "ss_num_train_images": str(num_instance_images),
+        "ss_num_reg_images": str(num_class_images),
+        "ss_prior_loss_weight": str(train.prior_loss_weight),
+        "ss_learning_rate": str(train.lr),
+        "ss_unet_lr": str(train.lr),
+        "ss_text_encoder_lr": str(train.text_encoder_lr if train.text_encoder_lr is not None else train.lr),
+        "ss_lr_scheduler": train.lr_schedule,
+        "ss_lr_warmup_steps": str(train.warmup_steps),
+        "ss_max_train_steps": str(train.max_steps),
+        "ss_batch_size_per_device": str(train.batch_size),
+        "ss_gradient_accumulation_steps": str(train.gradient_accumulation_steps),
+        "ss_gradient_checkpointing": str(train.gradient_checkpointing),
+        "ss_mixed_precision": train.mixed_precision,
+        "ss_max_grad_norm": str(train.max_grad_norm),
+        "ss_optimizer": f"torch.optim.AdamW(weight_decay={train.weight_decay},"
+                        f"betas=({train.adam_beta1}, {train.adam_beta2}),eps={train.adam_eps})",
+        "ss_seed": str(train.seed),
+        "ss_training_comment": f"minidream DreamBooth: {cfg.data.instance_prompt!r}",
+    }
+
+
 def _number(value: float) -> str:
     return str(int(value)) if float(value).is_integer() else str(value)
 
@@ -194,14 +224,6 @@ def read_lora_file(path: str | Path, cfg: ModelConfig = SD15) -> LoRAFile:
         raise WeightsError(
             f"{path}: no LoRA tensors (lora_unet_*/lora_te_* or *.lora_A/lora_B keys); is it a full model?")
     return LoRAFile(parts["unet"], parts["text_encoder"], metadata)
-
-
-class _Found(NamedTuple):
-    """A layer's tensors as the file names them, before checks: key -> tensor per role."""
-
-    down: tuple[str, torch.Tensor] | None
-    up: tuple[str, torch.Tensor] | None
-    alpha: float | None
 
 
 def _parse_kohya(path: Path, tensors: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, dict[str, Adapter]]:
@@ -402,6 +424,34 @@ def merge_lora(pipe: Pipeline, lora: LoRAFile, scale: float = 1.0) -> None:
             down, up = adapter.down.to(weight.device), adapter.up.to(weight.device)
             delta = weight_delta(down, up, scale * lora_scale(adapter.alpha, adapter.rank))
             weight.copy_((weight.float() + delta).to(weight.dtype))
+
+
+@contextlib.contextmanager
+def lora_merged(pipe: Pipeline, lora: LoRAFile, scale: float = 1.0) -> Iterator[Pipeline]:
+    """`pipe` with `lora` merged into its weights as UIs merge it, and any live adapters off, for the
+    block (e.g. to render validation grids from the exported file); afterwards every weight is
+    restored bit for bit from a host copy of the layers the file touches."""
+    layers = [model.get_submodule(name) for model, adapters in ((pipe.unet, lora.unet),
+              (pipe.text_encoder, lora.text_encoder)) for name in adapters]
+    saved = [layer.weight.detach().to("cpu", copy=True) for layer in layers]
+    with adapters_off(pipe.unet), adapters_off(pipe.text_encoder):
+        try:
+            merge_lora(pipe, lora, scale)
+            yield pipe
+        finally:
+            with torch.no_grad():
+                for layer, weight in zip(layers, saved):
+                    layer.weight.copy_(weight)
+
+
+def lora_argument(text: str) -> tuple[Path, float]:
+    """`PATH[:SCALE]` (sample.py --lora, convert --lora) as (path, scale); scale 1 when absent.
+    Only a number after the last colon is a scale, so `C:/loras/x.safetensors` stays a path."""
+    path, _, scale = text.rpartition(":")
+    try:
+        return (Path(path), float(scale)) if path else (Path(text), 1.0)
+    except ValueError:
+        return Path(text), 1.0
 
 
 def apply_lora_file(pipe: Pipeline, path: str | Path, scale: float = 1.0) -> LoRAFile:

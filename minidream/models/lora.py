@@ -15,7 +15,9 @@ input cast to fp32 (autocast, when on, decides the matmul dtype as for any layer
 output is cast to the base output's dtype before the sum.
 """
 
+import contextlib
 import math
+from collections.abc import Iterator
 from typing import NamedTuple
 
 import torch
@@ -65,7 +67,8 @@ class LowRankAdapted:
     alpha: torch.Tensor
     lora_alpha: float
     scale: float
-    merged: bool
+    merged: bool  # folded into `weight`: the forward skips the branch
+    active: bool  # False inside `adapters_off`
 
     def _attach(self, down: nn.Module, up: nn.Module, alpha: float, dropout: float) -> None:
         self.lora_down, self.lora_up = down, up
@@ -77,6 +80,7 @@ class LowRankAdapted:
         self.scale = self.lora_alpha / rank
         self.register_buffer("alpha", torch.tensor(self.lora_alpha, dtype=ADAPTER_DTYPE, device=self.weight.device))
         self.merged = False
+        self.active = True
 
     @property
     def rank(self) -> int:
@@ -84,7 +88,7 @@ class LowRankAdapted:
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = super().forward(x)
-        if self.merged:
+        if self.merged or not self.active:
             return out
         low = self.lora_up(self.lora_down(self.lora_dropout(x.to(self.lora_down.weight.dtype))))
         return out + (self.scale * low).to(out.dtype)
@@ -261,6 +265,19 @@ def merge(model: nn.Module) -> None:
 def unmerge(model: nn.Module) -> None:
     for layer in adapted_layers(model).values():
         layer.unmerge()
+
+
+@contextlib.contextmanager
+def adapters_off(model: nn.Module) -> Iterator[None]:
+    """Run `model` as its base inside the block (e.g. while a LoRA file is merged into the weights)."""
+    layers = list(adapted_layers(model).values())
+    for layer in layers:
+        layer.active = False
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer.active = True
 
 
 def remove_lora(model: nn.Module, merge_first: bool = False) -> None:
