@@ -156,6 +156,7 @@ def test_adapted_layer_equals_peft(kind):
     layer = (lora.LoRAConv2d if isinstance(base, nn.Conv2d) else lora.LoRALinear).around(base, 4, 6.0, 0.0)
     generator = torch.Generator().manual_seed(1)
     with torch.no_grad():
+        assert torch.equal(layer(x), base(x))  # a fresh adapter is zero: the identity
         layer.lora_down.weight.copy_(torch.randn(layer.lora_down.weight.shape, generator=generator))
         layer.lora_up.weight.copy_(torch.randn(layer.lora_up.weight.shape, generator=generator))
         reference[0].lora_A["default"].weight.copy_(layer.lora_down.weight)
@@ -228,6 +229,7 @@ def test_dropout_acts_on_the_adapter_input_in_training_only():
     torch.manual_seed(0)
     base = nn.Linear(16, 16)
     layer = lora.LoRALinear.around(base, 4, 4.0, dropout=1.0)  # p = 1 drops the whole adapter input
+    nn.init.normal_(layer.lora_down.weight)
     nn.init.normal_(layer.lora_up.weight)
     x = torch.randn(5, 16)
     with torch.no_grad():
@@ -238,7 +240,7 @@ def test_dropout_acts_on_the_adapter_input_in_training_only():
 def test_text_encoder_adapters_change_it_and_merge_exactly():
     ours, _ = build_pair(TINY.text_encoder, seed=0)
     adapted_with_random_up(ours, "all", rank=2, alpha=1, seed=4)
-    ids = torch.randint(0, 1000, (2, 77))
+    ids = torch.randint(0, 1000, (2, 77), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         unmerged = ours(ids)
         lora.merge(ours)

@@ -152,7 +152,8 @@ def test_exported_fp16_file_opens_in_minidream_as_in_diffusers(pair, tmp_path, f
 def test_kohya_file_layout_dtype_and_metadata(tmp_path):
     donor = adapt(random_pipeline(TINY))
     path = tmp_path / "lora.safetensors"
-    save_lora(path, donor.unet, donor.text_encoder, settings={"ss_learning_rate": "0.0001", "ss_max_train_steps": "400"})
+    settings = {"ss_learning_rate": "0.0001", "ss_max_train_steps": "400"}
+    save_lora(path, donor.unet, donor.text_encoder, settings=settings)
     with safetensors.safe_open(path, framework="pt") as f:
         metadata, keys = f.metadata(), list(f.keys())
         tensors = {key: f.get_tensor(key) for key in keys}

@@ -67,8 +67,8 @@ def test_sd15_rank4_kohya_file_size_and_keys(models, tmp_path):
     names = lora.add_lora(unet, "transformer", rank=4) + lora.add_lora(text_encoder, "all", rank=4)
     path = tmp_path / "lora.safetensors"
     save_lora(path, unet, text_encoder)
-    shapes = [model.get_submodule(name).weight.shape for model, group in ((unet, names[:192]), (text_encoder, names[192:]))
-              for name in group]
+    groups = ((unet, names[:192]), (text_encoder, names[192:]))
+    shapes = [model.get_submodule(name).weight.shape for model, group in groups for name in group]
     lora.remove_lora(unet)
     lora.remove_lora(text_encoder)
     read = read_lora_file(path, SD15)

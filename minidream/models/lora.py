@@ -71,6 +71,9 @@ class LowRankAdapted:
     active: bool  # False inside `adapters_off`
 
     def _attach(self, down: nn.Module, up: nn.Module, alpha: float, dropout: float) -> None:
+        with torch.no_grad():  # built with to_empty: start from zeros (the identity) until initialised
+            down.weight.zero_()
+            up.weight.zero_()
         self.lora_down, self.lora_up = down, up
         self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         # alpha is saved with the adapter (a kohya file's `.alpha`); the scale is kept as a Python
