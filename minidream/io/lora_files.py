@@ -1,0 +1,473 @@
+"""LoRA files: the kohya/A1111 layout (what ComfyUI and AUTOMATIC1111 map) and the diffusers/PEFT
+layout, both ways, and merging a file into a pipeline's weights.
+
+kohya names a layer by its diffusers module path with every "." as "_" under `lora_unet_` or
+`lora_te_` (`lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q`), with
+`.lora_down.weight`, `.lora_up.weight` and a scalar `.alpha`; some tools write minidream's own
+(LDM) module paths the same way (`lora_unet_input_blocks_1_1_transformer_blocks_0_attn1_to_q`).
+The underscores cannot be turned back into dots by rule (`to_q`, `proj_in`, `transformer_blocks`),
+so names are matched against a table of every Linear/Conv2d of the model written both ways.
+diffusers writes `unet.<diffusers path>.lora_A.weight` / `.lora_B.weight` (older files:
+`.lora.down.weight`, `.processor.to_q_lora.down.weight`, `.lora_linear_layer.down.weight`);
+its files carry no alpha (scale 1) unless `lora_adapter_metadata` gives PEFT's `lora_alpha`.
+minidream writes diffusers files with alpha/rank folded into lora_B, so every reader of that
+layout, with or without the metadata, applies the same change as the kohya file.
+"""
+
+import contextlib
+import json
+import re
+from collections.abc import Iterator
+from pathlib import Path
+from typing import NamedTuple
+
+import torch
+from torch import nn
+
+from minidream.config import SD15, ModelConfig, TrainConfig, UNetConfig
+from minidream.io.diffusers_layout import tensor_names, unet_renames
+from minidream.io.tensor_files import WeightsError, mismatch, read_tensor_file, write_safetensors
+from minidream.models.clip import CLIPTextModel
+from minidream.models.lora import Adapter, adapters_of, adapters_off, lora_scale, weight_delta
+from minidream.models.pipeline import Pipeline
+from minidream.models.unet import UNet
+
+FORMATS = ("kohya", "diffusers")
+KOHYA_PREFIXES = {"unet": "lora_unet_", "text_encoder": "lora_te_"}
+DIFFUSERS_PREFIXES = {"unet": "unet.", "text_encoder": "text_encoder."}
+MODEL_FAMILIES = {768: "SD 1.x", 1024: "SD 2.x", 2048: "SDXL"}  # by cross-attention width (the text encoding's)
+TEXT_FAMILIES = {768: "SD 1.x", 1024: "SD 2.x", 1280: "SDXL"}  # by text-encoder width
+# Keys of adapter kinds that are not LoRA, or not for SD 1.x, and the one line that names them.
+NOT_LORA = "minidream reads plain LoRA files (lora_down/lora_up or lora_A/lora_B)"
+NOT_SD1 = "minidream applies LoRAs to Stable Diffusion 1.x models"
+OTHER_KINDS = [
+    ("hada_", f"a LoHa (LyCORIS) file; {NOT_LORA}"),
+    ("lokr_", f"a LoKr (LyCORIS) file; {NOT_LORA}"),
+    ("dora_scale", f"a DoRA file (dora_scale keys: a learned magnitude); {NOT_LORA}"),
+    ("lora_magnitude_vector", f"a DoRA file (lora_magnitude_vector keys: a learned magnitude); {NOT_LORA}"),
+    ("lora_mid", f"a LyCORIS LoCon with Tucker-decomposed convs (lora_mid keys); {NOT_LORA}"),
+    ("lora_te1_", f"an SDXL LoRA (lora_te1_/lora_te2_ keys: two text encoders); {NOT_SD1}"),
+    ("lora_te2_", f"an SDXL LoRA (lora_te1_/lora_te2_ keys: two text encoders); {NOT_SD1}"),
+    ("text_encoder_2.", f"an SDXL LoRA (text_encoder_2 keys: two text encoders); {NOT_SD1}"),
+]
+
+
+class LoRAFile(NamedTuple):
+    """A LoRA file's adapters under minidream's layer names, in minidream's shapes."""
+
+    unet: dict[str, Adapter]
+    text_encoder: dict[str, Adapter]
+    metadata: dict[str, str]
+
+
+class Layer(NamedTuple):
+    """One adaptable layer: its minidream name, its diffusers name, its weight's shape."""
+
+    minidream: str
+    diffusers: str
+    shape: torch.Size
+
+
+def unet_layers(cfg: UNetConfig) -> list[Layer]:
+    """Every Linear/Conv2d of the UNet, named both ways through the diffusers key table."""
+    with torch.device("meta"):
+        model = UNet(cfg)
+    diffusers = {name.minidream: name.diffusers for name in tensor_names(unet_renames(cfg), model)}
+    return [
+        Layer(name, diffusers[f"{name}.weight"].removesuffix(".weight"), module.weight.shape)
+        for name, module in model.named_modules()
+        if isinstance(module, (nn.Linear, nn.Conv2d))
+    ]
+
+
+def text_encoder_layers(cfg: ModelConfig) -> list[Layer]:
+    """Every Linear of the text encoder; its names agree in both layouts."""
+    with torch.device("meta"):
+        model = CLIPTextModel(cfg.text_encoder)
+    return [Layer(name, name, module.weight.shape) for name, module in model.named_modules()
+            if isinstance(module, nn.Linear)]
+
+
+def model_layers(cfg: ModelConfig) -> dict[str, list[Layer]]:
+    return {"unet": unet_layers(cfg.unet), "text_encoder": text_encoder_layers(cfg)}
+
+
+# ---- writing ------------------------------------------------------------------------------------
+
+
+def save_lora(
+    path: str | Path,
+    unet: UNet,
+    text_encoder: CLIPTextModel | None = None,
+    format: str = "kohya",
+    dtype: torch.dtype = torch.float16,
+    settings: dict[str, str] | None = None,
+) -> None:
+    """Write the adapters of `unet` (and `text_encoder`) as a LoRA file; see `write_lora_file`."""
+    lora = LoRAFile(adapters_of(unet), adapters_of(text_encoder) if text_encoder is not None else {}, {})
+    text_config = text_encoder.config if text_encoder is not None else SD15.text_encoder
+    write_lora_file(path, lora, ModelConfig(text_encoder=text_config, unet=unet.cfg), format, dtype, settings)
+
+
+def write_lora_file(
+    path: str | Path,
+    lora: LoRAFile,
+    cfg: ModelConfig,
+    format: str = "kohya",
+    dtype: torch.dtype = torch.float16,
+    settings: dict[str, str] | None = None,
+) -> None:
+    """Write `lora` atomically as safetensors in the kohya (default) or diffusers layout.
+
+    dtype: of the down/up tensors (fp16 as kohya writes them); a kohya `.alpha` stays fp32.
+    settings: extra metadata (str -> str), e.g. the training settings kohya records as `ss_*`.
+    """
+    path = Path(path)
+    if format not in FORMATS:
+        raise ValueError(f"LoRA format must be one of {', '.join(FORMATS)}, got {format!r}")
+    if path.suffix != ".safetensors":
+        raise WeightsError(f"{path}: a LoRA file must be named *.safetensors (UIs choose the reader by the suffix)")
+    settings = dict(settings or {})
+    bad = [key for key, value in settings.items() if not (isinstance(key, str) and isinstance(value, str))]
+    if bad:
+        raise ValueError(f"LoRA metadata must map str to str; not: {', '.join(map(repr, bad[:3]))}")
+    diffusers_names = {part: {layer.minidream: layer.diffusers for layer in layers}
+                       for part, layers in model_layers(cfg).items()}
+    tensors = {}
+    for part, adapters in (("unet", lora.unet), ("text_encoder", lora.text_encoder)):
+        for name, adapter in adapters.items():
+            module = diffusers_names[part][name]
+            if format == "kohya":
+                key = KOHYA_PREFIXES[part] + module.replace(".", "_")
+                tensors[f"{key}.lora_down.weight"] = adapter.down.to(dtype).contiguous()
+                tensors[f"{key}.lora_up.weight"] = adapter.up.to(dtype).contiguous()
+                tensors[f"{key}.alpha"] = torch.tensor(float(adapter.alpha))
+            else:  # lora_B carries the scale: diffusers' own files mean alpha = rank
+                key = DIFFUSERS_PREFIXES[part] + module
+                tensors[f"{key}.lora_A.weight"] = adapter.down.to(dtype).contiguous()
+                tensors[f"{key}.lora_B.weight"] = (lora_scale(adapter.alpha, adapter.rank) * adapter.up.float()).to(
+                    dtype).contiguous()
+    metadata = kohya_metadata(lora, cfg) if format == "kohya" else {"format": "pt"}
+    write_safetensors(tensors, path, {**metadata, **settings})
+
+
+def kohya_metadata(lora: LoRAFile, cfg: ModelConfig) -> dict[str, str]:
+    """What kohya's train_network.py records about the network, from the adapters themselves."""
+    adapters = list(lora.unet.values()) + list(lora.text_encoder.values())
+    if not adapters:
+        raise ValueError("no adapters to write: add_lora the model first")
+    first = adapters[0]
+    metadata = {
+        "ss_network_module": "networks.lora",
+        "ss_network_dim": str(first.rank),
+        "ss_network_alpha": _number(first.alpha),
+        "ss_base_model_version": "sd_v2" if cfg.unet.context_dim == 1024 else "sd_v1",
+        "ss_v2": str(cfg.unet.context_dim == 1024),
+    }
+    convs = [a for a in adapters if a.down.ndim == 4 and a.down.shape[-1] > 1]
+    if convs:  # kohya's LoCon: the 3x3 convs' own dim and alpha
+        metadata["ss_network_args"] = json.dumps(
+            {"conv_dim": str(convs[0].rank), "conv_alpha": _number(convs[0].alpha)})
+    return metadata
+
+
+def kohya_settings(cfg: TrainConfig, num_instance_images: int, num_class_images: int) -> dict[str, str]:
+    """The training settings kohya's train_network.py records (`ss_*`), from a minidream run config,
+    for `save_lora(settings=...)`; UIs show them in their LoRA info panels."""
+    train = cfg.train
+    return {
+        "ss_sd_model_name": Path(cfg.model.weights).name if cfg.model.weights else cfg.model.architecture,
+        "ss_resolution": f"({cfg.data.resolution}, {cfg.data.resolution})",
+        "ss_num_train_images": str(num_instance_images),
+        "ss_num_reg_images": str(num_class_images),
+        "ss_prior_loss_weight": str(train.prior_loss_weight),
+        "ss_learning_rate": str(train.lr),
+        "ss_unet_lr": str(train.lr),
+        "ss_text_encoder_lr": str(train.text_encoder_lr if train.text_encoder_lr is not None else train.lr),
+        "ss_lr_scheduler": train.lr_schedule,
+        "ss_lr_warmup_steps": str(train.warmup_steps),
+        "ss_max_train_steps": str(train.max_steps),
+        "ss_batch_size_per_device": str(train.batch_size),
+        "ss_gradient_accumulation_steps": str(train.gradient_accumulation_steps),
+        "ss_gradient_checkpointing": str(train.gradient_checkpointing),
+        "ss_mixed_precision": train.mixed_precision,
+        "ss_max_grad_norm": str(train.max_grad_norm),
+        "ss_optimizer": f"torch.optim.AdamW(weight_decay={train.weight_decay},"
+                        f"betas=({train.adam_beta1}, {train.adam_beta2}),eps={train.adam_eps})",
+        "ss_seed": str(train.seed),
+        "ss_training_comment": f"minidream DreamBooth: {cfg.data.instance_prompt!r}",
+    }
+
+
+def _number(value: float) -> str:
+    return str(int(value)) if float(value).is_integer() else str(value)
+
+
+# ---- reading ------------------------------------------------------------------------------------
+
+
+def read_lora_file(path: str | Path, cfg: ModelConfig = SD15) -> LoRAFile:
+    """The adapters of a kohya (diffusers- or LDM-style names) or diffusers/PEFT LoRA file for a
+    model of `cfg`. Raises WeightsError, one line naming the file, for anything else."""
+    path = Path(path)
+    if not path.is_file():
+        raise WeightsError(f"{path}: no such LoRA file")
+    tensors, metadata = read_tensor_file(path)
+    for marker, what in OTHER_KINDS:
+        if any(marker in key for key in tensors):
+            raise WeightsError(f"{path}: this is {what}")
+    if any(key.startswith(tuple(KOHYA_PREFIXES.values())) for key in tensors):
+        parts = _parse_kohya(path, tensors, cfg)
+    elif any(".lora" in key or "_lora." in key for key in tensors):
+        parts = _parse_diffusers(path, tensors, cfg, _peft_alphas(path, metadata))
+    else:
+        raise WeightsError(
+            f"{path}: no LoRA tensors (lora_unet_*/lora_te_* or *.lora_A/lora_B keys); is it a full model?")
+    return LoRAFile(parts["unet"], parts["text_encoder"], metadata)
+
+
+def _parse_kohya(path: Path, tensors: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, dict[str, Adapter]]:
+    layers = model_layers(cfg)
+    # kohya name -> (part, minidream name), from both the diffusers and the LDM (minidream) paths
+    table = {}
+    for part, prefix in KOHYA_PREFIXES.items():
+        for layer in layers[part]:
+            for module in {layer.diffusers, layer.minidream}:
+                table[prefix + module.replace(".", "_")] = (part, layer.minidream)
+    roles = {".lora_down.weight": "down", ".lora_up.weight": "up", ".alpha": "alpha"}
+    found, unknown = {}, []
+    for key, tensor in tensors.items():
+        stem, role = _split_role(key, roles)
+        if role is None or stem not in table:
+            unknown.append(key)
+            continue
+        found.setdefault(table[stem], {})[role] = (key, tensor)
+    return _adapters(path, found, unknown, layers, cfg)
+
+
+# diffusers' suffixes -> the role; old attention-processor names -> the layer they adapt.
+DIFFUSERS_ROLES = {
+    ".lora_A.weight": "down", ".lora_B.weight": "up",
+    ".lora.down.weight": "down", ".lora.up.weight": "up",
+    ".lora_linear_layer.down.weight": "down", ".lora_linear_layer.up.weight": "up",
+    ".down.weight": "down", ".up.weight": "up",  # after an old `to_q_lora` processor name
+    ".alpha": "alpha",
+}
+OLD_PROCESSOR_LAYERS = {
+    "unet": {"to_q_lora": "to_q", "to_k_lora": "to_k", "to_v_lora": "to_v", "to_out_lora": "to_out.0"},
+    "text_encoder": {"to_q_lora": "q_proj", "to_k_lora": "k_proj", "to_v_lora": "v_proj", "to_out_lora": "out_proj"},
+}
+
+
+def _parse_diffusers(
+    path: Path, tensors: dict[str, torch.Tensor], cfg: ModelConfig, alphas: dict[str, "_PeftAlpha"]
+) -> dict[str, dict[str, Adapter]]:
+    layers = model_layers(cfg)
+    # transformers 5 names CLIPTextModel's modules without `text_model.`; PEFT files written with
+    # it say `text_encoder.encoder.layers...`, older ones `text_encoder.text_model.encoder.layers...`.
+    table = {(part, module): (part, layer.minidream) for part, part_layers in layers.items()
+             for layer in part_layers for module in {layer.diffusers, layer.diffusers.removeprefix("text_model.")}}
+    found, unknown = {}, []
+    for key, tensor in tensors.items():
+        part, name = _diffusers_part(key.removeprefix("base_model.model."))
+        stem, role = _split_role(name, DIFFUSERS_ROLES)
+        if role is not None and role != "alpha":
+            stem = stem.replace(".processor.", ".")
+            parent, _, last = stem.rpartition(".")
+            if last in OLD_PROCESSOR_LAYERS[part]:
+                stem = f"{parent}.{OLD_PROCESSOR_LAYERS[part][last]}"
+        if role is None or (part, stem) not in table:
+            unknown.append(key)
+            continue
+        found.setdefault(table[part, stem], {})[role] = (key, tensor)
+    for (part, name), roles in found.items():
+        if "alpha" not in roles and part in alphas and "down" in roles:
+            diffusers_name = next(layer.diffusers for layer in layers[part] if layer.minidream == name)
+            roles["alpha"] = ("", torch.tensor(alphas[part].alpha(diffusers_name, roles["down"][1].shape[0])))
+    return _adapters(path, found, unknown, layers, cfg)
+
+
+def _diffusers_part(key: str) -> tuple[str, str]:
+    """('unet' or 'text_encoder', the key without that prefix); unprefixed keys (PEFT's own
+    state dicts, diffusers' oldest attention-processor files) are told apart by their names."""
+    for part, prefix in DIFFUSERS_PREFIXES.items():
+        if key.startswith(prefix):
+            return part, key.removeprefix(prefix)
+    return ("text_encoder" if key.startswith(("text_model.", "encoder.layers.")) else "unet"), key
+
+
+def _split_role(key: str, roles: dict[str, str]) -> tuple[str, str | None]:
+    for suffix, role in roles.items():
+        if key.endswith(suffix):
+            return key.removesuffix(suffix), role
+    return key, None
+
+
+class _PeftAlpha(NamedTuple):
+    """PEFT's LoraConfig as diffusers stores it in `lora_adapter_metadata`, for one model part."""
+
+    lora_alpha: float
+    alpha_pattern: dict[str, float]
+    rslora: bool
+
+    def alpha(self, module: str, rank: int) -> float:
+        alpha = next((value for pattern, value in self.alpha_pattern.items()
+                      if re.fullmatch(rf"(.*\.)?{pattern}", module)), self.lora_alpha)
+        # rsLoRA scales by alpha / sqrt(rank): the same change as kohya's alpha / rank with this alpha
+        return alpha * rank**0.5 if self.rslora else alpha
+
+
+def _peft_alphas(path: Path, metadata: dict[str, str]) -> dict[str, _PeftAlpha]:
+    raw = metadata.get("lora_adapter_metadata")
+    if raw is None:
+        return {}
+    try:
+        config = json.loads(raw)
+        return {
+            part: _PeftAlpha(float(config[f"{prefix}lora_alpha"]), dict(config.get(f"{prefix}alpha_pattern") or {}),
+                             bool(config.get(f"{prefix}use_rslora", False)))
+            for part, prefix in DIFFUSERS_PREFIXES.items()
+            if f"{prefix}lora_alpha" in config
+        }
+    except (ValueError, TypeError, AttributeError):
+        raise WeightsError(f"{path}: its lora_adapter_metadata is not diffusers' LoraConfig JSON") from None
+
+
+def _adapters(
+    path: Path,
+    found: dict[tuple[str, str], dict[str, tuple[str, torch.Tensor]]],
+    unknown: list[str],
+    layers: dict[str, list[Layer]],
+    cfg: ModelConfig,
+) -> dict[str, dict[str, Adapter]]:
+    """Check every layer's tensors against the model and build the adapters; one line otherwise."""
+    shapes = {(part, layer.minidream): layer.shape for part, part_layers in layers.items() for layer in part_layers}
+    _refuse_other_family(path, found, shapes, cfg)
+    missing, misshaped = [], []
+    parts = {"unet": {}, "text_encoder": {}}
+    for (part, name), roles in found.items():
+        if "down" not in roles or "up" not in roles:
+            present = (roles.get("down") or roles.get("up") or roles["alpha"])[0]
+            missing += [f"{present} has no {role}" for role in ("down", "up") if role not in roles]
+            continue
+        (down_key, down), (up_key, up) = roles["down"], roles["up"]
+        down, up = _as_layer(down, shapes[part, name]), _as_layer(up, shapes[part, name])
+        expected_down, expected_up = _adapter_shapes(shapes[part, name], down.shape[0])
+        if down.shape != expected_down or up.shape != expected_up:
+            misshaped.append(f"{down_key} {list(down.shape)} / {up_key} {list(up.shape)}, expected "
+                             f"{list(expected_down)} / {list(expected_up)}")
+            continue
+        alpha = roles["alpha"][1].float().reshape(-1)[0].item() if "alpha" in roles else None
+        parts[part][name] = Adapter(down, up, alpha if alpha else float(down.shape[0]))
+    if missing or unknown or misshaped:
+        raise mismatch(str(path), f"the LoRA layers of this model ({_family(cfg)})", missing, unknown, misshaped)
+    return parts
+
+
+def _as_layer(tensor: torch.Tensor, weight_shape: torch.Size) -> torch.Tensor:
+    """A 1x1 conv's adapter stored as a Linear's (SD 2.x style proj_in) or the reverse, in the layer's form."""
+    if len(weight_shape) == 4 and tensor.ndim == 2 and weight_shape[2:] == (1, 1):
+        return tensor[:, :, None, None]
+    if len(weight_shape) == 2 and tensor.ndim == 4 and tensor.shape[2:] == (1, 1):
+        return tensor[:, :, 0, 0]
+    return tensor
+
+
+def _adapter_shapes(weight_shape: torch.Size, rank: int) -> tuple[torch.Size, torch.Size]:
+    """(down, up) shapes for a layer of `weight_shape`: out x in [x kh x kw]."""
+    out, inp, *kernel = weight_shape
+    if kernel:
+        return torch.Size([rank, inp, *kernel]), torch.Size([out, rank, 1, 1])
+    return torch.Size([rank, inp]), torch.Size([out, rank])
+
+
+def _refuse_other_family(path: Path, found, shapes, cfg: ModelConfig) -> None:
+    """A LoRA made for SD 2.x or SDXL shows it in the width its cross-attention keys/values (or
+    its text encoder) read; name that rather than list every mis-shaped key."""
+    for (part, name), roles in found.items():
+        if "down" not in roles:
+            continue
+        key, down = roles["down"]
+        width, expected = down.shape[1], shapes[part, name][1]
+        if width == expected:
+            continue
+        if part == "unet" and name.endswith(("attn2.to_k", "attn2.to_v")):
+            raise WeightsError(
+                f"{path}: this is {_family_name(MODEL_FAMILIES, width)} LoRA ({width}-wide cross-attention in "
+                f"{key}); the base model is {_family(cfg)}")
+        if part == "text_encoder":
+            raise WeightsError(
+                f"{path}: this is {_family_name(TEXT_FAMILIES, width)} LoRA ({width}-wide text encoder in "
+                f"{key}); the base model is {_family(cfg)}")
+
+
+def _family_name(families: dict[int, str], width: int) -> str:
+    name = families.get(width)
+    return f"an {name}" if name else f"a {width}-wide model's"  # "an SD ...", "an SDXL"
+
+
+def _family(cfg: ModelConfig) -> str:
+    name = MODEL_FAMILIES.get(cfg.unet.context_dim)
+    return f"{name} ({cfg.unet.context_dim}-wide)" if name else f"a {cfg.unet.context_dim}-wide model"
+
+
+# ---- using them ---------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def merge_lora(pipe: Pipeline, lora: LoRAFile, scale: float = 1.0) -> None:
+    """W += scale * (alpha / rank) * up . down for every adapter, in fp32, rounded once to W's
+    dtype: what ComfyUI and A1111 do when they apply a LoRA at strength `scale`."""
+    for model, adapters in ((pipe.unet, lora.unet), (pipe.text_encoder, lora.text_encoder)):
+        for name, adapter in adapters.items():
+            weight = model.get_submodule(name).weight
+            down, up = adapter.down.to(weight.device), adapter.up.to(weight.device)
+            delta = weight_delta(down, up, scale * lora_scale(adapter.alpha, adapter.rank))
+            weight.copy_((weight.float() + delta).to(weight.dtype))
+
+
+@contextlib.contextmanager
+def lora_merged(pipe: Pipeline, lora: LoRAFile, scale: float = 1.0) -> Iterator[Pipeline]:
+    """`pipe` with `lora` merged into its weights as UIs merge it, and any live adapters off, for the
+    block (e.g. to render validation grids from the exported file); afterwards every weight is
+    restored bit for bit from a host copy of the layers the file touches."""
+    layers = [model.get_submodule(name) for model, adapters in ((pipe.unet, lora.unet),
+              (pipe.text_encoder, lora.text_encoder)) for name in adapters]
+    saved = [layer.weight.detach().to("cpu", copy=True) for layer in layers]
+    with adapters_off(pipe.unet), adapters_off(pipe.text_encoder):
+        try:
+            merge_lora(pipe, lora, scale)
+            yield pipe
+        finally:
+            with torch.no_grad():
+                for layer, weight in zip(layers, saved):
+                    layer.weight.copy_(weight)
+
+
+def lora_argument(text: str) -> tuple[Path, float]:
+    """`PATH[:SCALE]` (sample.py --lora, convert --lora) as (path, scale); scale 1 when absent.
+    Only a number after the last colon is a scale, so `C:/loras/x.safetensors` stays a path."""
+    path, _, scale = text.rpartition(":")
+    try:
+        return (Path(path), float(scale)) if path else (Path(text), 1.0)
+    except ValueError:
+        return Path(text), 1.0
+
+
+def apply_lora_file(pipe: Pipeline, path: str | Path, scale: float = 1.0) -> LoRAFile:
+    """Merge the LoRA file at `path` into `pipe`'s UNet and text encoder weights at strength
+    `scale` (what load_pipeline(loras=...) and convert --lora do); returns what was read."""
+    lora = read_lora_file(path, pipe.config)
+    merge_lora(pipe, lora, scale)
+    return lora
+
+
+def convert_lora_file(
+    src: str | Path, dst: str | Path, format: str, cfg: ModelConfig = SD15, dtype: torch.dtype = torch.float16
+) -> None:
+    """Rewrite a LoRA file of any readable layout in the kohya or diffusers layout; the source's
+    own `ss_*` training metadata is kept in a kohya output."""
+    lora = read_lora_file(src, cfg)
+    kept = {key: value for key, value in lora.metadata.items() if key.startswith("ss_")} if format == "kohya" else {}
+    computed = kohya_metadata(lora, cfg) if format == "kohya" else {}
+    write_lora_file(dst, lora, cfg, format, dtype, {key: value for key, value in kept.items() if key not in computed})

@@ -1,0 +1,365 @@
+"""Low-rank adapters (LoRA, Hu et al. 2021, eq. 3): a layer computes W x + b + scale * up(down(x)).
+
+`down` maps the layer's input to `rank` features and `up` maps them to its output; W and b stay
+frozen. scale = alpha / rank, the convention of kohya's sd-scripts (networks/lora.py), ComfyUI and
+AUTOMATIC1111, so one (down, up, alpha) means the same change to the model in every one of them.
+A 3x3 conv is adapted LoCon-style: `down` is a conv with the layer's kernel, stride and padding
+into `rank` channels and `up` a 1x1 conv, so up(down(x)) is itself one conv of the layer's shape.
+
+The adapted layers subclass `nn.Linear` / `nn.Conv2d` and keep the base's `weight` and `bias`
+Parameters under their names, with `lora_down`, `lora_up` and `alpha` beside them: the base
+checkpoint keys, strict loading and export are unchanged, and the adapter's keys are the
+kohya file's (`<module>.lora_down.weight`, `.lora_up.weight`, `.alpha`) under minidream's
+module names. Adapters are fp32 whatever the base's dtype: the low-rank branch runs on the
+input cast to fp32 (autocast, when on, decides the matmul dtype as for any layer) and its
+output is cast to the base output's dtype before the sum.
+"""
+
+import contextlib
+import math
+from collections.abc import Iterator
+from typing import NamedTuple
+
+import torch
+from torch import nn
+
+from minidream.models.clip import CLIPAttention, CLIPMLP, CLIPTextModel
+from minidream.models.layers import Upsample
+from minidream.models.unet import CrossAttention, Downsample, ResBlock, SpatialTransformer, UNet
+
+UNET_TARGETS = ("attention", "transformer", "all")
+TEXT_ENCODER_TARGETS = ("attention", "all")
+ADAPTER_DTYPE = torch.float32
+
+
+class Adapter(NamedTuple):
+    """One layer's adapter, as files hold it: the change to its weight is (alpha / rank) * up . down."""
+
+    down: torch.Tensor  # rank x in (Linear), rank x in x kh x kw (Conv2d)
+    up: torch.Tensor  # out x rank (Linear), out x rank x 1 x 1 (Conv2d)
+    alpha: float
+
+    @property
+    def rank(self) -> int:
+        return self.down.shape[0]
+
+
+def lora_scale(alpha: float | None, rank: int) -> float:
+    """alpha / rank; an alpha of None or 0 means alpha = rank (scale 1), as kohya reads old files."""
+    return 1.0 if not alpha else alpha / rank
+
+
+def weight_delta(down: torch.Tensor, up: torch.Tensor, scale: float) -> torch.Tensor:
+    """scale * up . down in the base weight's shape (fp32): out x in for a Linear, out x in x kh x kw
+    for a conv, where a 1x1 `up` after a kh x kw `down` composes into one kh x kw kernel."""
+    down, up = down.float(), up.float()
+    if down.ndim == 2:
+        return scale * (up @ down)
+    return scale * torch.einsum("or,rihw->oihw", up.flatten(1), down)  # up: out x rank x 1 x 1 -> out x rank
+
+
+class LowRankAdapted:
+    """What LoRALinear and LoRAConv2d share: the adapter branch, its scale, merging."""
+
+    lora_down: nn.Module
+    lora_up: nn.Module
+    lora_dropout: nn.Module
+    alpha: torch.Tensor
+    lora_alpha: float
+    scale: float
+    merged: bool  # folded into `weight`: the forward skips the branch
+    active: bool  # False inside `adapters_off`
+
+    def _attach(self, down: nn.Module, up: nn.Module, alpha: float, dropout: float) -> None:
+        with torch.no_grad():  # built with to_empty: start from zeros (the identity) until initialised
+            down.weight.zero_()
+            up.weight.zero_()
+        self.lora_down, self.lora_up = down, up
+        self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        # alpha is saved with the adapter (a kohya file's `.alpha`); the scale is kept as a Python
+        # number too, so that the forward never reads a device tensor back to the host.
+        rank = down.weight.shape[0]
+        self.lora_alpha = float(alpha) if alpha else float(rank)
+        self.scale = self.lora_alpha / rank
+        self.register_buffer("alpha", torch.tensor(self.lora_alpha, dtype=ADAPTER_DTYPE, device=self.weight.device))
+        self.merged = False
+        self.active = True
+
+    @property
+    def rank(self) -> int:
+        return self.lora_down.weight.shape[0]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = super().forward(x)
+        if self.merged or not self.active:
+            return out
+        low = self.lora_up(self.lora_down(self.lora_dropout(x.to(self.lora_down.weight.dtype))))
+        return out + (self.scale * low).to(out.dtype)
+
+    def adapter(self) -> Adapter:
+        return Adapter(self.lora_down.weight.detach(), self.lora_up.weight.detach(), self.lora_alpha)
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        """Fold the adapter into `weight` (in fp32, rounded once to the weight's dtype)."""
+        if not self.merged:
+            self._add_to_weight(1.0)
+            self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """Take the folded adapter back out of `weight` (exact up to the rounding of two adds)."""
+        if self.merged:
+            self._add_to_weight(-1.0)
+            self.merged = False
+
+    def _add_to_weight(self, sign: float) -> None:
+        delta = weight_delta(self.lora_down.weight, self.lora_up.weight, sign * self.scale)
+        self.weight.copy_((self.weight.float() + delta).to(self.weight.dtype))
+
+
+class LoRALinear(LowRankAdapted, nn.Linear):
+    """nn.Linear + scale * lora_up(lora_down(x)); down: in -> rank, up: rank -> out."""
+
+    @classmethod
+    def around(cls, base: nn.Linear, rank: int, alpha: float, dropout: float) -> "LoRALinear":
+        with torch.device("meta"):  # the base's Parameters are taken below, not allocated
+            layer = cls(base.in_features, base.out_features, bias=base.bias is not None)
+            down = nn.Linear(base.in_features, rank, bias=False, dtype=ADAPTER_DTYPE)
+            up = nn.Linear(rank, base.out_features, bias=False, dtype=ADAPTER_DTYPE)
+        layer.weight, layer.bias = base.weight, base.bias
+        layer._attach(down.to_empty(device=base.weight.device), up.to_empty(device=base.weight.device), alpha, dropout)
+        return layer.train(base.training)
+
+
+class LoRAConv2d(LowRankAdapted, nn.Conv2d):
+    """nn.Conv2d + scale * lora_up(lora_down(x)); down: the layer's kernel/stride/padding into rank
+    channels, up: a 1x1 conv from rank channels to the output's."""
+
+    @classmethod
+    def around(cls, base: nn.Conv2d, rank: int, alpha: float, dropout: float) -> "LoRAConv2d":
+        if base.groups != 1 or base.dilation != (1, 1) or base.padding_mode != "zeros":
+            raise ValueError("LoRA adapts plain convs only (groups=1, dilation=1, zero padding)")
+        with torch.device("meta"):
+            layer = cls(base.in_channels, base.out_channels, base.kernel_size, base.stride, base.padding,
+                        bias=base.bias is not None)
+            down = nn.Conv2d(base.in_channels, rank, base.kernel_size, base.stride, base.padding, bias=False,
+                             dtype=ADAPTER_DTYPE)
+            up = nn.Conv2d(rank, base.out_channels, 1, bias=False, dtype=ADAPTER_DTYPE)
+        layer.weight, layer.bias = base.weight, base.bias
+        layer._attach(down.to_empty(device=base.weight.device), up.to_empty(device=base.weight.device), alpha, dropout)
+        return layer.train(base.training)
+
+
+ADAPTABLE = (nn.Linear, nn.Conv2d)
+
+
+def target_layers(model: nn.Module, targets: str) -> list[str]:
+    """Names of the Linear / Conv2d layers `targets` selects, in module order.
+
+    UNet (kohya's target modules, named as minidream names them):
+      "attention"   to_q, to_k, to_v, to_out.0 of every attn1/attn2;
+      "transformer" every Linear and 1x1 conv inside the SpatialTransformers (kohya's default:
+                    proj_in, proj_out, the attentions, the feed-forward);
+      "all"         also every layer of the ResBlocks (3x3 convs, time-embedding Linear, 1x1
+                    shortcut) and the Downsample / Upsample convs (kohya's LoCon `conv_dim`).
+    Text encoder: "attention" q/k/v/out_proj; "all" also mlp.fc1 / fc2 (kohya's default).
+    """
+    if isinstance(model, UNet):
+        containers = _unet_containers(targets)
+    elif isinstance(model, CLIPTextModel):
+        containers = _text_encoder_containers(targets)
+    else:
+        raise ValueError(f"LoRA targets are defined for the UNet and the CLIP text encoder, not {type(model).__name__}")
+    inside = [name for name, module in model.named_modules() if isinstance(module, containers)]
+    return [
+        name
+        for name, module in model.named_modules()
+        if isinstance(module, ADAPTABLE) and any(name.startswith(prefix + ".") for prefix in inside)
+    ]
+
+
+def _unet_containers(targets: str) -> tuple[type, ...]:
+    if targets == "attention":
+        return (CrossAttention,)
+    if targets == "transformer":
+        return (SpatialTransformer,)
+    if targets == "all":
+        return (SpatialTransformer, ResBlock, Downsample, Upsample)
+    raise ValueError(f"UNet LoRA targets must be one of {', '.join(UNET_TARGETS)}, got {targets!r}")
+
+
+def _text_encoder_containers(targets: str) -> tuple[type, ...]:
+    if targets == "attention":
+        return (CLIPAttention,)
+    if targets == "all":
+        return (CLIPAttention, CLIPMLP)
+    raise ValueError(f"text encoder LoRA targets must be one of {', '.join(TEXT_ENCODER_TARGETS)}, got {targets!r}")
+
+
+def add_lora(
+    model: nn.Module,
+    targets: str,
+    rank: int,
+    alpha: float | None = None,
+    dropout: float = 0.0,
+    generator: torch.Generator | int = 0,
+) -> list[str]:
+    """Adapt the `targets` layers of `model` in place; returns their names.
+
+    alpha None = rank. dropout: on the adapter's input during training (PEFT's lora_dropout).
+    Initialised as kohya and PEFT do: down kaiming-uniform(a=sqrt(5)), up zero, so the model's
+    output is unchanged at first. The draws come from `generator` (or a CPU generator seeded
+    with it), layer after layer in module order, so the same seed gives the same adapters.
+    """
+    if rank < 1:
+        raise ValueError(f"LoRA rank must be >= 1, got {rank}")
+    if isinstance(generator, int):
+        generator = torch.Generator().manual_seed(generator)
+    names = target_layers(model, targets)
+    for name in names:
+        layer = _wrap(model, name, rank, rank if alpha is None else alpha, dropout)
+        _initialise(layer, generator)
+    return names
+
+
+def _wrap(model: nn.Module, name: str, rank: int, alpha: float, dropout: float) -> LowRankAdapted:
+    base = model.get_submodule(name)
+    if isinstance(base, LowRankAdapted):
+        raise ValueError(f"{name} already holds a LoRA adapter")
+    adapted = (LoRAConv2d if isinstance(base, nn.Conv2d) else LoRALinear).around(base, rank, alpha, dropout)
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent), child, adapted)  # Sequential children are named "0", "1", ...
+    return adapted
+
+
+@torch.no_grad()
+def _initialise(layer: LowRankAdapted, generator: torch.Generator) -> None:
+    down = torch.empty(layer.lora_down.weight.shape, dtype=ADAPTER_DTYPE)  # on the CPU, the generator's device
+    nn.init.kaiming_uniform_(down, a=math.sqrt(5), generator=generator)
+    layer.lora_down.weight.copy_(down)
+    layer.lora_up.weight.zero_()
+
+
+def load_adapters(model: nn.Module, adapters: dict[str, Adapter], dropout: float = 0.0) -> None:
+    """Adapt the named layers of `model` with the given weights (e.g. read from a LoRA file)."""
+    for name, adapter in adapters.items():
+        layer = _wrap(model, name, adapter.rank, adapter.alpha, dropout)
+        with torch.no_grad():
+            layer.lora_down.weight.copy_(adapter.down)
+            layer.lora_up.weight.copy_(adapter.up)
+
+
+def adapted_layers(model: nn.Module) -> dict[str, LowRankAdapted]:
+    return {name: module for name, module in model.named_modules() if isinstance(module, LowRankAdapted)}
+
+
+def adapters_of(model: nn.Module) -> dict[str, Adapter]:
+    """Every adapter of `model` by layer name (what a LoRA file stores)."""
+    return {name: layer.adapter() for name, layer in adapted_layers(model).items()}
+
+
+def merge(model: nn.Module) -> None:
+    """Fold every adapter into its base weight; the forward then skips the adapter branch."""
+    for layer in adapted_layers(model).values():
+        layer.merge()
+
+
+def unmerge(model: nn.Module) -> None:
+    for layer in adapted_layers(model).values():
+        layer.unmerge()
+
+
+@contextlib.contextmanager
+def adapters_off(model: nn.Module) -> Iterator[None]:
+    """Run `model` as its base inside the block (e.g. while a LoRA file is merged into the weights)."""
+    layers = list(adapted_layers(model).values())
+    for layer in layers:
+        layer.active = False
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer.active = True
+
+
+def remove_lora(model: nn.Module, merge_first: bool = False) -> None:
+    """Put plain nn.Linear / nn.Conv2d layers back, holding the same weight Parameters
+    (with the adapters folded in when merge_first; otherwise any merge is undone)."""
+    for name, layer in adapted_layers(model).items():
+        if merge_first:
+            layer.merge()
+        else:
+            layer.unmerge()
+        with torch.device("meta"):
+            if isinstance(layer, nn.Conv2d):
+                plain = nn.Conv2d(layer.in_channels, layer.out_channels, layer.kernel_size, layer.stride,
+                                  layer.padding, bias=layer.bias is not None)
+            else:
+                plain = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None)
+        plain.weight, plain.bias = layer.weight, layer.bias
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent), child, plain.train(layer.training))
+
+
+def is_adapter_key(key: str) -> bool:
+    """Whether a state-dict key belongs to an adapter rather than to the base model."""
+    return ".lora_down." in key or ".lora_up." in key or key.endswith(".alpha")
+
+
+def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The adapters' tensors only (`<layer>.lora_down.weight`, `.lora_up.weight`, `.alpha`):
+    what a LoRA training checkpoint holds."""
+    return {key: tensor for key, tensor in model.state_dict().items() if is_adapter_key(key)}
+
+
+def base_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The base model's tensors under their checkpoint names, without the adapters'."""
+    return {key: tensor for key, tensor in model.state_dict().items() if not is_adapter_key(key)}
+
+
+class AdapterMismatch(ValueError):
+    """Saved adapters that are not the model's (another rank, alpha or target set)."""
+
+
+def load_lora_state_dict(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Load saved adapters into a model adapted the same way; refuses anything else in one line
+    (callers prefix the checkpoint's path)."""
+    expected = lora_state_dict(model)
+    missing = [key for key in expected if key not in state]
+    unexpected = [key for key in state if key not in expected]
+    different = [
+        f"{key} {_describe(state[key])}, expected {_describe(tensor)}"
+        for key, tensor in expected.items()
+        if key in state and (state[key].shape != tensor.shape or (key.endswith(".alpha") and state[key] != tensor))
+    ]
+    problems = [
+        f"{len(keys)} {label} ({', '.join(keys[:3])}{', ...' if len(keys) > 3 else ''})"
+        for label, keys in (("missing", missing), ("unexpected", unexpected), ("different", different))
+        if keys
+    ]
+    if problems:
+        raise AdapterMismatch(
+            "saved adapters do not match this model's LoRA settings (rank, alpha, targets): " + "; ".join(problems)
+        )
+    with torch.no_grad():
+        for key, tensor in expected.items():
+            tensor.copy_(state[key])
+
+
+def _describe(tensor: torch.Tensor) -> str:
+    return f"= {tensor.item():g}" if tensor.ndim == 0 else str(list(tensor.shape))
+
+
+def train_adapters_only(model: nn.Module, base_dtype: torch.dtype | None = None) -> list[nn.Parameter]:
+    """Freeze the base (cast to `base_dtype` when given, e.g. bf16 for AMP training) and keep the
+    adapters fp32 and trainable; returns the adapters' parameters for the optimizer."""
+    trainable = []
+    for name, param in model.named_parameters():
+        is_adapter = is_adapter_key(name)
+        param.requires_grad_(is_adapter)
+        if is_adapter:
+            trainable.append(param)
+        elif base_dtype is not None and param.is_floating_point():
+            param.data = param.data.to(base_dtype)
+    return trainable
