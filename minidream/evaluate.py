@@ -253,7 +253,7 @@ def score_images(
 def evaluate(
     pipe: Pipeline, models: EvalModels, real: ImageEmbeddings, prompts: Sequence[str], identifier: str = "sks",
     images_per_prompt: int = 4, seed: int = 0, sampling: Sampling = Sampling(), keep_identifier: bool = False,
-    show_progress: bool = False,
+    eval_batch_size: int = 16, show_progress: bool = False,
 ) -> tuple[Scores, list[list[Image.Image]]]:  # fmt: skip
     """Draw images_per_prompt images per prompt with `pipe` and score them: (scores, images[p][k]).
 
@@ -261,7 +261,7 @@ def evaluate(
     """
     images = generate_images(pipe, prompts, images_per_prompt, seed, sampling, show_progress)
     clip_t_prompts = [clip_t_prompt(prompt, identifier, keep_identifier) for prompt in prompts]
-    return score_images(models, real, images, prompts, clip_t_prompts, show_progress=show_progress), images
+    return score_images(models, real, images, prompts, clip_t_prompts, eval_batch_size, show_progress), images
 
 
 # --- Files: eval.json, eval.md, the contact sheet, the comparison ------------------------------
@@ -424,36 +424,53 @@ def main(argv: list[str] | None = None) -> int:
         if args.compare:
             print(compare_table(args.compare), end="")
             return 0
-        return run(args)
+        job = prepare(args)
     except ValueError as error:  # WeightsError and DataError are ValueErrors: one line, exit 2
         print(f"error: {error}", file=sys.stderr)
         return 2
+    run(args, job)
+    return 0
 
 
-def run(args: argparse.Namespace) -> int:
+@dataclass
+class Job:
+    """Everything a run needs, read and checked before the first image is drawn."""
+
+    prompt_list: str
+    prompts: list[str]
+    real_images: list[Image.Image]
+    models: EvalModels
+    pipe: Pipeline
+    sampling: Sampling
+
+
+def prepare(args: argparse.Namespace) -> Job:
+    """Read the prompts, the photos and every model; ValueError (one line) for what is wrong."""
     device, dtype = device_and_dtype(args)
-    # Everything that can be wrong is found before the first image is drawn.
     prompt_list, templates = read_prompt_templates(args.prompts, args.class_noun)
-    prompts = subject_prompts(templates, args.identifier, args.class_noun)
     real_images = subject_images(args.subject_dir)
     # The evaluation models are small: fp32, whatever the sampling dtype.
     models = eval_models(_load("--clip", load_clip, args.clip, device), _load("--dino", load_dino, args.dino, device))
     pipe = load_pipeline(args.weights, device=device, dtype=dtype)
-    make_sampler(args.sampler, pipe.config.schedule, args.steps, args.eta, args.karras)
+    make_sampler(args.sampler, pipe.config.schedule, args.steps, args.eta, args.karras)  # refuses e.g. too many steps
     sampling = Sampling(
         steps=args.steps, sampler=args.sampler, guidance=args.guidance, eta=args.eta, karras=args.karras,
         height=args.height, width=args.width, negative_prompt=args.negative_prompt, batch_size=args.batch_size,
     )  # fmt: skip
+    prompts = subject_prompts(templates, args.identifier, args.class_noun)
+    return Job(prompt_list, prompts, real_images, models, pipe, sampling)
 
-    real = embed_images(models, real_images, args.eval_batch_size)
+
+def run(args: argparse.Namespace, job: Job) -> None:
+    print(f"{len(job.prompts)} prompts ({job.prompt_list}) x {args.images_per_prompt} images; {len(job.real_images)} real photos")
+    real = embed_images(job.models, job.real_images, args.eval_batch_size)
     scores, images = evaluate(
-        pipe, models, real, prompts, args.identifier, args.images_per_prompt, args.seed, sampling,
-        keep_identifier=args.clip_t_identifier == "keep", show_progress=True,
+        job.pipe, job.models, real, job.prompts, args.identifier, args.images_per_prompt, args.seed, job.sampling,
+        keep_identifier=args.clip_t_identifier == "keep", eval_batch_size=args.eval_batch_size, show_progress=True,
     )  # fmt: skip
-    write_outputs(args, prompt_list, scores, images, real_images, real)
+    write_outputs(args, job.prompt_list, scores, images, job.real_images, real)
     print(markdown_table([("this run", scores.dino, scores.clip_i, scores.clip_t), *PAPER_TABLE]), end="")
     print(f"wrote {args.out}/eval.json, eval.md, contact_sheet.png and {sum(map(len, images))} images")
-    return 0
 
 
 def _load(flag: str, loader, path: Path, device: torch.device):

@@ -220,3 +220,9 @@ def test_safetensors_that_is_not_open_clip(tmp_path, tiny_folders):
     root, _, _ = tiny_folders
     with pytest.raises(WeightsError, match="not an open_clip ViT CLIP file \\(no visual.conv1.weight"):
         load_clip(root / "clip" / "model.safetensors")
+
+
+def test_a_single_clip_file_must_be_open_clip_safetensors(tmp_path):
+    (tmp_path / "open_clip_pytorch_model.bin").write_bytes(b"not read")
+    with pytest.raises(WeightsError, match="must be an open_clip .safetensors file"):
+        load_clip(tmp_path / "open_clip_pytorch_model.bin")

@@ -56,7 +56,12 @@ def load_clip(path: str | Path, device=None, dtype: torch.dtype | None = None, o
     quick_gelu, LAION's "gelu". Raises WeightsError naming the file and the problem.
     """
     path = Path(path)
-    if path.is_file() and path.suffix == ".safetensors":
+    if path.is_file() and path.suffix != ".safetensors":
+        raise WeightsError(
+            f"{path}: a CLIP given as one file must be an open_clip .safetensors file "
+            "(e.g. open_clip_model.safetensors); or give a transformers CLIPModel folder"
+        )
+    if path.is_file():
         tensors, _ = read_tensor_file(path)
         cfg = open_clip_config(tensors, str(path), open_clip_activation)
         part = Tensors(clip_from_open_clip(tensors), str(path))
