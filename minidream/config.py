@@ -246,8 +246,8 @@ CLIP_VIT_L14 = CLIPConfig(
     text=TextEncoderConfig(width=768, heads=12, mlp_width=3072),
     projection_dim=768,
 )
-# DINO ViT-S/16 (facebook/dino-vits16): its config.json keeps transformers' ViT defaults for
-# the activation and layer-norm eps.
+# DINO ViT-S/16 (facebook/dino-vits16) with transformers' ViT defaults for the activation and
+# layer-norm eps; a real file's config.json is read as it stands (io/eval_models.py).
 DINO_VIT_S16 = VisionTransformerConfig(
     patch_size=16, width=384, layers=12, heads=6, mlp_width=1536, activation="gelu", layer_norm_eps=1e-12
 )

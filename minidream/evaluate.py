@@ -10,10 +10,11 @@ For every prompt of the paper's list (25 object or 25 live-subject prompts) it d
   embeddings (subject fidelity);
 - CLIP-I: the same with CLIP image embeddings;
 - CLIP-T: the mean cosine between each prompt's CLIP text embedding and its images (prompt
-  fidelity). The identifier is removed from the prompt first ("a sks dog in the snow" is
-  scored as "a dog in the snow"; `--clip-t-identifier keep` scores the prompt as sampled):
-  the rare token means nothing to the evaluation CLIP, the paper does not say, and the
-  text-alignment scores of its successors use the prompt without the learned token.
+  fidelity). The paper does not say whether that text holds the identifier. minidream removes
+  it by default ("a sks dog in the snow" is scored as "a dog in the snow"): the evaluation
+  CLIP never learned the rare token, so it only adds noise to the text embedding, and a prompt
+  fidelity score should not reward an image for looking like "sks". `--clip-t-identifier keep`
+  scores the prompt as sampled; eval.json records which, and each prompt's scored text.
 Each score is the mean of its per-prompt scores (every prompt has the same number of images,
 so it is also the mean over all pairs), so prompts split over ranks combine by averaging.
 
