@@ -19,7 +19,7 @@ Each score is the mean of its per-prompt scores (every prompt has the same numbe
 so it is also the mean over all pairs), so prompts split over ranks combine by averaging.
 
 `evaluate(pipe, models, real, prompts, ...)` is the whole measurement, for train.py too; the
-files it writes are made in eval_report.py.
+command's files (eval.json, eval.md, the contact sheet) are made in eval_report.py.
 """
 
 import argparse
