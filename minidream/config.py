@@ -220,6 +220,75 @@ class TrainConfig:
 ARCHITECTURES = {"sd15": SD15, "tiny": TINY}
 
 
+# --- Evaluation models (the DreamBooth paper's DINO, CLIP-I, CLIP-T; see minidream/evaluate.py) ---
+# They live here, beside the SD parts, because they are components like any other: frozen,
+# torch-free, read from a checkpoint's config.json by minidream/io/eval_models.py.
+
+
+@dataclass(frozen=True)
+class VisionTransformerConfig:
+    """A ViT image tower: CLIP's (quick_gelu, eps 1e-5) or DINO's (exact gelu, transformers' eps 1e-12).
+
+    Field names equal TextEncoderConfig's where they mean the same, so CLIP's encoder layers
+    (models/clip.py) build from either.
+    """
+
+    image_size: int = 224
+    patch_size: int = 32
+    width: int = 768
+    layers: int = 12
+    heads: int = 12
+    mlp_width: int = 3072
+    activation: str = "quick_gelu"
+    layer_norm_eps: float = 1e-5
+
+
+@dataclass(frozen=True)
+class CLIPConfig:
+    """A whole CLIP: image tower, text tower, and the shared embedding width both project to."""
+
+    vision: VisionTransformerConfig = field(default_factory=VisionTransformerConfig)
+    text: TextEncoderConfig = field(default_factory=lambda: TextEncoderConfig(width=512, heads=8, mlp_width=2048))
+    projection_dim: int = 512
+
+
+@dataclass(frozen=True)
+class ImagePreprocessConfig:
+    """How a reference image processor turns a photo into pixel values (PIL, then float32).
+
+    resize="shortest_edge": the short side becomes `size` (aspect kept), then a centred
+    `crop_size` crop (CLIPImageProcessor); resize="square": `size` x `size`, aspect not
+    kept, no crop (ViTImageProcessor).
+    """
+
+    resize: str = "shortest_edge"  # "shortest_edge" | "square"
+    size: int = 224
+    crop_size: int | None = 224
+    resample: str = "bicubic"  # "bicubic" | "bilinear" (PIL's filters)
+    mean: tuple[float, float, float] = (0.48145466, 0.4578275, 0.40821073)  # OpenAI CLIP's
+    std: tuple[float, float, float] = (0.26862954, 0.26130258, 0.27577711)
+
+
+# OpenAI's CLIP ViT-B/32 (openai/clip-vit-base-patch32) and ViT-L/14 (openai/clip-vit-large-patch14).
+CLIP_VIT_B32 = CLIPConfig()
+CLIP_VIT_L14 = CLIPConfig(
+    vision=VisionTransformerConfig(patch_size=14, width=1024, layers=24, heads=16, mlp_width=4096),
+    text=TextEncoderConfig(width=768, heads=12, mlp_width=3072),
+    projection_dim=768,
+)
+# DINO ViT-S/16 (facebook/dino-vits16) with transformers' ViT defaults for the activation and
+# layer-norm eps; a real file's config.json is read as it stands (io/eval_models.py).
+DINO_VIT_S16 = VisionTransformerConfig(
+    patch_size=16, width=384, layers=12, heads=6, mlp_width=1536, activation="gelu", layer_norm_eps=1e-12
+)
+CLIP_PREPROCESS = ImagePreprocessConfig()
+# facebook/dino-vits16's preprocessor_config.json: ViTFeatureExtractor, size 224 (square),
+# resample 2 (bilinear), ImageNet mean/std, rescale 1/255.
+DINO_PREPROCESS = ImagePreprocessConfig(
+    resize="square", crop_size=None, resample="bilinear", mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225)
+)
+
+
 # ---- configs as plain data: YAML files, checkpoint metadata ----------------------------------
 
 

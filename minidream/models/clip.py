@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from minidream.config import TextEncoderConfig
+from minidream.config import TextEncoderConfig, VisionTransformerConfig
 from minidream.models.layers import multihead_attention
 
 
@@ -41,23 +41,24 @@ class CLIPEmbeddings(nn.Module):
 
 
 class CLIPAttention(nn.Module):
-    def __init__(self, cfg: TextEncoderConfig):
+    def __init__(self, cfg: TextEncoderConfig | VisionTransformerConfig, causal: bool):
         super().__init__()
         self.heads = cfg.heads
+        self.causal = causal
         self.q_proj = nn.Linear(cfg.width, cfg.width)
         self.k_proj = nn.Linear(cfg.width, cfg.width)
         self.v_proj = nn.Linear(cfg.width, cfg.width)
         self.out_proj = nn.Linear(cfg.width, cfg.width)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Causal: token i sees tokens <= i, so the EOS position summarises the whole prompt and
-        # padding after it never changes the outputs before it.
-        out = multihead_attention(self.q_proj(x), self.k_proj(x), self.v_proj(x), self.heads, causal=True)
+        # Text is causal: token i sees tokens <= i, so the EOS position summarises the whole
+        # prompt and padding after it never changes the outputs before it. Image patches see all.
+        out = multihead_attention(self.q_proj(x), self.k_proj(x), self.v_proj(x), self.heads, causal=self.causal)
         return self.out_proj(out)
 
 
 class CLIPMLP(nn.Module):
-    def __init__(self, cfg: TextEncoderConfig):
+    def __init__(self, cfg: TextEncoderConfig | VisionTransformerConfig):
         super().__init__()
         self.activation = cfg.activation
         self.fc1 = nn.Linear(cfg.width, cfg.mlp_width)
@@ -68,12 +69,13 @@ class CLIPMLP(nn.Module):
 
 
 class CLIPEncoderLayer(nn.Module):
-    """Pre-norm transformer layer: x + attn(norm(x)), then x + mlp(norm(x))."""
+    """Pre-norm transformer layer: x + attn(norm(x)), then x + mlp(norm(x)). The same layer
+    serves CLIP's text tower (causal) and its image tower (models/vision.py, not causal)."""
 
-    def __init__(self, cfg: TextEncoderConfig):
+    def __init__(self, cfg: TextEncoderConfig | VisionTransformerConfig, causal: bool = True):
         super().__init__()
         self.layer_norm1 = nn.LayerNorm(cfg.width, eps=cfg.layer_norm_eps)
-        self.self_attn = CLIPAttention(cfg)
+        self.self_attn = CLIPAttention(cfg, causal)
         self.layer_norm2 = nn.LayerNorm(cfg.width, eps=cfg.layer_norm_eps)
         self.mlp = CLIPMLP(cfg)
 
@@ -86,9 +88,9 @@ class CLIPEncoder(nn.Module):
     """Holds the layers under their checkpoint names `encoder.layers.N`; CLIPTextTransformer
     runs them, so that clip_skip can stop early."""
 
-    def __init__(self, cfg: TextEncoderConfig):
+    def __init__(self, cfg: TextEncoderConfig | VisionTransformerConfig, causal: bool = True):
         super().__init__()
-        self.layers = nn.ModuleList(CLIPEncoderLayer(cfg) for _ in range(cfg.layers))
+        self.layers = nn.ModuleList(CLIPEncoderLayer(cfg, causal) for _ in range(cfg.layers))
 
 
 class CLIPTextTransformer(nn.Module):
@@ -129,5 +131,10 @@ class CLIPTextModel(nn.Module):
         transformers picks the first `eos_token_id` (and, for old configs with eos_token_id=2,
         the argmax id, which is the same position since EOS 49407 is the largest id).
         """
-        first_eos = (input_ids == self.config.eos_token_id).int().argmax(dim=1)
-        return hidden_states[torch.arange(hidden_states.shape[0], device=hidden_states.device), first_eos]
+        return states_at_first(hidden_states, input_ids, self.config.eos_token_id)
+
+
+def states_at_first(hidden_states: torch.Tensor, input_ids: torch.Tensor, token_id: int) -> torch.Tensor:
+    """B x N x width -> B x width: each row's state at the first position holding `token_id`."""
+    first = (input_ids == token_id).int().argmax(dim=1)
+    return hidden_states[torch.arange(hidden_states.shape[0], device=hidden_states.device), first]
