@@ -2,6 +2,7 @@
 prepared GPU run cannot rot between the sessions that get a GPU. No timing is checked."""
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -24,7 +25,10 @@ REHEARSAL = ["--device", "cpu", "--config", "tiny", "--budget", "60"]
 def rehearsal(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench-results")
     command = [sys.executable, "-m", "bench.gpu_suite", *REHEARSAL, "--out", str(out), "--scratch", str(out)]
-    result = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+    # One thread: on a loaded 2-core machine more would oversubscribe it, slow every step tenfold
+    # and leave the 60 s budget too short for the later stages.
+    environment = os.environ | {"OMP_NUM_THREADS": "1"}
+    result = subprocess.run(command, cwd=REPO_ROOT, env=environment, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return result.stdout, json.loads((out / "gpu_suite.json").read_text()), (out / "gpu_suite.md").read_text()
 
