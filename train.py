@@ -10,6 +10,7 @@ minidream package.
 
 import argparse
 import contextlib
+import dataclasses
 import functools
 import math
 import shlex
@@ -19,14 +20,17 @@ from pathlib import Path
 
 import torch
 import yaml
+from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
-from minidream.config import ARCHITECTURES, ConfigError, TrainConfig, to_dict
+from minidream.config import ARCHITECTURES, ConfigError, ScheduleConfig, TrainConfig, to_dict
 from minidream.diffusion import schedule
 from minidream.diffusion.sampling import generate, image_grid
 from minidream.files import atomic_file
+from minidream.io.lora_files import kohya_settings, lora_merged, read_lora_file, save_lora
 from minidream.io.weights import WeightsError, load_pipeline, save_pipeline
+from minidream.models.lora import add_lora, train_adapters_only
 from minidream.models.pipeline import Pipeline, random_pipeline
 from minidream.models.precision import dtype_named, vae_dtype
 from minidream.training import checkpoint
@@ -42,15 +46,15 @@ from minidream.training.distributed import (
     init_distributed,
     shutdown,
 )
+from minidream.training.ema import EMA
 from minidream.training.example_subject import write_example_subject
 from minidream.training.metrics import MetricsLog, PendingSteps
+from minidream.training.optimizers import FusedBackward, OptimizerError, make_optimizer
 from minidream.training.prior import generate_class_images, missing_class_indices
+from minidream.training.recipe import Recipe, draw_noise, noisy_latents_and_target, recipe_loss
 from minidream.training.signals import StopRequest
 from minidream.training.step import (
-    dreambooth_loss,
     lr_factor,
-    noise_and_timesteps,
-    noisy_latents,
     step_unless,
     take_items,
     to_device,
@@ -86,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         return train(cfg, env, resume_command(argv, env))
-    except (ConfigError, DataError, WeightsError, CheckpointError) as error:
+    except (ConfigError, DataError, WeightsError, CheckpointError, OptimizerError) as error:
         print(f"error (rank {env.rank}): {error}", file=sys.stderr)
         return 2
     finally:
@@ -155,6 +159,94 @@ def save_validation_grid(cfg: TrainConfig, pipe: Pipeline, run_dir: Path, step: 
         image_grid(images, columns=min(4, len(images))).save(tmp, format="PNG")
 
 
+def training_schedule(cfg: TrainConfig, pipe: Pipeline) -> ScheduleConfig:
+    """The noise schedule this run trains with. It goes into pipe.config, so the validation grids
+    and the exported model (its metadata, or its scheduler config) sample with what was trained."""
+    sched = pipe.config.schedule
+    sched = dataclasses.replace(
+        sched, prediction_type=cfg.train.prediction_type or sched.prediction_type,
+        rescale_betas_zero_snr=sched.rescale_betas_zero_snr or cfg.model.zero_terminal_snr,
+    )
+    if sched.rescale_betas_zero_snr and sched.prediction_type != "v_prediction":
+        raise ConfigError(
+            "model.zero_terminal_snr needs a v-prediction target: at zero SNR the noise cannot be predicted from "
+            "pure noise (Lin et al. 2024, sec. 3.2); set train.prediction_type=v_prediction"
+        )
+    if cfg.train.max_timestep is not None and cfg.train.max_timestep > sched.num_train_timesteps:
+        raise ConfigError(f"train.max_timestep={cfg.train.max_timestep}, but the model has {sched.num_train_timesteps} timesteps")
+    pipe.config = dataclasses.replace(pipe.config, schedule=sched)
+    return sched
+
+
+def prepare_models(cfg: TrainConfig, pipe: Pipeline, amp_dtype: torch.dtype) -> tuple[dict[str, nn.Module], list[dict]]:
+    """Freeze what does not train, in the AMP dtype (the VAE by the one VAE-dtype rule); with
+    lora.rank add the adapters (fp32, the base frozen in the AMP dtype); then recompute and
+    compile. Returns the trained modules by checkpoint name, and the optimizer's parameter groups."""
+    tcfg, lora = cfg.train, cfg.lora
+    text_encoder_lr = tcfg.text_encoder_lr or tcfg.lr
+    pipe.vae.requires_grad_(False).to(dtype=vae_dtype(amp_dtype))  # fp16 keeps an fp32 VAE: its decoder overflows fp16
+    trained = {"unet": pipe.unet}
+    if lora.rank:
+        add_lora(pipe.unet, lora.targets, lora.rank, lora.alpha, lora.dropout, generator=lora.init_seed)
+        groups = [{"params": train_adapters_only(pipe.unet, amp_dtype), "lr": tcfg.lr}]
+        if lora.text_encoder_rank:  # kohya's text-encoder targets (attention and MLP), same alpha
+            add_lora(pipe.text_encoder, "all", lora.text_encoder_rank, lora.alpha, lora.dropout, generator=lora.init_seed + 1)
+            groups.append({"params": train_adapters_only(pipe.text_encoder, amp_dtype), "lr": text_encoder_lr})
+            trained["text_encoder"] = pipe.text_encoder
+    else:
+        groups = [{"params": list(pipe.unet.parameters()), "lr": tcfg.lr}]
+        if tcfg.train_text_encoder:
+            groups.append({"params": list(pipe.text_encoder.parameters()), "lr": text_encoder_lr})
+            trained["text_encoder"] = pipe.text_encoder
+    if "text_encoder" not in trained:
+        pipe.text_encoder.requires_grad_(False).to(dtype=amp_dtype)
+    pipe.unet.gradient_checkpointing = tcfg.gradient_checkpointing
+    if tcfg.compile:  # in place: parameter names, DDP and checkpoints see the same module
+        pipe.unet.compile(fullgraph=True)
+    for module in trained.values():
+        module.train()  # LoRA dropout acts in training mode only
+    return trained, groups
+
+
+def run_setup(cfg: TrainConfig, pipe: Pipeline, trained: dict[str, nn.Module]) -> dict:
+    """What a resumed run must share with its checkpoint; options at their defaults are left out."""
+    setup = {"architecture": repr(pipe.config.unet), "trained": sorted(trained)}
+    if cfg.lora.rank:
+        lora = cfg.lora
+        setup["lora"] = {"rank": lora.rank, "alpha": lora.alpha, "targets": lora.targets, "text_encoder_rank": lora.text_encoder_rank}
+    if cfg.train.ema_decay is not None:
+        setup["ema"] = True
+    if cfg.train.fused_backward or cfg.train.optimizer != "adamw":  # another optimizer state format
+        setup["optimizer"] = f"{cfg.train.optimizer}{' fused_backward' if cfg.train.fused_backward else ''}"
+    return setup
+
+
+@contextlib.contextmanager
+def weights_as_exported(cfg: TrainConfig, pipe: Pipeline, ema: EMA | None, run_dir: Path, num_instance: int, num_class: int):
+    """`pipe` holding the weights the run exports, for the block: the EMA's (run.export_ema=ema)
+    and, with LoRA, the adapters written to lora.safetensors and merged back into the base the way
+    the UIs merge them, so a validation grid shows what ComfyUI or A1111 will. Yields the LoRA
+    file (None without LoRA); afterwards every weight is as it was."""
+    with ema.swapped_in() if ema is not None and cfg.run.export_ema == "ema" else contextlib.nullcontext():
+        if not cfg.lora.rank:
+            yield None
+            return
+        path = run_dir / "lora.safetensors"
+        text_encoder = pipe.text_encoder if cfg.lora.text_encoder_rank else None
+        save_lora(path, pipe.unet, text_encoder, settings=kohya_settings(cfg, num_instance, num_class))
+        with lora_merged(pipe, read_lora_file(path, pipe.config)):
+            yield path
+
+
+def export_model(cfg: TrainConfig, pipe: Pipeline, ema: EMA | None, run_dir: Path, num_instance: int, num_class: int) -> Path:
+    """Write the run's result: model.safetensors (SD single file), or with LoRA lora.safetensors,
+    plus the merged model when run.export_merged is set or the base is not a file (random weights)."""
+    with weights_as_exported(cfg, pipe, ema, run_dir, num_instance, num_class) as lora_file:
+        if lora_file is None or cfg.run.export_merged or not cfg.model.weights:
+            save_pipeline(pipe, run_dir / "model.safetensors", format="single-file", dtype=dtype_named(cfg.run.export_dtype))
+    return lora_file or run_dir / "model.safetensors"
+
+
 def save_checkpoint_all_ranks(env: Distributed, run_dir: Path, state: TrainerState, keep_last: int) -> Path | None:
     """Every rank hands over its RNG states; the main rank writes the checkpoint (its folder is returned there)."""
     rng = gather_objects(checkpoint.capture_rng())
@@ -188,31 +280,27 @@ def train(cfg: TrainConfig, env: Distributed, resume_hint: str) -> int:
             "or start afresh in another run.output_dir"
         )
 
-    # 2. Models: the UNet (and optionally the text encoder) train in fp32 master weights;
-    #    the frozen parts run in the AMP dtype.
+    # 2. Models: what trains (the UNet, or its LoRA adapters; optionally the text encoder) keeps
+    #    fp32 master weights; the frozen parts run in the AMP dtype.
     pipe = load_models(cfg, env)
     if cfg.model.clip_skip > pipe.config.text_encoder.layers:
         raise ConfigError(f"model.clip_skip={cfg.model.clip_skip}, but the text encoder has {pipe.config.text_encoder.layers} layers")
     if prior:
         ensure_class_images(cfg, env, pipe, amp)
     classes = scan_images(data.class_dir, data.class_prompt, data.resolution, data.skip_bad_images, "class", use_captions=False) if prior else []
-    pipe.vae.requires_grad_(False).to(dtype=vae_dtype(amp_dtype))  # fp16 keeps an fp32 VAE: its decoder overflows fp16
-    pipe.text_encoder.requires_grad_(tcfg.train_text_encoder)
-    if not tcfg.train_text_encoder:
-        pipe.text_encoder.to(dtype=amp_dtype)
-    pipe.unet.gradient_checkpointing = tcfg.gradient_checkpointing
-    if tcfg.compile:  # in place: parameter names, DDP and checkpoints see the same module
-        pipe.unet.compile(fullgraph=True)
-    pipe.unet.train()
-    trained = {"unet": pipe.unet} | ({"text_encoder": pipe.text_encoder} if tcfg.train_text_encoder else {})
+    sched = training_schedule(cfg, pipe)
+    trained, groups = prepare_models(cfg, pipe, amp_dtype)
+    text_encoder_trains = "text_encoder" in trained
 
     def wrap(module):
         if env.world_size == 1:
             return module
         return DistributedDataParallel(module, device_ids=[env.local_rank] if env.device.type == "cuda" else None)
 
+    if tcfg.fused_backward and env.world_size > 1:
+        raise ConfigError("train.fused_backward steps each weight before DDP has averaged its gradient: run it in one process")
     unet = wrap(pipe.unet)
-    text_encoder = wrap(pipe.text_encoder) if tcfg.train_text_encoder else pipe.text_encoder
+    text_encoder = wrap(pipe.text_encoder) if text_encoder_trains else pipe.text_encoder
     ddp_modules = [m for m in (unet, text_encoder) if isinstance(m, DistributedDataParallel)]
 
     latents_of = functools.partial(
@@ -220,29 +308,28 @@ def train(cfg: TrainConfig, env: Distributed, resume_hint: str) -> int:
         random_flip=data.random_flip, cache=tcfg.cache_latents, scaling_factor=pipe.config.vae.scaling_factor,
     )
     batches = DreamBoothBatches(instances, classes, latents_of(instances), latents_of(classes) if prior else None, tcfg.seed)
-    encode_prompts = PromptEncoder(pipe.tokenizer, text_encoder, tcfg.train_text_encoder, cfg.model.clip_skip)
-
-    sched = pipe.config.schedule
+    encode_prompts = PromptEncoder(pipe.tokenizer, text_encoder, text_encoder_trains, cfg.model.clip_skip)
     alphas_cumprod = schedule.alphas_cumprod_of(sched).to(env.device)
+    recipe = Recipe.from_config(tcfg, sched)
 
-    # 3. Optimizer, LR schedule, loss scaler.
-    groups = [{"params": list(pipe.unet.parameters()), "lr": tcfg.lr}]
-    if tcfg.train_text_encoder:
-        groups.append({"params": list(pipe.text_encoder.parameters()), "lr": tcfg.text_encoder_lr or tcfg.lr})
-    optimizer = torch.optim.AdamW(
-        groups, betas=(tcfg.adam_beta1, tcfg.adam_beta2), eps=tcfg.adam_eps, weight_decay=tcfg.weight_decay,
-        fused=True,  # one kernel for all weights, and it can skip a step without the host looking (step_unless)
-    )
-    lr_schedule = torch.optim.lr_scheduler.LambdaLR(
+    # 3. Optimizer, LR schedule, loss scaler, EMA.
+    def build(param_groups):
+        return make_optimizer(param_groups, tcfg.optimizer, (tcfg.adam_beta1, tcfg.adam_beta2), tcfg.adam_eps, tcfg.weight_decay)
+
+    # fused_backward: the optimizer steps inside backward, one weight at a time, its LR set per step.
+    optimizer = FusedBackward(groups, build) if tcfg.fused_backward else build(groups)
+    lr_schedule = None if tcfg.fused_backward else torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_factor(s, tcfg.lr_schedule, tcfg.warmup_steps, tcfg.max_steps)
     )
     scaler = torch.amp.GradScaler(env.device.type, enabled=tcfg.mixed_precision == "fp16")
     params = [p for group in groups for p in group["params"]]
+    named = [(f"{name}.{key}", p) for name, module in trained.items() for key, p in module.named_parameters() if p.requires_grad]
+    ema = EMA(named, tcfg.ema_decay, tcfg.ema_warmup) if tcfg.ema_decay is not None else None
 
     # 4. The trainer state, saved and restored whole; resume puts everything back as it was.
     state = TrainerState(
-        modules=trained, optimizer=optimizer, lr_schedule=lr_schedule, scaler=scaler,
-        setup={"architecture": repr(pipe.config.unet), "trained": sorted(trained)},
+        modules=trained, optimizer=optimizer, lr_schedule=lr_schedule, scaler=scaler, setup=run_setup(cfg, pipe, trained),
+        adapters_only=cfg.lora.rank > 0, ema=ema,
     )
     resume_from = checkpoint.resolve_resume(run_dir, cfg.run.resume)
     if resume_from is not None:
@@ -264,12 +351,16 @@ def train(cfg: TrainConfig, env: Distributed, resume_hint: str) -> int:
     pending, window_started, window_samples = PendingSteps(), time.perf_counter(), 0
     while state.step < tcfg.max_steps:
         totals = torch.zeros(3, device=env.device)  # loss, instance loss, prior loss over micro-steps
+        if tcfg.fused_backward:
+            optimizer.set_lr_factor(lr_factor(state.step, tcfg.lr_schedule, tcfg.warmup_steps, tcfg.max_steps))
         for micro in range(accum):
             items, state.cursor = take_items(state.cursor, tcfg.batch_size, len(batches), tcfg.seed, env.rank, env.world_size)
             latents, prompts, generators = batches.batch(items)
-            noise, t = noise_and_timesteps(latents.shape[1:], generators, sched.num_train_timesteps)
+            noise, input_noise, t = draw_noise(latents.shape[1:], generators, recipe)
+            perturbed = input_noise is not noise  # input perturbation: x_t from other noise than the target's
             latents, noise, t = (to_device(x, env.device) for x in (latents, noise, t))
-            noisy, target = noisy_latents(latents, noise, t, alphas_cumprod, sched.prediction_type)
+            input_noise = to_device(input_noise, env.device) if perturbed else noise
+            noisy, target = noisy_latents_and_target(latents, noise, input_noise, t, alphas_cumprod, recipe)
             # Gradients are all-reduced only on the last micro-step of the accumulation.
             syncing = contextlib.ExitStack()
             if micro < accum - 1:
@@ -279,20 +370,30 @@ def train(cfg: TrainConfig, env: Distributed, resume_hint: str) -> int:
                 with amp():
                     context = encode_prompts(prompts, env.device)
                     prediction = unet(noisy, t, context)
-                loss, loss_instance, loss_prior = dreambooth_loss(prediction, target, len(items), tcfg.prior_loss_weight)
+                loss, loss_instance, loss_prior = recipe_loss(
+                    prediction, target, t, alphas_cumprod, recipe, len(items), tcfg.prior_loss_weight
+                )
                 scaler.scale(loss / accum).backward()
             totals += torch.stack([loss.detach(), loss_instance.detach(), loss_prior.detach()]) / accum
             window_samples += len(prompts) * env.world_size
 
-        scaler.unscale_(optimizer)
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, tcfg.max_grad_norm)
-        # The same on every rank: DDP has averaged the gradients, and a NaN loss anywhere makes them NaN.
-        skip = ~torch.isfinite(grad_norm)
-        step_unless(optimizer, skip)
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
+        if tcfg.fused_backward:  # backward has stepped each weight; no global norm exists
+            skip = optimizer.nonfinite.clone()
+            optimizer.reset_nonfinite()
+            grad_norm = torch.full((), float("nan"), device=env.device)
+        else:
+            scaler.unscale_(optimizer)
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, tcfg.max_grad_norm or float("inf"))  # inf: measure only
+            # The same on every rank: DDP has averaged the gradients, and a NaN loss anywhere makes them NaN.
+            skip = ~torch.isfinite(grad_norm)
+            step_unless(optimizer, skip)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+        if ema is not None and (state.step + 1) % tcfg.ema_every == 0:
+            ema.update(skip)  # on the device: a skipped step leaves the EMA as it was
         pending.add(state.step + 1, optimizer.param_groups[0]["lr"], totals, grad_norm, skip)
-        lr_schedule.step()
+        if lr_schedule is not None:
+            lr_schedule.step()
         state.step += 1
         bar.update(1)
 
@@ -321,7 +422,8 @@ def train(cfg: TrainConfig, env: Distributed, resume_hint: str) -> int:
                     bar.write(f"checkpoint: {saved}")
             window_started = time.perf_counter()  # checkpoints are not training time
         if env.is_main and cfg.validation.prompts and step % cfg.validation.every_n_steps == 0:
-            save_validation_grid(cfg, pipe, run_dir, step, amp)
+            with weights_as_exported(cfg, pipe, ema, run_dir, len(instances), len(classes)):
+                save_validation_grid(cfg, pipe, run_dir, step, amp)
             window_started = time.perf_counter()
         if stop_now:
             break
@@ -338,11 +440,11 @@ def train(cfg: TrainConfig, env: Distributed, resume_hint: str) -> int:
         log(env, f"stopped at step {state.step}; to continue: {resume_hint}")
         return 0
     if env.is_main:
-        export = run_dir / "model.safetensors"
-        save_pipeline(pipe, export, format="single-file", dtype=dtype_named(cfg.run.export_dtype))
-        log(env, f"done: {tcfg.max_steps} steps. Fine-tuned model: {export}\n"
+        export = export_model(cfg, pipe, ema, run_dir, len(instances), len(classes))
+        weights = f"--weights {cfg.model.weights} --lora {export}" if cfg.lora.rank and cfg.model.weights else f"--weights {run_dir / 'model.safetensors'}"
+        log(env, f"done: {tcfg.max_steps} steps. Fine-tuned {'LoRA' if cfg.lora.rank else 'model'}: {export}\n"
             f"  metrics: {metrics.path}\n  samples: {run_dir / 'samples'}\n"
-            f"  try it:  python sample.py --weights {export} --prompt {data.instance_prompt!r}")
+            f"  try it:  python sample.py {weights} --prompt {data.instance_prompt!r}")
     barrier()
     return 0
 

@@ -14,8 +14,8 @@ import diffusers
 import torch
 
 from minidream.config import ARCHITECTURES, ModelConfig
+from minidream.models.precision import DTYPES
 
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 H100_SXM_BF16_DENSE_TFLOPS = 989.0
 # DESIGN.md's model FLOPs per image for SD 1.5 at 512x512 (64x64 latents), in TFLOP.
 SD15_TFLOP = {"unet_forward": 0.80, "unet_train": 2.41, "vae_encode": 1.1, "vae_decode": 2.5}
@@ -32,8 +32,9 @@ class Settings:
     channels_last: bool
     warmup: int
     repeats: int
-    peak_tflops: float
+    peak_tflops: float | None  # the device's, for MFU; None: unknown
     seed: int
+    compile_backend: str = "inductor"  # torch.compile's; the CPU rehearsal takes "aot_eager" (no code generation)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -56,12 +57,13 @@ def parser(description: str) -> argparse.ArgumentParser:
     parser.add_argument("--dtype", choices=DTYPES, default=None, help="default: bf16 on CUDA, fp32 on CPU")
     parser.add_argument("--config", choices=ARCHITECTURES, default="sd15", help="model shapes (default sd15)")
     parser.add_argument("--compile", action="store_true", help="torch.compile both models")
+    parser.add_argument("--compile-backend", default="inductor", help="torch.compile's backend (default: %(default)s)")
     parser.add_argument("--channels-last", action="store_true", help="channels_last weights and inputs for both")
     parser.add_argument("--warmup", type=int, default=2, help="untimed calls of each before timing")
     parser.add_argument("--repeats", type=int, default=5, help="timed calls of each (the median is reported)")
     parser.add_argument(
-        "--peak-tflops", type=float, default=H100_SXM_BF16_DENSE_TFLOPS,
-        help="the device's peak TFLOP/s, for MFU (default: H100 SXM bf16 dense)",
+        "--peak-tflops", type=float, default=None,
+        help="the device's peak TFLOP/s, for MFU (default: by the GPU's name, see peak_bf16_tflops)",
     )
     parser.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
     parser.add_argument("--seed", type=int, default=0)
@@ -80,8 +82,9 @@ def settings_from(args: argparse.Namespace) -> Settings:
         channels_last=args.channels_last,
         warmup=args.warmup,
         repeats=args.repeats,
-        peak_tflops=args.peak_tflops,
+        peak_tflops=args.peak_tflops or device_peak_tflops(device),
         seed=args.seed,
+        compile_backend=args.compile_backend,
     )
 
 
@@ -158,19 +161,52 @@ def machine(device: torch.device) -> str:
     return f"{names[0] if names else platform.processor()}, {cores} cores, {torch.get_num_threads()} torch threads"
 
 
+def version_numbers() -> dict[str, str | None]:
+    """torch, the CUDA it was built for (None: a CPU build), diffusers and Python."""
+    return {
+        "torch": torch.__version__, "cuda": torch.version.cuda,
+        "diffusers": diffusers.__version__, "python": platform.python_version(),
+    }
+
+
 def versions() -> str:
-    return f"torch {torch.__version__}, diffusers {diffusers.__version__}, Python {platform.python_version()}"
+    numbers = version_numbers()
+    cuda = f" (CUDA {numbers['cuda']})" if numbers["cuda"] else ""
+    return f"torch {numbers['torch']}{cuda}, diffusers {numbers['diffusers']}, Python {numbers['python']}"
 
 
 def command(module: str, argv: list[str]) -> str:
     return shlex.join(["python", "-m", module, *argv])
 
 
+def peak_bf16_tflops(gpu_name: str) -> float | None:
+    """Dense bf16 TFLOP/s by the vendor's datasheet for the GPUs named here, else None (unknown).
+    The H200 (SXM) has the H100 SXM's Hopper rate; the PCIe and NVL parts run lower clocks."""
+    if ("H100" in gpu_name or "H200" in gpu_name) and not any(part in gpu_name for part in ("PCIe", "NVL")):
+        return H100_SXM_BF16_DENSE_TFLOPS
+    if "A100" in gpu_name:
+        return 312.0
+    return None
+
+
+def device_peak_tflops(device: torch.device) -> float | None:
+    return peak_bf16_tflops(torch.cuda.get_device_name(device)) if device.type == "cuda" else None
+
+
+def mfu_percent(row: Row, seconds: float, settings: Settings) -> float | None:
+    """Model FLOPs utilisation in % of the peak, where it means something: on a GPU of known
+    peak, with FLOPs known."""
+    if settings.device.type != "cuda" or row.tflop_per_call is None or settings.peak_tflops is None:
+        return None
+    return 100 * row.tflop_per_call / seconds / settings.peak_tflops
+
+
 def mfu(row: Row, seconds: float, settings: Settings) -> str:
-    """Model FLOPs utilisation against --peak-tflops, where it means something: on a GPU, with FLOPs known."""
-    if settings.device.type != "cuda" or row.tflop_per_call is None:
-        return "-"
-    return f"{100 * row.tflop_per_call / seconds / settings.peak_tflops:.1f}%"
+    percent = mfu_percent(row, seconds, settings)
+    if percent is None:
+        unknown_peak = settings.device.type == "cuda" and row.tflop_per_call is not None
+        return "peak unknown" if unknown_peak else "-"
+    return f"{percent:.1f}%"
 
 
 TABLE_HEADER = (

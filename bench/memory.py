@@ -9,6 +9,7 @@ import argparse
 import json
 import subprocess
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -56,15 +57,25 @@ def workload(impl: str, args: argparse.Namespace, settings: Settings):
     return torch.no_grad()(partial(forward, x, t, context))
 
 
+def cuda_peak_mb(run: Callable[[], object], calls: int, device: torch.device) -> float:
+    """`torch.cuda.max_memory_allocated` over `calls` calls, in MB: what is allocated when they
+    start (weights, optimizer state) plus the most they add at any moment."""
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    for _ in range(calls):
+        run()
+    torch.cuda.synchronize(device)
+    return torch.cuda.max_memory_allocated(device) / 2**20
+
+
 def measure(impl: str, args: argparse.Namespace, settings: Settings) -> float:
     """Peak MB of `STEPS` calls of the workload, in this process."""
     baseline = 0.0 if settings.device.type == "cuda" else proc_status_mb("VmRSS")
     run = workload(impl, args, settings)
+    if settings.device.type == "cuda":
+        return cuda_peak_mb(run, STEPS, settings.device)
     for _ in range(STEPS):
         run()
-    if settings.device.type == "cuda":
-        torch.cuda.synchronize(settings.device)
-        return torch.cuda.max_memory_allocated(settings.device) / 2**20
     return proc_status_mb("VmHWM") - baseline
 
 
@@ -91,18 +102,24 @@ class MemoryRow:
         return self.minidream_mb / self.diffusers_mb
 
 
+MEMORY_HEADER = "| workload | setup | shape | minidream MB | diffusers MB | minidream/diffusers |\n|---|---|---|---:|---:|---:|"
+
+
+def memory_table_row(row: MemoryRow, settings: Settings) -> str:
+    cells = [
+        row.workload, settings.describe(), row.shape,
+        f"{row.minidream_mb:.0f}", f"{row.diffusers_mb:.0f}", f"**{row.ratio:.3f}**",
+    ]
+    return "| " + " | ".join(cells) + " |"
+
+
 def report(row: MemoryRow, settings: Settings, command_line: str) -> None:
     on_cuda = settings.device.type == "cuda"
     measure_name = "CUDA max_memory_allocated" if on_cuda else "peak RSS above the post-import RSS"
     print(f"\nMachine: {machine(settings.device)}; {versions()}")
     print(f"Command: `{command_line}` ({measure_name}, {STEPS} steps, one process per implementation)\n")
-    print("| workload | setup | shape | minidream MB | diffusers MB | minidream/diffusers |")
-    print("|---|---|---|---:|---:|---:|")
-    cells = [
-        row.workload, settings.describe(), row.shape,
-        f"{row.minidream_mb:.0f}", f"{row.diffusers_mb:.0f}", f"**{row.ratio:.3f}**",
-    ]
-    print("| " + " | ".join(cells) + " |")
+    print(MEMORY_HEADER)
+    print(memory_table_row(row, settings))
 
 
 def main(argv: list[str] | None = None) -> MemoryRow | None:

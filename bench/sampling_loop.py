@@ -9,6 +9,7 @@ so their final latents must agree, and the largest difference is printed as a ch
 
 import dataclasses
 import sys
+from collections.abc import Callable
 
 import torch
 from diffusers import DDIMScheduler, StableDiffusionPipeline
@@ -39,6 +40,50 @@ def prompt_embeddings(settings: Settings, batch: int) -> tuple[torch.Tensor, tor
     return cond, uncond
 
 
+def sampling_runs(
+    settings: Settings, unet, twin, batch: int, latent: int, steps: int, guidance: float
+) -> dict[str, Callable[[], torch.Tensor]]:
+    """One whole DDIM loop of each implementation, from the same seeds: each returns its final latents."""
+    cfg = settings.model_config
+    # denoise reads only the UNet and the schedule of the pipeline.
+    pipe = Pipeline(unet=unet, vae=None, text_encoder=None, tokenizer=None, config=cfg)
+    diffusers_pipe = StableDiffusionPipeline(
+        vae=None, text_encoder=None, tokenizer=None, unet=twin,
+        scheduler=DDIMScheduler(**dataclasses.asdict(cfg.schedule)),
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )
+    diffusers_pipe.set_progress_bar_config(disable=True)
+    cond, uncond = prompt_embeddings(settings, batch)
+    seeds = [settings.seed + i for i in range(batch)]
+    latent_shape = (cfg.unet.in_channels, latent, latent)
+
+    def run_minidream() -> torch.Tensor:
+        return denoise(pipe, cond, uncond, image_generators(seeds), latent_shape, "ddim", steps, guidance)
+
+    def run_diffusers() -> torch.Tensor:
+        return diffusers_pipe(
+            prompt_embeds=cond, negative_prompt_embeds=uncond, height=8 * latent, width=8 * latent,
+            num_inference_steps=steps, guidance_scale=guidance, generator=image_generators(seeds),
+            output_type="latent", return_dict=False,
+        )[0]
+
+    return {"minidream": run_minidream, "diffusers": run_diffusers}
+
+
+def largest_difference(runs: dict[str, Callable[[], torch.Tensor]]) -> float:
+    """max |minidream - diffusers| over the final latents: the same weights and seeds must agree."""
+    return (runs["minidream"]().float() - runs["diffusers"]().float()).abs().max().item()
+
+
+def sampling_row(
+    batch: int, latent: int, steps: int, guidance: float, seconds: dict[str, float], settings: Settings
+) -> Row:
+    # Each denoising step runs the UNet forward on the doubled (uncond + cond) batch.
+    tflop = SD15_TFLOP["unet_forward"] * 2 * batch * steps * latent_scale(latent, latent)
+    shape = f"batch {batch}, latent {latent}x{latent}, {steps} steps"
+    return compared(f"DDIM loop, guidance {guidance:g}", shape, steps, "steps/s", tflop, seconds, settings)
+
+
 def main(argv: list[str] | None = None) -> list[Row]:
     argv = sys.argv[1:] if argv is None else argv
     options = parser(__doc__.splitlines()[0])
@@ -52,37 +97,10 @@ def main(argv: list[str] | None = None) -> list[Row]:
         options.error("--channels-last is for the UNet and VAE benches: the sampling loop makes its own latents")
 
     unet, twin = unet_pair(settings, settings.dtype)
-    unet.eval()
-    twin.eval()
-    cfg = settings.model_config
-    # denoise reads only the UNet and the schedule of the pipeline.
-    pipe = Pipeline(unet=unet, vae=None, text_encoder=None, tokenizer=None, config=cfg)
-    diffusers_pipe = StableDiffusionPipeline(
-        vae=None, text_encoder=None, tokenizer=None, unet=twin,
-        scheduler=DDIMScheduler(**dataclasses.asdict(cfg.schedule)),
-        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
-    )
-    diffusers_pipe.set_progress_bar_config(disable=True)
-    cond, uncond = prompt_embeddings(settings, args.batch)
-    seeds = [settings.seed + i for i in range(args.batch)]
-    latent_shape = (cfg.unet.in_channels, args.latent, args.latent)
-
-    def run_minidream() -> torch.Tensor:
-        return denoise(pipe, cond, uncond, image_generators(seeds), latent_shape, "ddim", args.steps, args.guidance)
-
-    def run_diffusers() -> torch.Tensor:
-        return diffusers_pipe(
-            prompt_embeds=cond, negative_prompt_embeds=uncond, height=8 * args.latent, width=8 * args.latent,
-            num_inference_steps=args.steps, guidance_scale=args.guidance, generator=image_generators(seeds),
-            output_type="latent", return_dict=False,
-        )[0]
-
-    difference = (run_minidream().float() - run_diffusers().float()).abs().max().item()
-    seconds = time_alternating({"minidream": run_minidream, "diffusers": run_diffusers}, settings)
-    # Each denoising step runs the UNet forward on the doubled (uncond + cond) batch.
-    tflop = SD15_TFLOP["unet_forward"] * 2 * args.batch * args.steps * latent_scale(args.latent, args.latent)
-    shape = f"batch {args.batch}, latent {args.latent}x{args.latent}, {args.steps} steps"
-    row = compared(f"DDIM loop, guidance {args.guidance:g}", shape, args.steps, "steps/s", tflop, seconds, settings)
+    runs = sampling_runs(settings, unet, twin, args.batch, args.latent, args.steps, args.guidance)
+    difference = largest_difference(runs)
+    seconds = time_alternating(runs, settings)
+    row = sampling_row(args.batch, args.latent, args.steps, args.guidance, seconds, settings)
     report([row], settings, command(__spec__.name, argv))
     print(f"\nFinal latents, max |minidream - diffusers| = {difference:.2e}")
     return [row]

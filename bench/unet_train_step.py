@@ -6,6 +6,7 @@ share one optimizer, so only the forward and backward differ between them.
 """
 
 import sys
+from collections.abc import Callable
 from functools import partial
 
 import torch
@@ -98,6 +99,21 @@ def training_models(settings: Settings, gradient_checkpointing: bool):
     return unet, twin
 
 
+def training_runs(
+    settings: Settings, unet, twin, params: list[torch.nn.Parameter], optimizer, batch: int, latent: int
+) -> dict[str, Callable[[], torch.Tensor]]:
+    """One training step of each implementation at this batch, ready to call."""
+    inputs = training_inputs(settings, batch, latent)
+    step = partial(train_step, inputs=inputs, params=params, optimizer=optimizer, settings=settings)
+    return {impl: partial(step, unet_forward(impl, unet, twin)) for impl in IMPLEMENTATIONS}
+
+
+def training_row(benchmark: str, batch: int, latent: int, seconds: dict[str, float], settings: Settings) -> Row:
+    tflop = SD15_TFLOP["unet_train"] * batch * latent_scale(latent, latent)
+    shape = f"batch {batch}, latent {latent}x{latent}"
+    return compared(benchmark, shape, batch, "samples/s", tflop, seconds, settings)
+
+
 def main(argv: list[str] | None = None) -> list[Row]:
     argv = sys.argv[1:] if argv is None else argv
     options = parser(__doc__.splitlines()[0])
@@ -109,15 +125,11 @@ def main(argv: list[str] | None = None) -> list[Row]:
     unet, twin = training_models(settings, args.gradient_checkpointing)
     params = list(unet.parameters())
     optimizer = make_optimizer(params, args.optimizer)
-    forwards = {impl: unet_forward(impl, unet, twin) for impl in IMPLEMENTATIONS}
     rows = []
     for batch in args.batches:
-        inputs = training_inputs(settings, batch, args.latent)
-        step = partial(train_step, inputs=inputs, params=params, optimizer=optimizer, settings=settings)
-        seconds = time_alternating({impl: partial(step, forward) for impl, forward in forwards.items()}, settings)
-        tflop = SD15_TFLOP["unet_train"] * batch * latent_scale(args.latent, args.latent)
-        shape = f"batch {batch}, latent {args.latent}x{args.latent}"
-        rows.append(compared(training_benchmark(args), shape, batch, "samples/s", tflop, seconds, settings))
+        runs = training_runs(settings, unet, twin, params, optimizer, batch, args.latent)
+        seconds = time_alternating(runs, settings)
+        rows.append(training_row(training_benchmark(args), batch, args.latent, seconds, settings))
     report(rows, settings, command(__spec__.name, argv))
     return rows
 

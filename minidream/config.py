@@ -80,6 +80,7 @@ class ScheduleConfig:
     steps_offset: int = 1
     set_alpha_to_one: bool = False
     clip_sample: bool = False
+    rescale_betas_zero_snr: bool = False  # Lin et al. 2024: betas rescaled so alpha_bar at the last step is 0
 
 
 @dataclass(frozen=True)
@@ -117,8 +118,8 @@ class ModelSection:
     weights: str | None = None  # checkpoint file or folder; None = random init (tiny runs, tests)
     use_ema: bool = False  # take model_ema.* weights from single files that carry them
     clip_skip: int = 1  # text-encoder layer the UNet reads: 1 = last, 2 = penultimate (+ final norm), as UIs offer
-    # Lin et al. 2024: rescale the betas so the last step is pure noise (alpha_bar_T = 0); pair it with
-    # v-prediction, "trailing" timestep spacing and guidance rescale (diffusion/schedule.rescale_zero_terminal_snr)
+    # Lin et al. 2024: rescale the betas so the last step is pure noise (alpha_bar_T = 0); needs a
+    # v-prediction target (train.prediction_type), and the exported model samples with the same betas
     zero_terminal_snr: bool = False
 
 
@@ -153,7 +154,7 @@ class TrainSection:
     mixed_precision: str = "no"  # "no" | "fp16" | "bf16"
     gradient_accumulation_steps: int = 1
     gradient_checkpointing: bool = False
-    max_grad_norm: float = 1.0
+    max_grad_norm: float | None = 1.0  # clip the global gradient norm to this; null = no clipping
     adam_beta1: float = 0.9
     adam_beta2: float = 0.999
     adam_eps: float = 1e-8
@@ -175,8 +176,21 @@ class TrainSection:
     ema_decay: float | None = None  # keep an EMA of the trained weights, e.g. 0.9999; None = off
     ema_warmup: bool = True  # decay min(ema_decay, (1 + n) / (10 + n)) after n updates
     ema_every: int = 1  # update the EMA every this many optimizer steps
+    prediction_type: str | None = None  # None = the model's; "v_prediction" trains (and exports) a v-prediction model
     optimizer: str = "adamw"  # "adamw" (fused) | "adamw8bit" (needs bitsandbytes)
     fused_backward: bool = False  # step each weight inside backward and free its gradient (one process, no clipping/accumulation)
+
+
+@dataclass(frozen=True)
+class LoRASection:
+    """Low-rank adapters instead of the full fine-tune (models/lora.py); scale = alpha / rank, as kohya and the UIs."""
+
+    rank: int = 0  # 0 = train the full weights; e.g. 4-32 trains adapters only
+    alpha: float | None = None  # None = rank (scale 1)
+    targets: str = "transformer"  # UNet layers: "attention" | "transformer" (kohya's default) | "all" (+ ResBlock convs)
+    text_encoder_rank: int = 0  # 0 = text encoder frozen; > 0 adds adapters to its attention and MLP layers
+    dropout: float = 0.0  # on each adapter's input, during training only
+    init_seed: int = 0  # the adapters' initialisation (the text encoder's uses init_seed + 1)
 
 
 @dataclass(frozen=True)
@@ -192,7 +206,8 @@ class RunSection:
     tensorboard: bool = False
     log_every_n_steps: int = 10  # how often the host reads losses back from the GPU (metrics keep every step)
     export_dtype: str = "fp16"  # dtype of the exported model.safetensors: "fp16" | "fp32"
-    export_ema: str = "ema"  # with train.ema_decay: "ema" (EMA weights as the model) | "raw" | "both" (+ model_ema.*)
+    export_ema: str = "ema"  # with train.ema_decay: "ema" (the EMA weights are the export) | "raw" (the trained ones)
+    export_merged: bool = False  # with lora.rank: also write model.safetensors, the LoRA merged into the base
 
 
 @dataclass(frozen=True)
@@ -212,6 +227,7 @@ class TrainConfig:
     model: ModelSection = field(default_factory=ModelSection)
     data: DataSection = field(default_factory=DataSection)
     train: TrainSection = field(default_factory=TrainSection)
+    lora: LoRASection = field(default_factory=LoRASection)
     checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
     run: RunSection = field(default_factory=RunSection)
     validation: ValidationSection = field(default_factory=ValidationSection)

@@ -1,19 +1,11 @@
-"""Reference diffusers models with seeded random weights, and the inputs and tolerances the
-UNet / VAE parity tests share."""
+"""Reference diffusers configs and models with seeded random weights, and the inputs and
+tolerances the UNet / VAE parity tests share. The minidream/diffusers twins come from
+bench.models (one builder for the benchmarks and the tests)."""
 
 import torch
-from diffusers import AutoencoderKL as DiffusersAutoencoderKL
-from diffusers import UNet2DConditionModel
 
-from minidream.config import UNetConfig, VAEConfig
-from minidream.io.diffusers_layout import (
-    unet_config_to_diffusers,
-    unet_from_diffusers,
-    vae_config_to_diffusers,
-    vae_from_diffusers,
-)
-from minidream.models.unet import UNet
-from minidream.models.vae import AutoencoderKL
+from bench.models import perturb_vectors
+from minidream.config import UNetConfig
 
 # runwayml/stable-diffusion-v1-5's unet/config.json and vae/config.json, as published (the VAE
 # file predates the scaling_factor field; 0.18215 is diffusers' default for it).
@@ -61,39 +53,11 @@ def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
     return ((actual - expected).abs().max() / expected.abs().max()).item()
 
 
-def _perturb_vectors(model: torch.nn.Module, seed: int) -> torch.nn.Module:
-    """Norm weights start at exactly 1 and biases at 0, where a swapped or dropped tensor would
-    go unnoticed: add seeded noise to every 1-D parameter."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for param in model.parameters():
-            if param.ndim == 1:
-                param.add_(0.1 * torch.randn(param.shape, generator=generator))
-    return model
-
-
 def seeded_diffusers_model(model_class, config: dict, seed: int) -> torch.nn.Module:
-    """diffusers' model of this config with its own random initialisation, seeded."""
+    """diffusers' model of this config with its own random initialisation, seeded (for the tests
+    that need a diffusers model alone; twins come from bench.models)."""
     torch.manual_seed(seed)
-    return _perturb_vectors(model_class.from_config(config), seed).eval()
-
-
-def unet_pair(cfg: UNetConfig, seed: int) -> tuple[UNet2DConditionModel, UNet]:
-    """A random diffusers UNet and a minidream UNet sharing its weight storage (no copy of 3.4 GB)."""
-    reference = seeded_diffusers_model(UNet2DConditionModel, unet_config_to_diffusers(cfg), seed)
-    with torch.device("meta"):
-        model = UNet(cfg)
-    model.load_state_dict(unet_from_diffusers(reference.state_dict(), cfg), strict=True, assign=True)
-    return reference, model.eval()
-
-
-def vae_pair(cfg: VAEConfig, seed: int) -> tuple[DiffusersAutoencoderKL, AutoencoderKL]:
-    """A random diffusers VAE and a minidream VAE sharing its weight storage."""
-    reference = seeded_diffusers_model(DiffusersAutoencoderKL, vae_config_to_diffusers(cfg), seed)
-    with torch.device("meta"):
-        model = AutoencoderKL(cfg)
-    model.load_state_dict(vae_from_diffusers(reference.state_dict(), cfg), strict=True, assign=True)
-    return reference, model.eval()
+    return perturb_vectors(model_class.from_config(config), seed).eval()
 
 
 def unet_inputs(cfg: UNetConfig, timesteps: list[float], height: int, width: int, seed: int):

@@ -43,7 +43,7 @@ def assert_resumes_as_if_never_stopped(run_dir, data, setup, never_stopped) -> t
     return resumed_from, log
 
 
-@pytest.mark.parametrize("setup", ["single", "text-encoder", "torchrun"])
+@pytest.mark.parametrize("setup", ["single", "text-encoder", "torchrun", "recipe", "torchrun-recipe", "fused", "lora", "torchrun-lora"])
 def test_sigterm_then_resume(setup, tmp_path, training_data, uninterrupted):
     """SIGTERM finishes the step, checkpoints, says how to resume and exits 0. Under torchrun
     only rank 1 gets the signal: every rank must agree to stop at the same step."""
@@ -87,13 +87,13 @@ def test_sigkill_during_a_checkpoint_write_resumes_from_the_previous_one(tmp_pat
 
 def test_a_stop_asked_for_during_the_last_step_still_exports(tmp_path, training_data, monkeypatch, capsys, one_thread):
     """The last step finishes the run: nothing is left to resume, so the model is exported."""
-    loss = train.dreambooth_loss
+    loss = train.recipe_loss
 
     def loss_then_sigterm(*args):
         os.kill(os.getpid(), signal.SIGTERM)
         return loss(*args)
 
-    monkeypatch.setattr(train, "dreambooth_loss", loss_then_sigterm)
+    monkeypatch.setattr(train, "recipe_loss", loss_then_sigterm)
     run_dir = tmp_path / "run"
     assert train.main(train_args(run_dir, training_data, ("train.max_steps=1",))) == 0
     assert "done: 1 steps" in capsys.readouterr().out

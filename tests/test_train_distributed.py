@@ -23,8 +23,9 @@ def unet_weights(run_dir):
 
 @pytest.mark.parametrize(
     "one_process, two_ranks",
-    [("single", "torchrun"), ("single-accumulate", "torchrun-accumulate")],
-    ids=["batch 2 vs 2x1", "batch 2, accumulate 2 vs 2x1, accumulate 2"],
+    [("single", "torchrun"), ("single-accumulate", "torchrun-accumulate"), ("recipe", "torchrun-recipe"),
+     ("lora", "torchrun-lora")],
+    ids=["batch 2 vs 2x1", "batch 2, accumulate 2 vs 2x1, accumulate 2", "recipe: batch 2 vs 2x1", "lora: batch 2 vs 2x1"],
 )
 def test_two_ranks_train_the_weights_one_process_does_with_the_global_batch(one_process, two_ranks, uninterrupted):
     single, ranks = unet_weights(uninterrupted(one_process)), unet_weights(uninterrupted(two_ranks))

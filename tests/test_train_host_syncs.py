@@ -68,7 +68,8 @@ def reads_inside_steps(run_dir, training_data, monkeypatch, overrides) -> int:
     ("train.train_text_encoder=true", "train.gradient_accumulation_steps=2"),
     ("train.mixed_precision=bf16",),
     ("train.mixed_precision=fp16",),  # the GradScaler's unscale, overflow check and update stay on the device
-], ids=["default", "text-encoder-accumulate", "bf16", "fp16"])
+    ("train.ema_decay=0.9", "train.snr_gamma=5", "train.noise_offset=0.05", "train.input_perturbation=0.05", "train.loss=huber"),
+], ids=["default", "text-encoder-accumulate", "bf16", "fp16", "recipe"])
 def test_no_host_reads_between_the_start_of_a_step_and_its_record(overrides, tmp_path, training_data, monkeypatch, one_thread):
     assert reads_inside_steps(tmp_path / "run", training_data, monkeypatch, overrides) == 0
 

@@ -18,17 +18,17 @@ def test_first_training_step_equals_a_reference_step_on_diffusers(tmp_path, trai
     # Run one step of train.py, recording the batch it drew: clean latents, noise, timesteps, text states.
     seen = {}
 
-    def recording_noisy_latents(latents, noise, t, *rest):
+    def recording_noisy_latents(latents, noise, input_noise, t, *rest):
         seen.update(latents=latents, noise=noise, t=t)
-        return noisy_latents(latents, noise, t, *rest)
+        return noisy_latents(latents, noise, input_noise, t, *rest)
 
     class RecordingPromptEncoder(train.PromptEncoder):
         def __call__(self, prompts, device):
             seen["context"] = super().__call__(prompts, device)
             return seen["context"]
 
-    noisy_latents = train.noisy_latents
-    monkeypatch.setattr(train, "noisy_latents", recording_noisy_latents)
+    noisy_latents = train.noisy_latents_and_target
+    monkeypatch.setattr(train, "noisy_latents_and_target", recording_noisy_latents)
     monkeypatch.setattr(train, "PromptEncoder", RecordingPromptEncoder)
     run_dir = tmp_path / "run"
     assert train.main(train_args(run_dir, training_data, ("train.batch_size=2", "train.max_steps=1", "checkpoint.every_n_steps=1"))) == 0

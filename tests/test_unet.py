@@ -6,15 +6,9 @@ import pytest
 import torch
 from diffusers import UNet2DConditionModel
 from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
-from reference_models import (
-    REL_TOL,
-    SD15_UNET_CONFIG,
-    SavedTensorBytes,
-    relative_error,
-    unet_inputs,
-    unet_pair,
-)
+from reference_models import REL_TOL, SD15_UNET_CONFIG, SavedTensorBytes, relative_error, unet_inputs
 
+from bench.models import unet_twins
 from minidream.config import TINY, UNetConfig
 from minidream.io.diffusers_layout import unet_to_diffusers
 from minidream.models.unet import LayerNorm32, UNet
@@ -34,7 +28,7 @@ def test_sd15_has_exactly_sd15_parameter_count():
 
 @pytest.mark.parametrize("cfg", [TINY.unet, TINY_SD2_STYLE], ids=["tiny", "tiny-sd2-knobs"])
 def test_tiny_output_and_gradients_match_diffusers(cfg):
-    reference, unet = unet_pair(cfg, seed=0)
+    unet, reference = unet_twins(cfg, seed=0)
     x, t, context = unet_inputs(cfg, [0, 1, 261.5, 999], height=16, width=8, seed=1)
     weights = torch.randn(x.shape, generator=torch.Generator().manual_seed(2))
 
@@ -51,7 +45,7 @@ def test_tiny_output_and_gradients_match_diffusers(cfg):
 
 
 def test_timestep_may_be_a_scalar_for_the_whole_batch():
-    _, unet = unet_pair(TINY.unet, seed=0)
+    unet, _ = unet_twins(TINY.unet, seed=0)
     x, _, context = unet_inputs(TINY.unet, [500, 500], height=8, width=8, seed=1)
     with torch.no_grad():
         per_sample = unet(x, torch.tensor([500, 500]), context)
@@ -61,7 +55,7 @@ def test_timestep_may_be_a_scalar_for_the_whole_batch():
 
 
 def test_gradient_checkpointing_changes_memory_not_numbers():
-    _, unet = unet_pair(TINY.unet, seed=0)
+    unet, _ = unet_twins(TINY.unet, seed=0)
     unet.train()
     x, t, context = unet_inputs(TINY.unet, [3, 700], height=16, width=16, seed=1)
 
@@ -82,7 +76,7 @@ def test_gradient_checkpointing_changes_memory_not_numbers():
 
 
 def test_channels_last_gives_the_same_output():
-    _, unet = unet_pair(TINY.unet, seed=0)
+    unet, _ = unet_twins(TINY.unet, seed=0)
     x, t, context = unet_inputs(TINY.unet, [0, 999], height=16, width=8, seed=1)
     with torch.no_grad():
         expected = unet(x, t, context)
@@ -92,7 +86,7 @@ def test_channels_last_gives_the_same_output():
 
 
 def test_meta_build_then_assign_load_gives_a_working_model():
-    _, source = unet_pair(TINY.unet, seed=0)
+    source, _ = unet_twins(TINY.unet, seed=0)
     with torch.device("meta"):
         unet = UNet(TINY.unet)
     unet.load_state_dict(source.state_dict(), strict=True, assign=True)
@@ -103,7 +97,7 @@ def test_meta_build_then_assign_load_gives_a_working_model():
 
 
 def test_bf16_autocast_stays_close_to_fp32():
-    _, unet = unet_pair(TINY.unet, seed=0)
+    unet, _ = unet_twins(TINY.unet, seed=0)
     x, t, context = unet_inputs(TINY.unet, [0, 999], height=16, width=8, seed=1)
     with torch.no_grad():
         expected = unet(x, t, context)
@@ -115,7 +109,7 @@ def test_bf16_autocast_stays_close_to_fp32():
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_half_precision_weights_stay_close_to_fp32(dtype):
-    _, unet = unet_pair(TINY.unet, seed=0)
+    unet, _ = unet_twins(TINY.unet, seed=0)
     x, t, context = unet_inputs(TINY.unet, [0, 999], height=16, width=8, seed=1)
     with torch.no_grad():
         expected = unet(x, t, context)
@@ -128,7 +122,7 @@ def test_half_precision_weights_stay_close_to_fp32(dtype):
 def test_half_precision_weights_match_diffusers_bit_for_bit(dtype):
     """With half weights the norms run torch's own half kernels (fp32 statistics inside), as
     diffusers' do, so a sampling step in fp16/bf16 is the same as diffusers' to the bit."""
-    reference, unet = unet_pair(TINY.unet, seed=0)
+    unet, reference = unet_twins(TINY.unet, seed=0)
     x, t, context = unet_inputs(TINY.unet, [0, 999], height=16, width=16, seed=1)
     reference.to(dtype)
     with torch.no_grad():
@@ -152,7 +146,7 @@ def test_layer_norm_statistics_are_fp32_for_half_inputs():
 
 
 def test_latent_size_must_allow_every_downsampling():
-    _, unet = unet_pair(TINY.unet, seed=0)
+    unet, _ = unet_twins(TINY.unet, seed=0)
     x, t, context = unet_inputs(TINY.unet, [1, 2], height=9, width=8, seed=1)
     with pytest.raises(ValueError, match="multiple of 2"):
         unet(x, t, context)
@@ -161,7 +155,7 @@ def test_latent_size_must_allow_every_downsampling():
 @pytest.fixture(scope="module")
 def sd15():
     """A random SD 1.5-sized diffusers UNet and minidream's, built once: 3.4 GB of shared weights."""
-    reference, unet = unet_pair(UNetConfig(), seed=0)
+    unet, reference = unet_twins(UNetConfig(), seed=0)
     # batch 2, a non-square latent reaching every level (32 x 24 -> 4 x 3), the extreme timesteps.
     x, t, context = unet_inputs(UNetConfig(), [0, 999], height=32, width=24, seed=1)
     with torch.no_grad():

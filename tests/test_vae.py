@@ -5,15 +5,9 @@ import torch
 from diffusers import AutoencoderKL as DiffusersAutoencoderKL
 from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
-from reference_models import (
-    REL_TOL,
-    SD15_VAE_CONFIG,
-    SavedTensorBytes,
-    images,
-    relative_error,
-    vae_pair,
-)
+from reference_models import REL_TOL, SD15_VAE_CONFIG, SavedTensorBytes, images, relative_error
 
+from bench.models import vae_twins
 from minidream.config import TINY, VAEConfig
 from minidream.io.diffusers_layout import vae_to_diffusers
 from minidream.models.vae import AutoencoderKL, DiagonalGaussian
@@ -26,7 +20,7 @@ def test_sd15_has_exactly_sd15_parameter_count():
 
 
 def test_tiny_encode_decode_and_gradients_match_diffusers():
-    reference, vae = vae_pair(TINY.vae, seed=0)
+    vae, reference = vae_twins(TINY.vae, seed=0)
     img = images(2, 64, 48, seed=1)
     posterior, expected_posterior = vae.encode(img), reference.encode(img).latent_dist
     assert relative_error(posterior.mean, expected_posterior.mean) <= REL_TOL
@@ -67,7 +61,7 @@ def test_diagonal_gaussian_matches_diffusers():
 
 
 def test_gradient_checkpointing_changes_memory_not_numbers():
-    _, vae = vae_pair(TINY.vae, seed=0)
+    vae, _ = vae_twins(TINY.vae, seed=0)
     vae.train()
     img = images(1, 32, 32, seed=1)
 
@@ -89,7 +83,7 @@ def test_gradient_checkpointing_changes_memory_not_numbers():
 
 
 def test_channels_last_gives_the_same_output():
-    _, vae = vae_pair(TINY.vae, seed=0)
+    vae, _ = vae_twins(TINY.vae, seed=0)
     img = images(2, 32, 16, seed=1)
     with torch.no_grad():
         expected_mean = vae.encode(img).mean
@@ -102,7 +96,7 @@ def test_channels_last_gives_the_same_output():
 
 
 def test_meta_build_then_assign_load_gives_a_working_model():
-    _, source = vae_pair(TINY.vae, seed=0)
+    source, _ = vae_twins(TINY.vae, seed=0)
     with torch.device("meta"):
         vae = AutoencoderKL(TINY.vae)
     vae.load_state_dict(source.state_dict(), strict=True, assign=True)
@@ -113,7 +107,7 @@ def test_meta_build_then_assign_load_gives_a_working_model():
 
 
 def test_bf16_autocast_stays_close_to_fp32():
-    _, vae = vae_pair(TINY.vae, seed=0)
+    vae, _ = vae_twins(TINY.vae, seed=0)
     img = images(1, 32, 32, seed=1)
     with torch.no_grad():
         expected = vae.decode(vae.encode(img).mean)
@@ -123,7 +117,7 @@ def test_bf16_autocast_stays_close_to_fp32():
 
 
 def test_fp16_weights_stay_close_to_fp32():
-    _, vae = vae_pair(TINY.vae, seed=0)
+    vae, _ = vae_twins(TINY.vae, seed=0)
     img = images(1, 32, 32, seed=1)
     with torch.no_grad():
         expected = vae.decode(vae.encode(img).mean)
@@ -137,7 +131,7 @@ def test_fp16_weights_stay_close_to_fp32():
 def sd15():
     """A random SD 1.5-sized diffusers VAE and minidream's, built once, with their outputs on a
     64 x 48 image (latent 8 x 6): every level runs, on as few pixels as possible."""
-    reference, vae = vae_pair(VAEConfig(), seed=0)
+    vae, reference = vae_twins(VAEConfig(), seed=0)
     img = images(2, 64, 48, seed=1)
     with torch.no_grad():
         posterior, expected_posterior = vae.encode(img), reference.encode(img).latent_dist

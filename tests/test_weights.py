@@ -26,7 +26,7 @@ from minidream.diffusion.sampling import (
     generate,
     image_generators,
 )
-from minidream.diffusion.schedule import alphas_cumprod, make_betas
+from minidream.diffusion.schedule import alphas_cumprod, alphas_cumprod_of, make_betas
 from minidream.io.diffusers_layout import unet_config_to_diffusers, unet_to_diffusers
 from minidream.io.single_file import ema_key, single_file_metadata, single_file_tensors
 from minidream.io.tensor_files import read_torch_checkpoint
@@ -279,15 +279,18 @@ def test_scheduler_settings_are_read_and_written(tiny_folder, tmp_path):
     shutil.copytree(tiny_folder, folder)
     settings = {"prediction_type": "v_prediction", "timestep_spacing": "trailing", "steps_offset": 0,
                 "set_alpha_to_one": True, "beta_schedule": "linear", "beta_start": 0.0001, "beta_end": 0.02,
-                "num_train_timesteps": 500, "clip_sample": False}
+                "num_train_timesteps": 500, "clip_sample": False, "rescale_betas_zero_snr": True}
     config_file = folder / "scheduler" / "scheduler_config.json"
     edit_json(config_file, settings)
     pipe = load_pipeline(folder)
     assert pipe.config.schedule == ScheduleConfig(**settings)
 
     save_pipeline(pipe, tmp_path / "out", format="diffusers")
-    written = DDIMScheduler.from_pretrained(tmp_path / "out" / "scheduler").config
-    assert {key: written[key] for key in settings} == settings
+    written = DDIMScheduler.from_pretrained(tmp_path / "out" / "scheduler")
+    assert {key: written.config[key] for key in settings} == settings
+    # The betas minidream samples with are diffusers' (zero-terminal-SNR rescaled: the last alpha_bar is 0).
+    assert torch.equal(alphas_cumprod_of(pipe.config.schedule), written.alphas_cumprod)
+    assert alphas_cumprod_of(pipe.config.schedule)[-1] == 0
 
 
 def test_sd15_release_scheduler_config_reads_as_sd_defaults(tiny_folder, tmp_path):
@@ -303,7 +306,6 @@ def test_sd15_release_scheduler_config_reads_as_sd_defaults(tiny_folder, tmp_pat
 
 
 @pytest.mark.parametrize("change, fragment", [
-    ({"rescale_betas_zero_snr": True}, "rescale_betas_zero_snr=True"),
     ({"trained_betas": [0.1, 0.2]}, "trained_betas=[0.1, 0.2]"),
     ({"prediction_type": "sample"}, "unknown prediction type 'sample'"),
     ({"beta_schedule": "sigmoid"}, "unknown beta schedule 'sigmoid'"),

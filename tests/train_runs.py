@@ -33,12 +33,20 @@ class Setup:
 
 
 # tiny.yaml's data: 4 instance and 8 class images, so an epoch is 8 items and divides by 2 ranks.
+# LoRA on the UNet and the text encoder, with EMA of the adapters; lr raised so adapters move in 8 steps.
+LORA = ("lora.rank=4", "lora.text_encoder_rank=2", "lora.targets=all", "train.lr=1e-3", "train.ema_decay=0.9")
+RECIPE = ("train.ema_decay=0.9", "train.snr_gamma=5", "train.noise_offset=0.05", "train.input_perturbation=0.05", "train.loss=huber")
 SETUPS = {
     "single": Setup(1, ("train.batch_size=2",)),
     "text-encoder": Setup(1, ("train.batch_size=2", "train.train_text_encoder=true")),
     "torchrun": Setup(2, ("train.batch_size=1",)),
     "single-accumulate": Setup(1, ("train.batch_size=2", "train.gradient_accumulation_steps=2")),
     "torchrun-accumulate": Setup(2, ("train.batch_size=1", "train.gradient_accumulation_steps=2")),
+    "recipe": Setup(1, ("train.batch_size=2", *RECIPE)),
+    "torchrun-recipe": Setup(2, ("train.batch_size=1", *RECIPE)),
+    "fused": Setup(1, ("train.batch_size=2", "train.fused_backward=true", "train.max_grad_norm=null", "train.ema_decay=0.9")),
+    "lora": Setup(1, ("train.batch_size=2", *LORA)),
+    "torchrun-lora": Setup(2, ("train.batch_size=1", *LORA)),
 }
 
 

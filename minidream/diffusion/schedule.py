@@ -39,8 +39,9 @@ def alphas_cumprod(betas: torch.Tensor) -> torch.Tensor:
 
 
 def betas_of(cfg: ScheduleConfig) -> torch.Tensor:
-    """The training betas a schedule config describes."""
-    return make_betas(cfg.beta_schedule, cfg.num_train_timesteps, cfg.beta_start, cfg.beta_end)
+    """The training betas a schedule config describes (zero-terminal-SNR rescaled when it says so)."""
+    betas = make_betas(cfg.beta_schedule, cfg.num_train_timesteps, cfg.beta_start, cfg.beta_end)
+    return rescale_zero_terminal_snr(betas) if cfg.rescale_betas_zero_snr else betas
 
 
 def alphas_cumprod_of(cfg: ScheduleConfig) -> torch.Tensor:

@@ -80,7 +80,7 @@ TEXT_ENCODER_OPTIONAL = {"hidden_act", "layer_norm_eps", "eos_token_id"}  # abse
 # transformers then takes the largest id in each row, which is EOS (49407), the default here.
 LEGACY_EOS_TOKEN_ID = 2
 # Scheduler options diffusers offers that SD 1.x does not use, with their off values.
-SCHEDULER_OFF = {"trained_betas": None, "thresholding": False, "rescale_betas_zero_snr": False}
+SCHEDULER_OFF = {"trained_betas": None, "thresholding": False}
 
 
 def is_diffusers_folder(path: Path) -> bool:

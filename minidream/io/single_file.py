@@ -26,6 +26,7 @@ from minidream.config import (
     to_dict,
 )
 from minidream.diffusion import schedule
+from minidream.models.lora import base_state_dict
 from minidream.io.tensor_files import (
     StoredPipeline,
     Tensors,
@@ -160,7 +161,7 @@ def single_file_tensors(pipe: Pipeline, dtype: torch.dtype | None) -> dict[str, 
     """The whole pipeline under the SD prefixes, floating-point tensors cast to `dtype` (None: as is)."""
     parts = ((UNET_PREFIX, pipe.unet), (VAE_PREFIX, pipe.vae), (TEXT_ENCODER_PREFIX, pipe.text_encoder))
     return {
-        prefix + key: cast(tensor, dtype) for prefix, module in parts for key, tensor in module.state_dict().items()
+        prefix + key: cast(tensor, dtype) for prefix, module in parts for key, tensor in base_state_dict(module).items()
     }
 
 

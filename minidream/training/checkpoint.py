@@ -1,7 +1,8 @@
 """Training-state checkpoints: everything needed to resume as if the run had never stopped.
 
 A checkpoint is a folder `checkpoints/step-NNNNNNNN/` holding
-  <module>.safetensors  the trainable weights (frozen ones are never copied here)
+  <module>.safetensors  the trainable weights (frozen ones are never copied here; with LoRA the adapters only)
+  ema.safetensors       the EMA of the trainable weights, when train.ema_decay is set
   optimizer.pt          the optimizer state (tensors and numbers only: read with weights_only=True)
   trainer.pt            step, data position, LR-schedule and GradScaler state, every rank's RNG states,
                         and what was trained (to refuse resuming into a different setup)
@@ -22,9 +23,13 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from minidream.files import atomic_folder
+from minidream.models.lora import AdapterMismatch, load_lora_state_dict, lora_state_dict
+from minidream.training.ema import EMA
+from minidream.training.optimizers import FusedBackward
 from minidream.training.step import Cursor
 
 NAME = re.compile(r"^step-(\d{8})$")
+EMA_FILE = "ema.safetensors"  # the averaged weights, named <module>.<parameter>
 
 
 class CheckpointError(RuntimeError):
@@ -66,10 +71,12 @@ class TrainerState:
     """
 
     modules: dict[str, nn.Module]  # the trainable modules; frozen ones are never saved
-    optimizer: torch.optim.Optimizer
-    lr_schedule: torch.optim.lr_scheduler.LRScheduler
+    optimizer: torch.optim.Optimizer | FusedBackward
+    lr_schedule: torch.optim.lr_scheduler.LRScheduler | None  # None: FusedBackward sets its own LR
     scaler: torch.amp.GradScaler
-    setup: dict  # what a resumed run must match: architecture, trained modules
+    setup: dict  # what a resumed run must match: architecture, trained modules, LoRA, EMA, optimizer
+    adapters_only: bool = False  # LoRA: only the adapters train, so only they are saved (megabytes)
+    ema: EMA | None = None  # the averaged weights, when train.ema_decay is set
     step: int = 0  # optimizer steps done
     cursor: Cursor = field(default_factory=Cursor)  # this rank's place in the data
     nonfinite_run: int = 0  # consecutive non-finite losses so far
@@ -78,9 +85,15 @@ class TrainerState:
         """trainer.pt: numbers and tensors only (read back with weights_only=True)."""
         return {
             "step": self.step, "epoch": self.cursor.epoch, "position": self.cursor.position,
-            "nonfinite_run": self.nonfinite_run, "lr_schedule": self.lr_schedule.state_dict(),
+            "nonfinite_run": self.nonfinite_run,
+            "lr_schedule": self.lr_schedule.state_dict() if self.lr_schedule is not None else None,
             "scaler": self.scaler.state_dict(), "rng": rng, "setup": self.setup,
+            "ema_updates": self.ema.updates.cpu() if self.ema is not None else None,
         }
+
+    def weights(self, module: nn.Module) -> dict[str, torch.Tensor]:
+        """What a checkpoint keeps of a trained module: all its weights, or its adapters alone."""
+        return lora_state_dict(module) if self.adapters_only else module.state_dict()
 
 
 def save_checkpoint(run_dir: Path, state: TrainerState, rng: list[dict]) -> Path:
@@ -95,8 +108,9 @@ def save_checkpoint(run_dir: Path, state: TrainerState, rng: list[dict]) -> Path
         # The temporary name is step-N.tmp: list_checkpoints recognises an interrupted write by it.
         with atomic_folder(final, replace=True, temporary=final.with_name(final.name + ".tmp")) as folder:
             for name, module in state.modules.items():
-                tensors = {k: v.detach().contiguous().cpu() for k, v in module.state_dict().items()}
-                save_file(tensors, folder / f"{name}.safetensors")
+                save_file(_on_host(state.weights(module)), folder / f"{name}.safetensors")
+            if state.ema is not None:
+                save_file(_on_host(state.ema.state_dict()["shadow"]), folder / EMA_FILE)
             torch.save(state.optimizer.state_dict(), folder / "optimizer.pt")
             torch.save(state.counters(rng), folder / "trainer.pt")
     except OSError as error:
@@ -146,19 +160,36 @@ def load_checkpoint(path: Path, state: TrainerState, rank: int) -> None:
     mismatch is refused with both values named, before anything is loaded.
     """
     saved = torch.load(path / "trainer.pt", weights_only=True)
-    for key, value in state.setup.items():
-        if saved["setup"].get(key) != value:
+    for key in sorted(state.setup.keys() | saved["setup"].keys()):  # a key absent on one side is None there
+        if saved["setup"].get(key) != state.setup.get(key):
             raise CheckpointError(
-                f"{path} was written with {key}={saved['setup'].get(key)!r} but this run has {key}={value!r}; "
+                f"{path} was written with {key}={saved['setup'].get(key)!r} but this run has {key}={state.setup.get(key)!r}; "
                 "resume with the same setup or start a new run.output_dir"
             )
     for name, module in state.modules.items():
-        module.load_state_dict(load_file(path / f"{name}.safetensors", device=str(next(module.parameters()).device)))
+        tensors = load_file(path / f"{name}.safetensors", device=str(next(module.parameters()).device))
+        if state.adapters_only:
+            try:
+                load_lora_state_dict(module, tensors)
+            except AdapterMismatch as error:
+                raise CheckpointError(f"{path / (name + '.safetensors')}: {error}") from None
+        else:
+            module.load_state_dict(tensors)
     state.optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
-    state.lr_schedule.load_state_dict(saved["lr_schedule"])
+    if state.lr_schedule is not None:
+        state.lr_schedule.load_state_dict(saved["lr_schedule"])
+    if state.ema is not None:
+        shadow = load_file(path / EMA_FILE, device=str(state.ema.updates.device))
+        # safetensors returns the names sorted; the EMA keeps them in parameter order.
+        shadow = {name: shadow[name] for name in state.ema.names if name in shadow} | shadow
+        state.ema.load_state_dict({"shadow": shadow, "updates": saved["ema_updates"]})
     state.scaler.load_state_dict(saved["scaler"])
     state.step, state.nonfinite_run = saved["step"], saved["nonfinite_run"]
     state.cursor = Cursor(saved["epoch"], saved["position"])
     # A run resumed on more ranks than it was saved with gives the new ranks rank 0's states.
     rng = saved["rng"]
     restore_rng(rng[rank] if rank < len(rng) else rng[0])
+
+
+def _on_host(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {key: tensor.detach().contiguous().cpu() for key, tensor in tensors.items()}

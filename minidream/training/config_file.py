@@ -13,6 +13,7 @@ import yaml
 from minidream.config import (
     ARCHITECTURES,
     PRECISIONS,
+    PREDICTION_TYPES,
     SAMPLERS,
     ConfigError,
     TrainConfig,
@@ -22,7 +23,10 @@ from minidream.config import (
     suggestion,
     to_dict,
 )
+from minidream.diffusion.loss_weighting import HUBER_SCHEDULES, LOSSES
 from minidream.files import atomic_file
+from minidream.models.lora import UNET_TARGETS
+from minidream.training.optimizers import OPTIMIZERS
 
 # Keys whose value is one of a few names: checked once the config is complete.
 CHOICES = {
@@ -32,11 +36,30 @@ CHOICES = {
     "train.mixed_precision": ("no", *PRECISIONS[1:]),  # "no" = fp32 weights and no autocast
     "train.device": ("auto", "cpu", "cuda"),
     "run.export_dtype": PRECISIONS[:2],  # fp16 or fp32 files, as SD releases are
+    "run.export_ema": ("ema", "raw"),
+    "train.prediction_type": (None, *PREDICTION_TYPES),  # None: the model's own
+    "train.loss": LOSSES,
+    "train.huber_schedule": HUBER_SCHEDULES,
+    "train.optimizer": OPTIMIZERS,
+    "lora.targets": UNET_TARGETS,
 }
+# (key, lowest, highest, whether the ends are allowed): numbers outside them are refused by name.
+RANGES = (
+    ("validation.guidance_rescale", 0, 1, True),
+    ("train.noise_offset", 0, float("inf"), True),
+    ("train.input_perturbation", 0, float("inf"), True),
+    ("train.huber_c", 0, float("inf"), False),
+    ("train.snr_gamma", 0, float("inf"), False),  # when set
+    ("train.ema_decay", 0, 1, False),  # when set
+    ("train.min_timestep", 0, float("inf"), True),
+    ("lora.rank", 0, float("inf"), True),
+    ("lora.text_encoder_rank", 0, float("inf"), True),
+    ("lora.dropout", 0, 1, True),
+)
 EXAMPLE_SUBJECT_DIR = "example-subject"  # inside run.output_dir: never a folder the user named
 # Counts and intervals: zero or less would divide by zero or train nothing.
 POSITIVE = (
-    "model.clip_skip", "train.max_steps", "train.batch_size", "train.gradient_accumulation_steps", "train.max_nonfinite_steps",
+    "model.clip_skip", "train.ema_every", "train.max_steps", "train.batch_size", "train.gradient_accumulation_steps", "train.max_nonfinite_steps",
     "checkpoint.every_n_steps", "checkpoint.keep_last", "run.log_every_n_steps", "validation.every_n_steps",
 )
 
@@ -84,11 +107,36 @@ def check_values(config: TrainConfig) -> None:
     for dotted, allowed in CHOICES.items():
         if value(dotted) not in allowed:
             raise ConfigError(f"{dotted}={value(dotted)!r} is not one of {', '.join(allowed)}")
-    if not 0 <= config.validation.guidance_rescale <= 1:
-        raise ConfigError(f"validation.guidance_rescale must be in [0, 1], got {config.validation.guidance_rescale}")
+    for dotted, low, high, closed in RANGES:
+        number = value(dotted)
+        inside = number is None or (low <= number <= high if closed else low < number < high)
+        if not inside:
+            bounds = f"[{low}, {high}]" if closed else f"({low}, {high})"
+            raise ConfigError(f"{dotted} must be in {bounds.replace('inf', '∞')}, got {number}")
     for dotted in POSITIVE:
         if value(dotted) < 1:
             raise ConfigError(f"{dotted} must be at least 1, got {value(dotted)}")
+    check_combinations(config)
+
+
+def check_combinations(config: TrainConfig) -> None:
+    """Settings that are each fine but cannot work together, refused before anything loads."""
+    train, lora = config.train, config.lora
+    if train.max_timestep is not None and train.max_timestep <= train.min_timestep:
+        raise ConfigError(f"train.max_timestep={train.max_timestep} must be above train.min_timestep={train.min_timestep}")
+    if train.fused_backward:
+        # The optimizer steps each weight inside backward: no moment has every gradient at once.
+        if train.gradient_accumulation_steps > 1:
+            raise ConfigError("train.fused_backward steps inside backward, so it cannot accumulate: set train.gradient_accumulation_steps=1")
+        if train.max_grad_norm is not None:
+            raise ConfigError("train.fused_backward cannot clip by the global gradient norm (no moment has all gradients): set train.max_grad_norm=null")
+        if train.mixed_precision == "fp16":
+            raise ConfigError("train.fused_backward cannot unscale fp16 gradients per step: use train.mixed_precision=bf16")
+    if lora.rank and train.train_text_encoder:
+        raise ConfigError("with lora.rank > 0 the text encoder trains through its own adapters: set lora.text_encoder_rank "
+                          "instead of train.train_text_encoder")
+    if lora.text_encoder_rank and not lora.rank:
+        raise ConfigError("lora.text_encoder_rank needs UNet adapters too: set lora.rank")
 
 
 def apply_override(config, override: str):
