@@ -24,11 +24,36 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
-from minidream.config import ARCHITECTURES, ConfigError, ScheduleConfig, TrainConfig, to_dict
+from minidream.config import (
+    ARCHITECTURES,
+    ConfigError,
+    ScheduleConfig,
+    TrainConfig,
+    to_dict,
+)
 from minidream.diffusion import schedule
 from minidream.diffusion.sampling import generate, image_grid
+from minidream.dreambooth_prompts import (
+    LIVE_CLASSES,
+    LIVE_PROMPTS,
+    OBJECT_PROMPTS,
+    subject_prompts,
+)
+from minidream.evaluate import (
+    Sampling,
+    Scores,
+    embed_images,
+    evaluate,
+    load_eval_models,
+    subject_images,
+)
 from minidream.files import atomic_file
-from minidream.io.lora_files import kohya_settings, lora_merged, read_lora_file, save_lora
+from minidream.io.lora_files import (
+    kohya_settings,
+    lora_merged,
+    read_lora_file,
+    save_lora,
+)
 from minidream.io.weights import WeightsError, load_pipeline, save_pipeline
 from minidream.models.lora import add_lora, train_adapters_only
 from minidream.models.pipeline import Pipeline, random_pipeline
@@ -51,7 +76,12 @@ from minidream.training.example_subject import write_example_subject
 from minidream.training.metrics import MetricsLog, PendingSteps
 from minidream.training.optimizers import FusedBackward, OptimizerError, make_optimizer
 from minidream.training.prior import generate_class_images, missing_class_indices
-from minidream.training.recipe import Recipe, draw_noise, noisy_latents_and_target, recipe_loss
+from minidream.training.recipe import (
+    Recipe,
+    draw_noise,
+    noisy_latents_and_target,
+    recipe_loss,
+)
 from minidream.training.signals import StopRequest
 from minidream.training.step import (
     lr_factor,
@@ -227,7 +257,7 @@ def weights_as_exported(cfg: TrainConfig, pipe: Pipeline, ema: EMA | None, run_d
     and, with LoRA, the adapters written to lora.safetensors and merged back into the base the way
     the UIs merge them, so a validation grid shows what ComfyUI or A1111 will. Yields the LoRA
     file (None without LoRA); afterwards every weight is as it was."""
-    with ema.swapped_in() if ema is not None and cfg.run.export_ema == "ema" else contextlib.nullcontext():
+    with exported_ema(cfg, ema):
         if not cfg.lora.rank:
             yield None
             return
@@ -245,6 +275,43 @@ def export_model(cfg: TrainConfig, pipe: Pipeline, ema: EMA | None, run_dir: Pat
         if lora_file is None or cfg.run.export_merged or not cfg.model.weights:
             save_pipeline(pipe, run_dir / "model.safetensors", format="single-file", dtype=dtype_named(cfg.run.export_dtype))
     return lora_file or run_dir / "model.safetensors"
+
+
+def evaluation_prompts(cfg: TrainConfig) -> list[str]:
+    """eval.prompts, or the first eval.num_prompts of the paper's list for the class noun."""
+    ev = cfg.eval
+    if ev.prompts:
+        return list(ev.prompts)
+    templates = LIVE_PROMPTS if ev.class_noun in LIVE_CLASSES else OBJECT_PROMPTS
+    return subject_prompts(templates, ev.identifier, ev.class_noun)[: ev.num_prompts]
+
+
+def evaluate_subject(cfg: TrainConfig, env: Distributed, pipe: Pipeline, ema: EMA | None, amp, amp_dtype) -> dict:
+    """The DreamBooth paper's DINO, CLIP-I and CLIP-T of the weights as they would be exported.
+
+    The ranks split the prompts and every rank gets the means; the evaluation models are loaded
+    in the AMP dtype for this call only, so they cost no memory between evaluations.
+    """
+    ev, resolution = cfg.eval, cfg.data.resolution
+    mine = evaluation_prompts(cfg)[env.rank :: env.world_size]
+    models = load_eval_models(ev.clip, ev.dino, device=env.device, dtype=amp_dtype)
+    per_prompt = []
+    if mine:
+        real = embed_images(models, subject_images(cfg.data.instance_dir))
+        sampling = Sampling(steps=ev.steps, guidance=ev.guidance, height=resolution, width=resolution)
+        pipe.unet.eval()
+        with exported_ema(cfg, ema), amp():
+            scores, _ = evaluate(pipe, models, real, mine, ev.identifier, ev.images_per_prompt, ev.seed, sampling)
+        pipe.unet.train()
+        per_prompt = scores.per_prompt
+    del models
+    scores = Scores.of([p for shard in gather_objects(per_prompt) for p in shard])
+    return {"dino": scores.dino, "clip_i": scores.clip_i, "clip_t": scores.clip_t}
+
+
+def exported_ema(cfg: TrainConfig, ema: EMA | None):
+    """The EMA weights swapped in for the block when they are what the run exports (run.export_ema=ema)."""
+    return ema.swapped_in() if ema is not None and cfg.run.export_ema == "ema" else contextlib.nullcontext()
 
 
 def save_checkpoint_all_ranks(env: Distributed, run_dir: Path, state: TrainerState, keep_last: int) -> Path | None:
@@ -274,6 +341,9 @@ def train(cfg: TrainConfig, env: Distributed, resume_hint: str) -> int:
     prior = data.class_dir is not None
     if prior and Path(data.class_dir).is_dir() and find_images(data.class_dir, "class"):  # class images already there must be usable too
         scan_images(data.class_dir, data.class_prompt, data.resolution, data.skip_bad_images, "class", use_captions=False)
+    for flag in ("clip", "dino") if cfg.eval.every_n_steps else ():
+        if not Path(getattr(cfg.eval, flag)).exists():
+            raise ConfigError(f"eval.{flag}={getattr(cfg.eval, flag)}: no such file or folder (see the README, Evaluate a run)")
     if cfg.run.resume == "none" and checkpoint.list_checkpoints(run_dir):
         raise CheckpointError(
             f"{run_dir} already holds checkpoints of an earlier run; continue it with run.resume=latest "
@@ -399,9 +469,12 @@ def train(cfg: TrainConfig, env: Distributed, resume_hint: str) -> int:
 
         stop_now = False
         step = state.step
-        if step % cfg.run.log_every_n_steps == 0 or step % cfg.checkpoint.every_n_steps == 0 or step == tcfg.max_steps:
+        evaluating = cfg.eval.every_n_steps > 0 and step % cfg.eval.every_n_steps == 0
+        if step % cfg.run.log_every_n_steps == 0 or step % cfg.checkpoint.every_n_steps == 0 or step == tcfg.max_steps or evaluating:
             records = pending.read()  # the host waits for the GPU here, and only here
             samples_per_s, window_samples = window_samples / (time.perf_counter() - window_started), 0
+            if evaluating:  # the scores join the step's record (and TensorBoard)
+                records[-1].update(evaluate_subject(cfg, env, pipe, ema, amp, amp_dtype))
             for record in records:
                 # fp16 gradient overflow skips a step too, but only non-finite losses count towards stopping.
                 state.nonfinite_run = 0 if math.isfinite(record["loss"]) else state.nonfinite_run + 1

@@ -221,6 +221,23 @@ class ValidationSection:
 
 
 @dataclass(frozen=True)
+class EvalSection:
+    """The DreamBooth paper's scores during training (minidream/evaluate.py), into metrics.jsonl."""
+
+    every_n_steps: int = 0  # 0 = off; else DINO, CLIP-I and CLIP-T of the current weights every this many steps
+    clip: str | None = None  # the evaluation CLIP: a transformers folder or an open_clip .safetensors file
+    dino: str | None = None  # DINO ViT-S/16: a transformers folder
+    class_noun: str = "dog"  # picks the paper's prompt list (live subjects for dog/cat, objects otherwise)
+    identifier: str = "sks"
+    prompts: tuple[str, ...] = ()  # empty = the first num_prompts of the paper's list, with identifier and class noun
+    num_prompts: int = 4
+    images_per_prompt: int = 1
+    steps: int = 25
+    guidance: float = 7.5
+    seed: int = 0
+
+
+@dataclass(frozen=True)
 class TrainConfig:
     """Everything `train.py` reads; YAML files and `a.b=c` overrides fill it (see config_file.py)."""
 
@@ -231,6 +248,7 @@ class TrainConfig:
     checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
     run: RunSection = field(default_factory=RunSection)
     validation: ValidationSection = field(default_factory=ValidationSection)
+    eval: EvalSection = field(default_factory=EvalSection)
 
 
 ARCHITECTURES = {"sd15": SD15, "tiny": TINY}

@@ -55,12 +55,14 @@ RANGES = (
     ("lora.rank", 0, float("inf"), True),
     ("lora.text_encoder_rank", 0, float("inf"), True),
     ("lora.dropout", 0, 1, True),
+    ("eval.every_n_steps", 0, float("inf"), True),  # 0 = off
 )
 EXAMPLE_SUBJECT_DIR = "example-subject"  # inside run.output_dir: never a folder the user named
 # Counts and intervals: zero or less would divide by zero or train nothing.
 POSITIVE = (
-    "model.clip_skip", "train.ema_every", "train.max_steps", "train.batch_size", "train.gradient_accumulation_steps", "train.max_nonfinite_steps",
-    "checkpoint.every_n_steps", "checkpoint.keep_last", "run.log_every_n_steps", "validation.every_n_steps",
+    "model.clip_skip", "train.max_steps", "train.batch_size", "train.gradient_accumulation_steps",
+    "train.max_nonfinite_steps", "train.ema_every", "checkpoint.every_n_steps", "checkpoint.keep_last",
+    "run.log_every_n_steps", "validation.every_n_steps", "eval.num_prompts", "eval.images_per_prompt", "eval.steps",
 )
 
 
@@ -135,6 +137,8 @@ def check_combinations(config: TrainConfig) -> None:
     if lora.rank and train.train_text_encoder:
         raise ConfigError("with lora.rank > 0 the text encoder trains through its own adapters: set lora.text_encoder_rank "
                           "instead of train.train_text_encoder")
+    if config.eval.every_n_steps and not (config.eval.clip and config.eval.dino):
+        raise ConfigError("eval.every_n_steps needs the evaluation models: set eval.clip and eval.dino (see the README, Evaluate a run)")
     if lora.text_encoder_rank and not lora.rank:
         raise ConfigError("lora.text_encoder_rank needs UNet adapters too: set lora.rank")
 

@@ -1,0 +1,46 @@
+"""Issue 17, during training: `eval.every_n_steps` writes the DreamBooth paper's DINO, CLIP-I and
+CLIP-T of the current weights into metrics.jsonl, the same numbers `minidream.evaluate` gives for
+the exported model; under torchrun the ranks split the prompts."""
+
+import subprocess
+import sys
+
+import pytest
+from eval_references import PHOTOS, TINY_CLIP, TINY_DINO, reference_clip, reference_vit
+from train_runs import ENVIRONMENT, TRAIN, metrics, output
+
+from minidream import load_pipeline
+from minidream.evaluate import Sampling, embed_images, evaluate, load_eval_models, subject_images
+
+PROMPTS = ["a sks dog in the jungle", "a sks dog in the snow", "a sks dog on the beach"]
+
+
+@pytest.fixture(scope="module")
+def eval_models(tmp_path_factory):
+    root = tmp_path_factory.mktemp("eval-models")
+    reference_clip(TINY_CLIP, seed=1).save_pretrained(root / "clip")
+    reference_vit(TINY_DINO, seed=2).save_pretrained(root / "dino")
+    return root
+
+
+@pytest.mark.parametrize("nproc", [1, 2])
+def test_scores_in_metrics_equal_evaluating_the_exported_model(nproc, eval_models, tmp_path):
+    run_dir = tmp_path / "run"
+    args = [str(TRAIN), f"run.output_dir={run_dir}", f"data.instance_dir={PHOTOS / 'dog'}", "data.class_dir=null",
+            "train.max_steps=4", "train.batch_size=1", "checkpoint.every_n_steps=4", "validation.prompts=[]",
+            "eval.every_n_steps=2", f"eval.clip={eval_models / 'clip'}", f"eval.dino={eval_models / 'dino'}",
+            f"eval.prompts=[{', '.join(PROMPTS)}]", "eval.images_per_prompt=2", "eval.steps=2"]
+    launch = [sys.executable] if nproc == 1 else [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+    result = subprocess.run([*launch, *args], capture_output=True, text=True, env=ENVIRONMENT, cwd=tmp_path, timeout=600)
+    assert result.returncode == 0, output(result)
+    records = metrics(run_dir)
+    assert [r["step"] for r in records if "dino" in r] == [2, 4]  # eval steps only, one record per step as ever
+    final = records[-1]
+
+    models = load_eval_models(eval_models / "clip", eval_models / "dino")
+    real = embed_images(models, subject_images(PHOTOS / "dog"))
+    scores, _ = evaluate(load_pipeline(run_dir / "model.safetensors"), models, real, PROMPTS, images_per_prompt=2,
+                         sampling=Sampling(steps=2, height=64, width=64))
+    for name in ("dino", "clip_i", "clip_t"):
+        assert -1 <= final[name] <= 1
+        assert final[name] == pytest.approx(getattr(scores, name), abs=1e-6), name
