@@ -104,15 +104,15 @@ def assemble_pipeline(stored: StoredPipeline, dtype: torch.dtype | None) -> Pipe
         tensors={key: tensor for key, tensor in stored.text_encoder.tensors.items() if key != POSITION_IDS}
     )
     return Pipeline(
-        unet=_load_module(UNet, cfg.unet, stored.unet, dtype),
-        vae=_load_module(AutoencoderKL, cfg.vae, stored.vae, vae_dtype(dtype)),
-        text_encoder=_load_module(CLIPTextModel, cfg.text_encoder, text_encoder, dtype),
+        unet=load_module(UNet, cfg.unet, stored.unet, dtype),
+        vae=load_module(AutoencoderKL, cfg.vae, stored.vae, vae_dtype(dtype)),
+        text_encoder=load_module(CLIPTextModel, cfg.text_encoder, text_encoder, dtype),
         tokenizer=stored.tokenizer,
         config=cfg,
     )
 
 
-def _load_module(model_class: type[nn.Module], cfg, part: Tensors, dtype: torch.dtype | None) -> nn.Module:
+def load_module(model_class: type[nn.Module], cfg, part: Tensors, dtype: torch.dtype | None) -> nn.Module:
     """A model holding `part`'s tensors, after the one check of every name and shape. Built on the
     meta device (no random init) and given the tensors by assignment, not copied: it uses the
     file's memory map."""
