@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from minidream.config import SD15, ModelConfig, TrainConfig, UNetConfig
-from minidream.io.diffusers_layout import tensor_names, unet_renames
+from minidream.io.diffusers_layout import unet_names
 from minidream.io.tensor_files import WeightsError, mismatch, read_tensor_file, write_safetensors
 from minidream.models.clip import CLIPTextModel
 from minidream.models.lora import Adapter, adapters_of, adapters_off, lora_scale, weight_delta
@@ -72,7 +72,7 @@ def unet_layers(cfg: UNetConfig) -> list[Layer]:
     """Every Linear/Conv2d of the UNet, named both ways through the diffusers key table."""
     with torch.device("meta"):
         model = UNet(cfg)
-    diffusers = {name.minidream: name.diffusers for name in tensor_names(unet_renames(cfg), model)}
+    diffusers = {name.minidream: name.diffusers for name in unet_names(cfg)}
     return [
         Layer(name, diffusers[f"{name}.weight"].removesuffix(".weight"), module.weight.shape)
         for name, module in model.named_modules()

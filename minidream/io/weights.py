@@ -9,6 +9,7 @@ memory-mapped tensors by assignment, so loading costs about one copy of the weig
 (none more until the weights are used; a dtype cast makes the one copy in the new dtype).
 """
 
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -19,6 +20,7 @@ from minidream.io.diffusers_folder import (
     read_diffusers_folder,
     write_diffusers_folder,
 )
+from minidream.io.lora_files import apply_lora_file
 from minidream.io.single_file import (
     read_single_file,
     single_file_metadata,
@@ -46,15 +48,23 @@ POSITION_IDS = "text_model.embeddings.position_ids"
 
 
 def load_pipeline(
-    path: str | Path, device: torch.device | str | None = None, dtype: torch.dtype | None = None, use_ema: bool = False
+    path: str | Path,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype | None = None,
+    use_ema: bool = False,
+    loras: Sequence[tuple[str | Path, float]] = (),
 ) -> Pipeline:
     """The pipeline stored at `path` (a single file, a diffusers folder or a run folder).
 
     dtype: cast while loading (fp16 keeps the VAE fp32, as `Pipeline.to` does); None keeps the
     file's dtypes. use_ema: take the UNet from a training checkpoint's `model_ema.*` tensors.
+    loras: (LoRA file, strength) pairs merged into the weights in order, as UIs apply them:
+    each in fp32 and rounded once into the loaded dtype (io/lora_files.py `merge_lora`).
     Raises WeightsError, whose one-line message names the file and what is wrong with it.
     """
     pipe = assemble_pipeline(read_weights(Path(path), use_ema), dtype)
+    for lora_path, scale in loras:  # on the host, before any move: the same weights on every device
+        apply_lora_file(pipe, lora_path, scale)
     return pipe if device is None else pipe.to(device)
 
 
