@@ -2,10 +2,13 @@
 
     python sample.py --weights weights/v1-5-pruned-emaonly.safetensors --prompt "a photo of an astronaut"
     python sample.py --weights runs/tiny --prompt "a photo of sks toy" --num-images 4
+    python sample.py --weights weights/v1-5-pruned-emaonly.safetensors --lora runs/my-dog/lora.safetensors:0.8 \\
+        --prompt "a photo of sks dog on the beach"
 
 Image i uses seed S + i (its own CPU generator), so `--seed 7 --num-images 1` reproduces the
 second image of `--seed 6 --num-images 2`. Files are named NNNNN-SEED.png and carry their
-generation parameters as PNG text ("parameters", as popular UIs read it).
+generation parameters as PNG text ("parameters", as popular UIs read it; --lora files as
+A1111 names them: `<lora:name:scale>` in the prompt, their short hashes in "Lora hashes").
 """
 
 import argparse
@@ -55,14 +58,14 @@ def main(argv: list[str] | None = None) -> int:
     device, dtype = flags.device_and_dtype(args)
     try:
         prompts = read_prompts(args)
-        pipe = load_pipeline(args.weights, device=device, dtype=dtype)
+        pipe = load_pipeline(args.weights, device=device, dtype=dtype, loras=args.lora)
         flags.check_flags_fit(args, pipe)
     except ValueError as error:  # WeightsError is a ValueError too
         print(f"error: {error}", file=sys.stderr)
         return 2
     if args.compile:
         pipe.unet.compile(fullgraph=True)
-    sampling = flags.sampling_of(args)
+    sampling, hashes = flags.sampling_of(args), flags.lora_hashes(args)
     jobs = [(p, args.seed + i) for p in prompts for i in range(args.num_images)]
     args.out.mkdir(parents=True, exist_ok=True)
     for start in tqdm(range(0, len(jobs), args.batch_size), desc="images", unit="batch"):
@@ -70,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
         images = flags.draw(pipe, [p for p, _ in batch], [s for _, s in batch], sampling, show_progress=True)
         for offset, ((prompt, seed), image) in enumerate(zip(batch, images)):
             info = PngImagePlugin.PngInfo()
-            info.add_text("parameters", flags.parameters_text(args, prompt, seed))
+            info.add_text("parameters", flags.parameters_text(args, prompt, seed, hashes))
             with atomic_file(args.out / f"{start + offset:05d}-{seed}.png") as tmp:
                 image.save(tmp, format="PNG", pnginfo=info)
     print(f"wrote {len(jobs)} image(s) to {args.out}/")

@@ -2,6 +2,8 @@
 
     python -m minidream.evaluate --weights runs/my-dog --subject-dir photos/my-dog --class-noun dog \\
         --clip weights/eval/clip-vit-base-patch32 --dino weights/eval/dino-vits16 --out runs/my-dog/eval
+    python -m minidream.evaluate --weights weights/v1-5-pruned-emaonly.safetensors --lora runs/my-dog/lora.safetensors \\
+        --subject-dir photos/my-dog --class-noun dog --clip ... --dino ... --out runs/my-dog/eval-lora
     python -m minidream.evaluate --compare runs/a/eval/eval.json runs/b/eval/eval.json
 
 For every prompt of the paper's list (25 object or 25 live-subject prompts) it draws
@@ -64,6 +66,7 @@ from minidream.sampling_flags import (
     check_sampling_flags,
     device_and_dtype,
     draw,
+    lora_hashes,
     parameters_text,
     sampling_of,
 )
@@ -343,7 +346,7 @@ def prepare(args: argparse.Namespace) -> Job:
     real_images = subject_images(args.subject_dir)
     # The evaluation models are small: fp32, whatever the sampling dtype.
     models = eval_models(_load("--clip", load_clip, args.clip, device), _load("--dino", load_dino, args.dino, device))
-    pipe = load_pipeline(args.weights, device=device, dtype=dtype)
+    pipe = load_pipeline(args.weights, device=device, dtype=dtype, loras=args.lora)
     check_flags_fit(args, pipe)  # refuses e.g. too many steps
     sampling = sampling_of(args)
     prompts = subject_prompts(templates, args.identifier, args.class_noun)
@@ -376,12 +379,12 @@ def write_outputs(
 ) -> None:  # fmt: skip
     out = args.out
     (out / "images").mkdir(parents=True, exist_ok=True)
-    seeds = image_seeds(args.seed, args.images_per_prompt)
+    seeds, hashes = image_seeds(args.seed, args.images_per_prompt), lora_hashes(args)
     per_prompt = []
     for p, (group, score) in enumerate(zip(images, scores.per_prompt)):
         names = [f"images/{p}-{k}.png" for k in range(len(group))]
         for name, image, seed in zip(names, group, seeds):
-            write_png(out / name, image, parameters_text(args, score.prompt, seed))
+            write_png(out / name, image, parameters_text(args, score.prompt, seed, hashes))
         per_prompt.append({**dataclasses.asdict(score), "images": names})
     settings = {
         "weights": str(args.weights), "subject_dir": str(args.subject_dir), "class_noun": args.class_noun,
@@ -391,6 +394,7 @@ def write_outputs(
         "eta": args.eta, "height": args.height, "width": args.width,
         "negative_prompt": args.negative_prompt, "dtype": str(device_and_dtype(args)[1]).removeprefix("torch."),
         "clip_t_identifier": args.clip_t_identifier, "clip": str(args.clip), "dino": str(args.dino),
+        "loras": [{"path": str(path), "scale": scale} for path, scale in args.lora],
     }  # fmt: skip
     result = {
         "dino": scores.dino, "clip_i": scores.clip_i, "clip_t": scores.clip_t, "per_prompt": per_prompt,
@@ -400,6 +404,7 @@ def write_outputs(
         "sha256": {
             "weights": file_hashes(pipeline_files(Path(args.weights))),
             "clip": file_hashes(model_files(args.clip)), "dino": file_hashes(model_files(args.dino)),
+            **({"loras": file_hashes([path for path, _ in args.lora])} if args.lora else {}),
         },
     }  # fmt: skip
     write_text(out / "eval.json", json.dumps(result, indent=2) + "\n")

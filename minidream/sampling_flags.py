@@ -6,7 +6,8 @@ sample.py image made with the same flags are the same image and carry the same t
 """
 
 import argparse
-from collections.abc import Sequence
+import math
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,6 +17,7 @@ from PIL import Image
 from minidream.config import SAMPLERS
 from minidream.diffusion.samplers import check_sampler_options, make_sampler
 from minidream.diffusion.sampling import generate
+from minidream.io.lora_files import lora_argument, lora_hash
 from minidream.models.pipeline import Pipeline
 from minidream.models.precision import DTYPES
 
@@ -35,6 +37,8 @@ def add_sampling_flags(parser: argparse.ArgumentParser) -> None:
                         help="condition on text-encoder layer -N: 2 = penultimate, as SD UIs count (default: the model's, 1)")
     parser.add_argument("--height", type=int, default=512, help="pixels, a multiple of 8 (default: %(default)s)")
     parser.add_argument("--width", type=int, default=512, help="pixels, a multiple of 8 (default: %(default)s)")
+    parser.add_argument("--lora", action="append", type=lora_argument, default=[], metavar="PATH[:SCALE]",
+                        help="merge this LoRA file into the model at strength SCALE (default 1); repeat for several")
     parser.add_argument("--dtype", choices=DTYPES, default=None, help="default: fp16 on CUDA, fp32 on CPU")
     parser.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: cuda if available")
 
@@ -54,6 +58,11 @@ def check_sampling_flags(parser: argparse.ArgumentParser, args: argparse.Namespa
         parser.error(f"--guidance-rescale must be in [0, 1], got {args.guidance_rescale}")
     if args.clip_skip is not None and args.clip_skip < 1:
         parser.error(f"--clip-skip must be at least 1, got {args.clip_skip}")
+    for path, scale in args.lora:
+        if not math.isfinite(scale):
+            parser.error(f"--lora {path}:{scale}: the strength must be a finite number")
+        if not path.is_file():
+            parser.error(f"--lora {path}: no such LoRA file (give PATH or PATH:SCALE, e.g. sks.safetensors:0.8)")
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: torch sees no CUDA GPU")
 
@@ -109,14 +118,27 @@ def draw(
     )  # fmt: skip
 
 
-def parameters_text(args: argparse.Namespace, prompt: str, seed: int) -> str:
-    """The A1111-style "parameters" PNG text: prompt, negative prompt, then the settings line."""
+def lora_hashes(args: argparse.Namespace) -> dict[str, str]:
+    """{LoRA name: A1111 short hash} of the --lora files, computed once for every image's text."""
+    return {path.stem: lora_hash(path) for path, _ in args.lora}
+
+
+def parameters_text(args: argparse.Namespace, prompt: str, seed: int, hashes: Mapping[str, str]) -> str:
+    """The A1111-style "parameters" PNG text: prompt, negative prompt, then the settings line.
+
+    LoRAs as A1111 writes them: a `<lora:name:strength>` tag in the prompt (what its prompt
+    parser applies when the text is pasted back) and `Lora hashes: "name: hash, ..."` in the
+    settings (quoted, as A1111 quotes values holding ':' or ','); `hashes` is lora_hashes(args).
+    """
+    tags = "".join(f" <lora:{path.stem}:{scale:g}>" for path, scale in args.lora)
     sampler = f"{args.sampler}{' karras' if args.karras else ''}"
     extras = (f", CFG Rescale phi: {args.guidance_rescale}" if args.guidance_rescale else "") + (
         f", Clip skip: {args.clip_skip}" if args.clip_skip else ""
     )
+    loras = ', '.join(f"{name}: {digest}" for name, digest in hashes.items())
     return (
-        f"{prompt}\nNegative prompt: {args.negative_prompt}\n"
+        f"{prompt}{tags}\nNegative prompt: {args.negative_prompt}\n"
         f"Steps: {args.steps}, Sampler: {sampler}, CFG scale: {args.guidance}, Seed: {seed}, "
         f"Size: {args.width}x{args.height}, Eta: {args.eta}{extras}, Model: {Path(args.weights).name}"
+        + (f', Lora hashes: "{loras}"' if loras else "")
     )

@@ -10,8 +10,8 @@ from test_lora_files import adapt
 
 from minidream.config import TINY
 from minidream.io.lora_files import apply_lora_file, save_lora
-from minidream.io.tensor_files import WeightsError
 from minidream.io.single_file import single_file_tensors
+from minidream.io.tensor_files import WeightsError
 from minidream.io.weights import load_pipeline, save_pipeline
 from minidream.models import lora
 from minidream.models.pipeline import random_pipeline

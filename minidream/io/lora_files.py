@@ -15,6 +15,7 @@ layout, with or without the metadata, applies the same change as the kohya file.
 """
 
 import contextlib
+import hashlib
 import json
 import re
 from collections.abc import Iterator
@@ -26,9 +27,20 @@ from torch import nn
 
 from minidream.config import SD15, ModelConfig, TrainConfig, UNetConfig
 from minidream.io.diffusers_layout import unet_names
-from minidream.io.tensor_files import WeightsError, mismatch, read_tensor_file, write_safetensors
+from minidream.io.tensor_files import (
+    WeightsError,
+    mismatch,
+    read_tensor_file,
+    write_safetensors,
+)
 from minidream.models.clip import CLIPTextModel
-from minidream.models.lora import Adapter, adapters_of, adapters_off, lora_scale, weight_delta
+from minidream.models.lora import (
+    Adapter,
+    adapters_of,
+    adapters_off,
+    lora_scale,
+    weight_delta,
+)
 from minidream.models.pipeline import Pipeline
 from minidream.models.unet import UNet
 
@@ -452,6 +464,19 @@ def lora_argument(text: str) -> tuple[Path, float]:
         return (Path(path), float(scale)) if path else (Path(text), 1.0)
     except ValueError:
         return Path(text), 1.0
+
+
+def lora_hash(path: str | Path) -> str:
+    """A1111's short hash of a LoRA file (its "Lora hashes" PNG text, Civitai's lookup key): the first
+    12 hex digits of the SHA-256 of a .safetensors file's tensor bytes, after the header (kohya's and
+    A1111's `addnet_hash_safetensors`, so editing the metadata keeps the hash); of the whole file otherwise."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        if Path(path).suffix == ".safetensors":
+            f.seek(8 + int.from_bytes(f.read(8), "little"))  # u64 little-endian header length, then the header
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()[:12]
 
 
 def apply_lora_file(pipe: Pipeline, path: str | Path, scale: float = 1.0) -> LoRAFile:
