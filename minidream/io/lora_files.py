@@ -22,11 +22,13 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import NamedTuple
 
+import safetensors
 import torch
 from torch import nn
 
 from minidream.config import SD15, ModelConfig, TrainConfig, UNetConfig
 from minidream.io.diffusers_layout import unet_names
+from minidream.io.single_file import LORA_MARKERS
 from minidream.io.tensor_files import (
     WeightsError,
     mismatch,
@@ -216,6 +218,20 @@ def _number(value: float) -> str:
 
 
 # ---- reading ------------------------------------------------------------------------------------
+
+
+def is_lora_file(path: str | Path) -> bool:
+    """Whether `path` is a .safetensors file of LoRA (or LyCORIS) tensors rather than a model, from
+    its header's key names alone (no tensor is read): how convert tells what SRC is."""
+    path = Path(path)
+    if not path.is_file() or path.suffix != ".safetensors":
+        return False
+    try:
+        with safetensors.safe_open(path, framework="pt") as f:
+            keys = list(f.keys())
+    except (safetensors.SafetensorError, OSError):
+        return False  # not readable as safetensors: the model reader names what is wrong
+    return any(marker in key for key in keys for marker in LORA_MARKERS)
 
 
 def read_lora_file(path: str | Path, cfg: ModelConfig = SD15) -> LoRAFile:

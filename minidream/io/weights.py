@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from minidream.config import ModelConfig
 from minidream.io.diffusers_folder import (
     is_diffusers_folder,
     read_diffusers_folder,
@@ -87,6 +88,12 @@ def save_pipeline(
         write_diffusers_folder(pipe, path, dtype)
     else:
         raise ValueError(f"format must be one of {', '.join(FORMATS)}, got {format!r}")
+
+
+def model_config(path: str | Path) -> ModelConfig:
+    """The architecture of the pipeline stored at `path`, without building it (its tensors are
+    only memory-mapped): what a LoRA for it must fit."""
+    return read_weights(Path(path), use_ema=False).config
 
 
 def read_weights(path: Path, use_ema: bool) -> StoredPipeline:
