@@ -2,6 +2,8 @@
 
     python -m minidream.evaluate --weights runs/my-dog --subject-dir photos/my-dog --class-noun dog \\
         --clip weights/eval/clip-vit-base-patch32 --dino weights/eval/dino-vits16 --out runs/my-dog/eval
+    python -m minidream.evaluate --weights weights/v1-5-pruned-emaonly.safetensors --lora runs/my-dog/lora.safetensors \\
+        --subject-dir photos/my-dog --class-noun dog --clip ... --dino ... --out runs/my-dog/eval-lora
     python -m minidream.evaluate --compare runs/a/eval/eval.json runs/b/eval/eval.json
 
 For every prompt of the paper's list (25 object or 25 live-subject prompts) it draws
@@ -37,8 +39,6 @@ from tqdm.auto import tqdm
 
 import minidream
 from minidream.config import CLIP_PREPROCESS, DINO_PREPROCESS, ImagePreprocessConfig
-from minidream.diffusion.samplers import make_sampler
-from minidream.diffusion.sampling import generate
 from minidream.dreambooth_prompts import LIVE_CLASSES, PROMPT_LISTS, subject_prompts
 from minidream.eval_report import (
     PAPER_TABLE,
@@ -59,9 +59,18 @@ from minidream.models.pipeline import Pipeline
 from minidream.models.preprocess import preprocess
 from minidream.models.tokenizer import CLIPTokenizer
 from minidream.models.vision import CLIPModel, ViTModel
-from minidream.sampling_flags import add_sampling_flags, check_sampling_flags, device_and_dtype, parameters_text
+from minidream.sampling_flags import (
+    Sampling,
+    add_sampling_flags,
+    check_flags_fit,
+    check_sampling_flags,
+    device_and_dtype,
+    draw,
+    lora_hashes,
+    parameters_text,
+    sampling_of,
+)
 from minidream.training.data import DataError, find_images, load_image
-
 
 # --- The metric math: pure functions of embeddings ---------------------------------------------
 
@@ -170,21 +179,6 @@ def clip_t_prompt(prompt: str, identifier: str, keep_identifier: bool = False) -
 # --- The measurement ---------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class Sampling:
-    """How the evaluation images are drawn (sample.py's flags)."""
-
-    steps: int = 50
-    sampler: str = "ddim"
-    guidance: float = 7.5
-    eta: float = 0.0
-    karras: bool = False
-    height: int = 512
-    width: int = 512
-    negative_prompt: str = ""
-    batch_size: int = 4
-
-
 @dataclass
 class PromptScores:
     prompt: str
@@ -221,11 +215,7 @@ def generate_images(
     images: list[Image.Image] = []
     for start in tqdm(range(0, len(jobs), sampling.batch_size), desc="sampling", unit="batch", disable=not show_progress):
         batch = jobs[start : start + sampling.batch_size]
-        images += generate(
-            pipe, [prompts[p] for p, _ in batch], [s for _, s in batch], negative_prompts=[sampling.negative_prompt] * len(batch),
-            steps=sampling.steps, sampler=sampling.sampler, guidance=sampling.guidance, eta=sampling.eta,
-            height=sampling.height, width=sampling.width, karras=sampling.karras,
-        )  # fmt: skip
+        images += draw(pipe, [prompts[p] for p, _ in batch], [s for _, s in batch], sampling)
     return [images[p * images_per_prompt : (p + 1) * images_per_prompt] for p in range(len(prompts))]
 
 
@@ -356,12 +346,9 @@ def prepare(args: argparse.Namespace) -> Job:
     real_images = subject_images(args.subject_dir)
     # The evaluation models are small: fp32, whatever the sampling dtype.
     models = eval_models(_load("--clip", load_clip, args.clip, device), _load("--dino", load_dino, args.dino, device))
-    pipe = load_pipeline(args.weights, device=device, dtype=dtype)
-    make_sampler(args.sampler, pipe.config.schedule, args.steps, args.eta, args.karras)  # refuses e.g. too many steps
-    sampling = Sampling(
-        steps=args.steps, sampler=args.sampler, guidance=args.guidance, eta=args.eta, karras=args.karras,
-        height=args.height, width=args.width, negative_prompt=args.negative_prompt, batch_size=args.batch_size,
-    )  # fmt: skip
+    pipe = load_pipeline(args.weights, device=device, dtype=dtype, loras=args.lora)
+    check_flags_fit(args, pipe)  # refuses e.g. too many steps
+    sampling = sampling_of(args)
     prompts = subject_prompts(templates, args.identifier, args.class_noun)
     return Job(prompt_list, prompts, real_images, models, pipe, sampling)
 
@@ -392,20 +379,22 @@ def write_outputs(
 ) -> None:  # fmt: skip
     out = args.out
     (out / "images").mkdir(parents=True, exist_ok=True)
-    seeds = image_seeds(args.seed, args.images_per_prompt)
+    seeds, hashes = image_seeds(args.seed, args.images_per_prompt), lora_hashes(args)
     per_prompt = []
     for p, (group, score) in enumerate(zip(images, scores.per_prompt)):
         names = [f"images/{p}-{k}.png" for k in range(len(group))]
         for name, image, seed in zip(names, group, seeds):
-            write_png(out / name, image, parameters_text(args, score.prompt, seed))
+            write_png(out / name, image, parameters_text(args, score.prompt, seed, hashes))
         per_prompt.append({**dataclasses.asdict(score), "images": names})
     settings = {
         "weights": str(args.weights), "subject_dir": str(args.subject_dir), "class_noun": args.class_noun,
         "identifier": args.identifier, "prompts": prompt_list, "images_per_prompt": args.images_per_prompt,
         "seed": args.seed, "steps": args.steps, "sampler": args.sampler, "karras": args.karras,
-        "guidance": args.guidance, "eta": args.eta, "height": args.height, "width": args.width,
+        "guidance": args.guidance, "guidance_rescale": args.guidance_rescale, "clip_skip": args.clip_skip,
+        "eta": args.eta, "height": args.height, "width": args.width,
         "negative_prompt": args.negative_prompt, "dtype": str(device_and_dtype(args)[1]).removeprefix("torch."),
         "clip_t_identifier": args.clip_t_identifier, "clip": str(args.clip), "dino": str(args.dino),
+        "loras": [{"path": str(path), "scale": scale} for path, scale in args.lora],
     }  # fmt: skip
     result = {
         "dino": scores.dino, "clip_i": scores.clip_i, "clip_t": scores.clip_t, "per_prompt": per_prompt,
@@ -415,6 +404,7 @@ def write_outputs(
         "sha256": {
             "weights": file_hashes(pipeline_files(Path(args.weights))),
             "clip": file_hashes(model_files(args.clip)), "dino": file_hashes(model_files(args.dino)),
+            **({"loras": file_hashes([path for path, _ in args.lora])} if args.lora else {}),
         },
     }  # fmt: skip
     write_text(out / "eval.json", json.dumps(result, indent=2) + "\n")

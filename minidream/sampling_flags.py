@@ -1,18 +1,25 @@
 """The sampling flags every command that draws images shares (sample.py, python -m minidream.evaluate).
 
-One place for the flags, their defaults and checks, the device/dtype choice and the
-A1111-style "parameters" PNG text, so that an evaluation image and a sample.py image made
-with the same flags are the same image and carry the same text.
+One place for the flags, their defaults and checks, the device/dtype choice, the call into
+`generate` and the A1111-style "parameters" PNG text, so that an evaluation image and a
+sample.py image made with the same flags are the same image and carry the same text.
 """
 
 import argparse
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from PIL import Image
 
-from minidream.diffusion.samplers import SAMPLERS
-
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+from minidream.config import SAMPLERS
+from minidream.diffusion.samplers import check_sampler_options, make_sampler
+from minidream.diffusion.sampling import generate
+from minidream.io.lora_files import lora_argument, lora_hash
+from minidream.models.pipeline import Pipeline
+from minidream.models.precision import DTYPES
 
 
 def add_sampling_flags(parser: argparse.ArgumentParser) -> None:
@@ -23,9 +30,15 @@ def add_sampling_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--sampler", choices=SAMPLERS, default="ddim", help="default: %(default)s")
     parser.add_argument("--karras", action="store_true", help="Karras sigma spacing (dpmpp-2m only)")
     parser.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale; 1 disables it (default: %(default)s)")
+    parser.add_argument("--guidance-rescale", type=float, default=0.0, metavar="PHI",
+                        help="guidance rescale phi in [0, 1] (Lin et al. 2024; 0.7 for zero-terminal-SNR models; default: off)")
     parser.add_argument("--eta", type=float, default=0.0, help="DDIM noise: 0 deterministic, 1 ancestral (default: %(default)s)")
+    parser.add_argument("--clip-skip", type=int, default=None, metavar="N",
+                        help="condition on text-encoder layer -N: 2 = penultimate, as SD UIs count (default: the model's, 1)")
     parser.add_argument("--height", type=int, default=512, help="pixels, a multiple of 8 (default: %(default)s)")
     parser.add_argument("--width", type=int, default=512, help="pixels, a multiple of 8 (default: %(default)s)")
+    parser.add_argument("--lora", action="append", type=lora_argument, default=[], metavar="PATH[:SCALE]",
+                        help="merge this LoRA file into the model at strength SCALE (default 1); repeat for several")
     parser.add_argument("--dtype", choices=DTYPES, default=None, help="default: fp16 on CUDA, fp32 on CPU")
     parser.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: cuda if available")
 
@@ -37,12 +50,30 @@ def check_sampling_flags(parser: argparse.ArgumentParser, args: argparse.Namespa
     for name in ("batch_size", "steps"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1")
-    if args.eta != 0 and args.sampler != "ddim":
-        parser.error(f"--eta applies to the ddim sampler only, not {args.sampler}")
-    if args.karras and args.sampler != "dpmpp-2m":
-        parser.error(f"--karras applies to the dpmpp-2m sampler only, not {args.sampler}")
+    try:
+        check_sampler_options(args.sampler, args.eta, args.karras)
+    except ValueError as error:
+        parser.error(str(error))
+    if not 0 <= args.guidance_rescale <= 1:
+        parser.error(f"--guidance-rescale must be in [0, 1], got {args.guidance_rescale}")
+    if args.clip_skip is not None and args.clip_skip < 1:
+        parser.error(f"--clip-skip must be at least 1, got {args.clip_skip}")
+    for path, scale in args.lora:
+        if not math.isfinite(scale):
+            parser.error(f"--lora {path}:{scale}: the strength must be a finite number")
+        if not path.is_file():
+            parser.error(f"--lora {path}: no such LoRA file (give PATH or PATH:SCALE, e.g. sks.safetensors:0.8)")
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: torch sees no CUDA GPU")
+
+
+def check_flags_fit(args: argparse.Namespace, pipe: Pipeline) -> None:
+    """ValueError for what the loaded checkpoint cannot take (more steps than it was trained
+    with, a clip skip deeper than its text encoder): refused before any image, not as a
+    traceback from the first."""
+    make_sampler(args.sampler, pipe.config.schedule, args.steps, args.eta, args.karras)
+    if args.clip_skip is not None and args.clip_skip > pipe.config.text_encoder.layers:
+        raise ValueError(f"--clip-skip {args.clip_skip}: the text encoder has {pipe.config.text_encoder.layers} layers")
 
 
 def device_and_dtype(args: argparse.Namespace) -> tuple[torch.device, torch.dtype]:
@@ -50,11 +81,64 @@ def device_and_dtype(args: argparse.Namespace) -> tuple[torch.device, torch.dtyp
     return device, DTYPES[args.dtype or ("fp16" if device.type == "cuda" else "fp32")]
 
 
-def parameters_text(args: argparse.Namespace, prompt: str, seed: int) -> str:
-    """The A1111-style "parameters" PNG text: prompt, negative prompt, then the settings line."""
+@dataclass(frozen=True)
+class Sampling:
+    """How images are drawn: the sampling flags, as `generate` takes them."""
+
+    steps: int = 50
+    sampler: str = "ddim"
+    guidance: float = 7.5
+    eta: float = 0.0
+    karras: bool = False
+    height: int = 512
+    width: int = 512
+    negative_prompt: str = ""
+    batch_size: int = 4
+    guidance_rescale: float = 0.0
+    clip_skip: int | None = None
+
+
+def sampling_of(args: argparse.Namespace) -> Sampling:
+    return Sampling(
+        steps=args.steps, sampler=args.sampler, guidance=args.guidance, eta=args.eta, karras=args.karras,
+        height=args.height, width=args.width, negative_prompt=args.negative_prompt, batch_size=args.batch_size,
+        guidance_rescale=args.guidance_rescale, clip_skip=args.clip_skip,
+    )  # fmt: skip
+
+
+def draw(
+    pipe: Pipeline, prompts: Sequence[str], seeds: Sequence[int], sampling: Sampling, show_progress: bool = False
+) -> list[Image.Image]:
+    """One image per (prompt, seed), all in one batch: `generate` with the sampling settings."""
+    return generate(
+        pipe, list(prompts), list(seeds), negative_prompts=[sampling.negative_prompt] * len(prompts),
+        steps=sampling.steps, sampler=sampling.sampler, guidance=sampling.guidance, eta=sampling.eta,
+        height=sampling.height, width=sampling.width, karras=sampling.karras,
+        guidance_rescale=sampling.guidance_rescale, clip_skip=sampling.clip_skip, show_progress=show_progress,
+    )  # fmt: skip
+
+
+def lora_hashes(args: argparse.Namespace) -> dict[str, str]:
+    """{LoRA name: A1111 short hash} of the --lora files, computed once for every image's text."""
+    return {path.stem: lora_hash(path) for path, _ in args.lora}
+
+
+def parameters_text(args: argparse.Namespace, prompt: str, seed: int, hashes: Mapping[str, str]) -> str:
+    """The A1111-style "parameters" PNG text: prompt, negative prompt, then the settings line.
+
+    LoRAs as A1111 writes them: a `<lora:name:strength>` tag in the prompt (what its prompt
+    parser applies when the text is pasted back) and `Lora hashes: "name: hash, ..."` in the
+    settings (quoted, as A1111 quotes values holding ':' or ','); `hashes` is lora_hashes(args).
+    """
+    tags = "".join(f" <lora:{path.stem}:{scale:g}>" for path, scale in args.lora)
     sampler = f"{args.sampler}{' karras' if args.karras else ''}"
+    extras = (f", CFG Rescale phi: {args.guidance_rescale}" if args.guidance_rescale else "") + (
+        f", Clip skip: {args.clip_skip}" if args.clip_skip else ""
+    )
+    loras = ', '.join(f"{name}: {digest}" for name, digest in hashes.items())
     return (
-        f"{prompt}\nNegative prompt: {args.negative_prompt}\n"
+        f"{prompt}{tags}\nNegative prompt: {args.negative_prompt}\n"
         f"Steps: {args.steps}, Sampler: {sampler}, CFG scale: {args.guidance}, Seed: {seed}, "
-        f"Size: {args.width}x{args.height}, Eta: {args.eta}, Model: {Path(args.weights).name}"
+        f"Size: {args.width}x{args.height}, Eta: {args.eta}{extras}, Model: {Path(args.weights).name}"
+        + (f', Lora hashes: "{loras}"' if loras else "")
     )

@@ -1,6 +1,7 @@
 """python -m minidream.evaluate: the metric math, the paper's prompts, a whole run at tiny scale
 recomputed with transformers, --compare, and the one-line errors."""
 
+import hashlib
 import json
 import re
 
@@ -11,10 +12,16 @@ from eval_references import PHOTOS, TINY_CLIP, TINY_DINO, reference_clip, refere
 from hypothesis import given
 from hypothesis import strategies as st
 from PIL import Image
+from test_lora_files import adapt
 
 from minidream import evaluate
 from minidream.config import TINY
-from minidream.dreambooth_prompts import LIVE_CLASSES, LIVE_PROMPTS, OBJECT_PROMPTS, subject_prompts
+from minidream.dreambooth_prompts import (
+    LIVE_CLASSES,
+    LIVE_PROMPTS,
+    OBJECT_PROMPTS,
+    subject_prompts,
+)
 from minidream.evaluate import (
     PromptScores,
     Scores,
@@ -24,6 +31,7 @@ from minidream.evaluate import (
     mean_pairwise_cosine,
     mean_text_image_cosine,
 )
+from minidream.io.lora_files import save_lora
 from minidream.io.weights import save_pipeline
 from minidream.models.pipeline import random_pipeline
 from minidream.models.tokenizer import CLIPTokenizer
@@ -284,3 +292,28 @@ def test_evaluate_function_for_train_py_in_bfloat16(files):
     assert [p.clip_t_prompt for p in fp32.per_prompt] == ["a dog in the jungle", "a dog in the snow"]
     for name in ("dino", "clip_i", "clip_t"):
         assert getattr(bf16, name) == pytest.approx(getattr(fp32, name), abs=0.02)
+
+
+def test_a_lora_and_the_shared_sampling_flags_are_applied_and_recorded(files, tmp_path):
+    """--lora (at strength 0 the plain model's images, at 1 other ones), --clip-skip and
+    --guidance-rescale reach the images and are recorded in eval.json and the PNG text."""
+    donor = adapt(random_pipeline(TINY))
+    lora_path = tmp_path / "sks.safetensors"
+    save_lora(lora_path, donor.unet, donor.text_encoder)
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a {0} {1} in the snow\n")
+    common = ["--images-per-prompt", "1", "--prompts", str(prompts), "--clip-skip", "2", "--guidance-rescale", "0.5"]
+    results = {}
+    for name, extra in (("plain", []), ("zero", ["--lora", f"{lora_path}:0"]), ("one", ["--lora", str(lora_path)])):
+        assert evaluate.main([*base_args(files, tmp_path / name), *common, *extra]) == 0
+        results[name] = json.loads((tmp_path / name / "eval.json").read_text())
+    image = {name: Image.open(tmp_path / name / "images" / "0-0.png") for name in results}
+    assert image["zero"].tobytes() == image["plain"].tobytes()
+    assert image["one"].tobytes() != image["plain"].tobytes()
+    assert results["one"]["dino"] != results["plain"]["dino"]
+    settings = results["one"]["settings"]
+    assert settings["loras"] == [{"path": str(lora_path), "scale": 1.0}] and results["plain"]["settings"]["loras"] == []
+    assert (settings["clip_skip"], settings["guidance_rescale"]) == (2, 0.5)
+    assert results["one"]["sha256"]["loras"] == {str(lora_path): hashlib.sha256(lora_path.read_bytes()).hexdigest()}
+    text = image["one"].text["parameters"]
+    assert text.startswith("a sks dog in the snow <lora:sks:1>\n") and "CFG Rescale phi: 0.5, Clip skip: 2" in text

@@ -1,6 +1,7 @@
 """The package's layer rule, read off the imports of every module (`python -m pytest tests/test_layers.py`).
 
-    config, files  <-  models  <-  diffusion  <-  io, training  <-  evaluate, train.py, sample.py
+    config, files, dreambooth_prompts  <-  models  <-  diffusion  <-  io, training
+        <-  sampling_flags, eval_report, evaluate, convert, train.py, sample.py
 
 A module imports only from its own layer or the layers below it, and `io` and `training`
 never import each other: reading weight files and running a training loop stay independent.
@@ -14,7 +15,10 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "minidream"
 # Layer of each top-level part of the package; a higher number may import a lower one.
-LEVEL = {"config": 0, "files": 0, "models": 1, "diffusion": 2, "io": 3, "training": 3, "evaluate": 4, "convert": 4}
+LEVEL = {
+    "config": 0, "files": 0, "dreambooth_prompts": 0, "models": 1, "diffusion": 2, "io": 3, "training": 3,
+    "sampling_flags": 4, "eval_report": 4, "evaluate": 4, "convert": 4,
+}
 SIBLINGS_THAT_NEVER_MEET = {frozenset({"io", "training"})}
 
 

@@ -1,6 +1,7 @@
 """sample.py end to end on the CPU: reproducibility, seeds, batching, file names, PNG metadata,
 prompt files, dtypes and its errors. (Its images against diffusers': test_sampling_parity.py.)"""
 
+import hashlib
 import subprocess
 import sys
 
@@ -16,8 +17,12 @@ from sample_runs import (
     read_pngs,
     save_tiny_diffusers_pipeline,
 )
+from test_lora_files import adapt
 
 from minidream import load_pipeline, save_pipeline
+from minidream.config import TINY
+from minidream.io.lora_files import save_lora
+from minidream.models.pipeline import random_pipeline
 
 PROMPT = "a photo of sks dog on the beach"
 SMALL = ["--steps", "4", "--height", "32", "--width", "48", "--dtype", "fp32", "--device", "cpu"]
@@ -116,6 +121,47 @@ def test_pngs_carry_the_generation_parameters(sample, weights, tmp_path):
     assert Image.open(tmp_path / "00001-13.png").size == (48, 32)
 
 
+@pytest.fixture(scope="module")
+def lora_file(weights):
+    """A LoRA for the tiny model: every kohya target and the text encoder, random ups."""
+    donor = adapt(random_pipeline(TINY))
+    path = weights.parent / "sks-dog.safetensors"
+    save_lora(path, donor.unet, donor.text_encoder)
+    return path
+
+
+def test_a_lora_at_strength_0_changes_nothing_and_at_1_changes_the_image(sample, weights, lora_file, tmp_path):
+    args = ["--prompt", PROMPT, "--seed", "3", "--num-images", "2"]
+    plain = run(sample, weights, tmp_path / "plain", *args)
+    assert max_difference(run(sample, weights, tmp_path / "zero", *args, "--lora", f"{lora_file}:0"), plain) == 0
+    full = run(sample, weights, tmp_path / "one", *args, "--lora", str(lora_file))
+    assert max_difference(full, plain) > 20
+    # the same as sampling the model the LoRA was merged into
+    merged = weights.parent / "merged.safetensors"
+    save_pipeline(load_pipeline(weights, loras=[(lora_file, 1.0)]), merged, dtype=None)
+    assert max_difference(run(sample, merged, tmp_path / "merged", *args), full) == 0
+
+
+def test_pngs_name_the_loras_as_a1111_does(sample, weights, lora_file, tmp_path):
+    second = weights.parent / "second.safetensors"
+    second.write_bytes(lora_file.read_bytes())
+    run(sample, weights, tmp_path, "--prompt", PROMPT, "--lora", f"{lora_file}:0.75", "--lora", str(second))
+    data = lora_file.read_bytes()
+    short_hash = hashlib.sha256(data[8 + int.from_bytes(data[:8], "little"):]).hexdigest()[:12]  # after the header
+    assert Image.open(tmp_path / "00000-0.png").text["parameters"] == (
+        f"{PROMPT} <lora:sks-dog:0.75> <lora:second:1>\nNegative prompt: \n"
+        "Steps: 4, Sampler: ddim, CFG scale: 7.5, Seed: 0, Size: 48x32, Eta: 0.0, Model: tiny-sd.safetensors, "
+        f'Lora hashes: "sks-dog: {short_hash}, second: {short_hash}"'
+    )
+
+
+def test_a_file_that_is_not_a_lora_is_one_line_and_exit_2(sample, weights, tmp_path, capsys):
+    assert sample.main(["--weights", str(weights), "--prompt", PROMPT, "--out", str(tmp_path / "out"), *SMALL,
+                        "--lora", str(weights)]) == 2
+    assert_one_error_line(capsys.readouterr().err, f"{weights}: no LoRA tensors")
+    assert not (tmp_path / "out").exists()
+
+
 def test_bf16_on_the_cpu_gives_nearly_the_fp32_image(sample, weights, tmp_path, monkeypatch):
     loaded = []
 
@@ -149,8 +195,11 @@ def test_bf16_on_the_cpu_gives_nearly_the_fp32_image(sample, weights, tmp_path, 
     (["--eta", "1.5"], "eta must be in [0, 1]"),
     (["--guidance-rescale", "1.5"], "--guidance-rescale must be in [0, 1], got 1.5"),
     (["--clip-skip", "0"], "--clip-skip must be at least 1, got 0"),
+    (["--lora", "missing.safetensors"], "--lora missing.safetensors: no such LoRA file"),
+    (["--lora", "sks.safetensors:strong"], "--lora sks.safetensors:strong: no such LoRA file"),
+    (["--lora", "sks.safetensors:nan"], "--lora sks.safetensors:nan: the strength must be a finite number"),
 ], ids=["height", "width", "eta-not-ddim", "karras-not-dpmpp", "unknown-sampler", "no-images", "eta-above-1",
-        "rescale-above-1", "clip-skip-0"])
+        "rescale-above-1", "clip-skip-0", "lora-missing", "lora-bad-scale", "lora-nan"])
 def test_usage_errors_exit_2_with_one_line(sample, weights, tmp_path, capsys, args, message):
     with pytest.raises(SystemExit) as exit_info:
         sample.main(["--weights", str(weights), "--prompt", PROMPT, "--out", str(tmp_path), *SMALL, *args])
@@ -194,7 +243,8 @@ def test_help_explains_every_flag(sample, capsys):
     text = capsys.readouterr().out
     for flag in ("--weights", "--prompt", "--negative-prompt", "--num-images", "--batch-size", "--seed", "--steps",
                  "--sampler", "ddim", "ddpm", "euler-a", "dpmpp-2m", "--karras", "--guidance", "--eta", "--height",
-                 "--width", "--dtype", "bf16", "--device", "--from-file", "--out", "--guidance-rescale", "--clip-skip"):
+                 "--width", "--dtype", "bf16", "--device", "--from-file", "--out", "--guidance-rescale", "--clip-skip",
+                 "--lora", "PATH[:SCALE]"):
         assert flag in text
 
 

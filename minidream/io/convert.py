@@ -1,31 +1,52 @@
-"""Convert a Stable Diffusion 1.x checkpoint between formats.
+"""Convert a Stable Diffusion 1.x checkpoint between formats, merge LoRAs into it, or convert a LoRA
+file between the kohya and diffusers layouts.
 
-    python -m minidream.convert SRC DST [--format single-file|diffusers] [--dtype fp16|fp32] [--ema]
+    python -m minidream.convert SRC DST [--format single-file|diffusers] [--dtype fp16|fp32] [--ema] [--lora PATH[:SCALE]]...
+    python -m minidream.convert LORA DST --format kohya|diffusers [--base MODEL] [--dtype fp16|fp32]
 """
 
 import argparse
 import sys
 from pathlib import Path
 
-from minidream.io.weights import FORMATS, WeightsError, load_pipeline, save_pipeline
+import torch
+
+from minidream.config import SD15
+from minidream.io.lora_files import FORMATS as LORA_FORMATS
+from minidream.io.lora_files import convert_lora_file, is_lora_file, lora_argument
+from minidream.io.weights import (
+    FORMATS,
+    WeightsError,
+    load_pipeline,
+    model_config,
+    save_pipeline,
+)
 from minidream.models.precision import DTYPES
 
 FILE_PRECISIONS = ("fp16", "fp32")  # what SD files are released in
 
 DESCRIPTION = """\
-Convert a Stable Diffusion 1.x checkpoint between formats.
+Convert a Stable Diffusion 1.x checkpoint between formats, merge LoRAs into it, or convert a
+LoRA file between the kohya/A1111 and diffusers layouts.
 
 SRC may be
   an SD single file       *.safetensors, or *.ckpt / *.pt (read with torch.load(weights_only=True))
   a diffusers folder      model_index.json, unet/, vae/, text_encoder/, tokenizer/, scheduler/
   a minidream run folder  the model.safetensors that train.py exported
+  a LoRA file             *.safetensors with kohya (lora_unet_*, lora_te_*) or diffusers/PEFT
+                          (*.lora_A / *.lora_B) keys: converted to the other layout (--format)
 
 DST is written as
   single-file   one *.safetensors with the UNet, VAE and text encoder under the SD key names
                 (model.diffusion_model.*, first_stage_model.*, cond_stage_model.transformer.*),
                 which AUTOMATIC1111, ComfyUI and diffusers' from_single_file open
   diffusers     a folder that diffusers.StableDiffusionPipeline.from_pretrained opens, with a
-                DDIM scheduler carrying SRC's noise-schedule settings
+                DDIM scheduler carrying SRC's noise-schedule settings;
+                for a LoRA SRC: a *.safetensors that diffusers' load_lora_weights opens
+  kohya         (a LoRA SRC only, the default) the kohya/A1111 layout ComfyUI and AUTOMATIC1111 map
+
+--lora PATH[:SCALE] merges a LoRA into the model at strength SCALE (default 1) before it is
+written, as the UIs apply it: in fp32, rounded once to --dtype. Repeat it to merge several.
 
 The write is atomic: DST appears complete or not at all. An existing DST file is replaced; an
 existing non-empty DST folder is refused.
@@ -37,6 +58,8 @@ examples:
   python -m minidream.convert weights/sd-v1-4.ckpt weights/sd14-diffusers
   python -m minidream.convert weights/sd-v1-4-full-ema.ckpt weights/sd14-ema.safetensors --ema --dtype fp32
   python -m minidream.convert runs/dreambooth weights/my-dog.safetensors
+  python -m minidream.convert weights/sd15.safetensors weights/sd15-my-dog.safetensors --lora runs/my-dog/lora.safetensors:0.8
+  python -m minidream.convert runs/my-dog/lora.safetensors weights/my-dog-diffusers-lora.safetensors --format diffusers
 """
 
 
@@ -47,18 +70,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         epilog=EXAMPLES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("src", metavar="SRC", help="checkpoint file or folder to read")
+    parser.add_argument("src", metavar="SRC", help="checkpoint file or folder, or LoRA file, to read")
     parser.add_argument("dst", metavar="DST", help="file (*.safetensors) or folder to write")
     parser.add_argument(
         "--format",
-        choices=FORMATS,
-        help="layout of DST (default: single-file if DST ends in .safetensors, else diffusers)",
+        choices=(*FORMATS, *[f for f in LORA_FORMATS if f not in FORMATS]),
+        help="layout of DST (default: single-file if DST ends in .safetensors, else diffusers; kohya for a LoRA SRC)",
     )
     parser.add_argument(
         "--dtype",
         choices=FILE_PRECISIONS,
         default="fp16",
-        help="precision of the written weights (default: fp16, as SD releases are)",
+        help="precision of the written weights (default: fp16, as SD releases and kohya LoRAs are)",
     )
     parser.add_argument(
         "--ema",
@@ -66,21 +89,49 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="take the UNet from SRC's EMA weights (model_ema.*, in full training checkpoints such as "
         "sd-v1-4-full-ema.ckpt); '-emaonly' files hold them as the model already and need no flag",
     )
+    parser.add_argument(
+        "--lora", action="append", type=lora_argument, default=[], metavar="PATH[:SCALE]",
+        help="merge this LoRA file into the model at strength SCALE (default 1); repeat for several",
+    )  # fmt: skip
+    parser.add_argument(
+        "--base", metavar="MODEL",
+        help="for a LoRA SRC: the model it is for, whose layer shapes it is checked against (default: SD 1.5's)",
+    )  # fmt: skip
     return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    output_format = args.format or ("single-file" if Path(args.dst).suffix == ".safetensors" else "diffusers")
     try:
-        pipe = load_pipeline(args.src, use_ema=args.ema)
-        save_pipeline(pipe, args.dst, format=output_format, dtype=DTYPES[args.dtype])
-    except (WeightsError, OSError) as error:  # bad input or an unwritable destination: one line, no traceback
+        written = convert_lora(args) if is_lora_file(args.src) else convert_model(args)
+    except (ValueError, OSError) as error:  # bad input or an unwritable destination: one line, no traceback
         print(f"error: {error}", file=sys.stderr)
         return 2
-    print(f"wrote {args.dst} ({output_format}, {args.dtype})")
+    print(f"wrote {args.dst} ({written}, {args.dtype})")
     return 0
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+def convert_model(args: argparse.Namespace) -> str:
+    output_format = args.format or ("single-file" if Path(args.dst).suffix == ".safetensors" else "diffusers")
+    if output_format not in FORMATS:
+        raise WeightsError(f"{args.src}: --format {output_format} is a LoRA layout, and SRC is a model; "
+                           f"write a model as {' or '.join(FORMATS)}")
+    if args.base is not None:
+        raise WeightsError(f"{args.src}: --base applies to a LoRA SRC; SRC is a model")
+    # LoRAs merge into fp32 weights, so the sum is rounded once, to --dtype, when it is written.
+    pipe = load_pipeline(args.src, dtype=torch.float32 if args.lora else None, use_ema=args.ema, loras=args.lora)
+    save_pipeline(pipe, args.dst, format=output_format, dtype=DTYPES[args.dtype])
+    merged = "".join(f" + {path.name}:{scale:g}" for path, scale in args.lora)
+    return output_format + merged
+
+
+def convert_lora(args: argparse.Namespace) -> str:
+    output_format = args.format or "kohya"
+    if output_format not in LORA_FORMATS:
+        raise WeightsError(f"{args.src}: this is a LoRA file; convert it to --format {' or '.join(LORA_FORMATS)}, "
+                           f"or merge it into a model with: python -m minidream.convert MODEL DST --lora {args.src}")
+    if args.lora or args.ema:
+        raise WeightsError(f"{args.src}: this is a LoRA file; --lora and --ema apply to a model SRC")
+    cfg = model_config(args.base) if args.base is not None else SD15
+    convert_lora_file(args.src, args.dst, output_format, cfg, DTYPES[args.dtype])
+    return f"{output_format} LoRA"

@@ -19,7 +19,7 @@ import torch
 from minidream.config import CLIPConfig, TextEncoderConfig, VisionTransformerConfig
 from minidream.io.diffusers_folder import TEXT_ENCODER_FIELDS
 from minidream.io.tensor_files import Tensors, WeightsError, read_tensor_file
-from minidream.io.weights import _load_module
+from minidream.io.weights import load_module
 from minidream.models.vision import CLIPModel, ViTModel
 
 CONFIG_FILE = "config.json"
@@ -64,12 +64,12 @@ def load_clip(path: str | Path, device=None, dtype: torch.dtype | None = None, o
     if path.is_file():
         tensors, _ = read_tensor_file(path)
         cfg = open_clip_config(tensors, str(path), open_clip_activation)
-        part = Tensors(clip_from_open_clip(tensors), str(path))
+        part = Tensors(clip_from_open_clip(tensors), str(path), "a CLIP model")
     else:
         raw, weights = read_transformers_folder(path, "clip", "a CLIP model (transformers CLIPModel)")
         cfg = clip_config(raw, str(path / CONFIG_FILE))
-        part = Tensors(without(read_tensor_file(weights)[0], NOT_WEIGHTS["clip"]), str(weights))
-    return _built(_load_module(CLIPModel, cfg, part, "a CLIP model", dtype), device)
+        part = Tensors(without(read_tensor_file(weights)[0], NOT_WEIGHTS["clip"]), str(weights), "a CLIP model")
+    return _built(load_module(CLIPModel, cfg, part, dtype), device)
 
 
 def load_dino(path: str | Path, device=None, dtype: torch.dtype | None = None) -> ViTModel:
@@ -77,8 +77,8 @@ def load_dino(path: str | Path, device=None, dtype: torch.dtype | None = None) -
     path = Path(path)
     raw, weights = read_transformers_folder(path, "vit", "a DINO ViT (transformers ViTModel, e.g. facebook/dino-vits16)")
     cfg = vision_config(raw, VIT_DEFAULTS, str(path / CONFIG_FILE))
-    part = Tensors(without(read_tensor_file(weights)[0], NOT_WEIGHTS["vit"]), str(weights))
-    return _built(_load_module(ViTModel, cfg, part, "a DINO ViT", dtype), device)
+    part = Tensors(without(read_tensor_file(weights)[0], NOT_WEIGHTS["vit"]), str(weights), "a DINO ViT")
+    return _built(load_module(ViTModel, cfg, part, dtype), device)
 
 
 def model_files(path: str | Path) -> list[Path]:

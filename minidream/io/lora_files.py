@@ -15,20 +15,34 @@ layout, with or without the metadata, applies the same change as the kohya file.
 """
 
 import contextlib
+import hashlib
 import json
 import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import NamedTuple
 
+import safetensors
 import torch
 from torch import nn
 
 from minidream.config import SD15, ModelConfig, TrainConfig, UNetConfig
-from minidream.io.diffusers_layout import diffusers_key_map, unet_names
-from minidream.io.tensor_files import WeightsError, mismatch, read_tensor_file, write_safetensors
+from minidream.io.diffusers_layout import unet_names
+from minidream.io.single_file import LORA_MARKERS
+from minidream.io.tensor_files import (
+    WeightsError,
+    mismatch,
+    read_tensor_file,
+    write_safetensors,
+)
 from minidream.models.clip import CLIPTextModel
-from minidream.models.lora import Adapter, adapters_of, adapters_off, lora_scale, weight_delta
+from minidream.models.lora import (
+    Adapter,
+    adapters_of,
+    adapters_off,
+    lora_scale,
+    weight_delta,
+)
 from minidream.models.pipeline import Pipeline
 from minidream.models.unet import UNet
 
@@ -72,7 +86,7 @@ def unet_layers(cfg: UNetConfig) -> list[Layer]:
     """Every Linear/Conv2d of the UNet, named both ways through the diffusers key table."""
     with torch.device("meta"):
         model = UNet(cfg)
-    diffusers = diffusers_key_map(unet_names(cfg))
+    diffusers = {name.minidream: name.diffusers for name in unet_names(cfg)}
     return [
         Layer(name, diffusers[f"{name}.weight"].removesuffix(".weight"), module.weight.shape)
         for name, module in model.named_modules()
@@ -204,6 +218,20 @@ def _number(value: float) -> str:
 
 
 # ---- reading ------------------------------------------------------------------------------------
+
+
+def is_lora_file(path: str | Path) -> bool:
+    """Whether `path` is a .safetensors file of LoRA (or LyCORIS) tensors rather than a model, from
+    its header's key names alone (no tensor is read): how convert tells what SRC is."""
+    path = Path(path)
+    if not path.is_file() or path.suffix != ".safetensors":
+        return False
+    try:
+        with safetensors.safe_open(path, framework="pt") as f:
+            keys = list(f.keys())
+    except (safetensors.SafetensorError, OSError):
+        return False  # not readable as safetensors: the model reader names what is wrong
+    return any(marker in key for key in keys for marker in LORA_MARKERS)
 
 
 def read_lora_file(path: str | Path, cfg: ModelConfig = SD15) -> LoRAFile:
@@ -452,6 +480,19 @@ def lora_argument(text: str) -> tuple[Path, float]:
         return (Path(path), float(scale)) if path else (Path(text), 1.0)
     except ValueError:
         return Path(text), 1.0
+
+
+def lora_hash(path: str | Path) -> str:
+    """A1111's short hash of a LoRA file (its "Lora hashes" PNG text, Civitai's lookup key): the first
+    12 hex digits of the SHA-256 of a .safetensors file's tensor bytes, after the header (kohya's and
+    A1111's `addnet_hash_safetensors`, so editing the metadata keeps the hash); of the whole file otherwise."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        if Path(path).suffix == ".safetensors":
+            f.seek(8 + int.from_bytes(f.read(8), "little"))  # u64 little-endian header length, then the header
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()[:12]
 
 
 def apply_lora_file(pipe: Pipeline, path: str | Path, scale: float = 1.0) -> LoRAFile:

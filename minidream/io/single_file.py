@@ -38,6 +38,7 @@ from minidream.io.tensor_files import (
     unsupported,
     with_text_model_prefix,
 )
+from minidream.models.lora import base_state_dict
 from minidream.models.pipeline import Pipeline
 from minidream.models.tokenizer import CLIPTokenizer
 from minidream.models.unet import UNet
@@ -158,7 +159,10 @@ def _check_schedule_buffers(path: Path, tensors: dict[str, torch.Tensor], cfg: S
 
 
 def single_file_tensors(pipe: Pipeline, dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
-    """The whole pipeline under the SD prefixes, floating-point tensors cast to `dtype` (None: as is)."""
+    """The whole pipeline under the SD prefixes, floating-point tensors cast to `dtype` (None: as is).
+
+    Only the base weights: a model with live LoRA adapters is written without them (UIs would
+    not know the keys; save_lora writes the adapters, models.lora.merge folds them in first)."""
     parts = ((UNET_PREFIX, pipe.unet), (VAE_PREFIX, pipe.vae), (TEXT_ENCODER_PREFIX, pipe.text_encoder))
     return {
         prefix + key: cast(tensor, dtype) for prefix, module in parts for key, tensor in base_state_dict(module).items()

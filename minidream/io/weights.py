@@ -9,16 +9,19 @@ memory-mapped tensors by assignment, so loading costs about one copy of the weig
 (none more until the weights are used; a dtype cast makes the one copy in the new dtype).
 """
 
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from minidream.config import ModelConfig
 from minidream.io.diffusers_folder import (
     is_diffusers_folder,
     read_diffusers_folder,
     write_diffusers_folder,
 )
+from minidream.io.lora_files import apply_lora_file
 from minidream.io.single_file import (
     read_single_file,
     single_file_metadata,
@@ -46,15 +49,23 @@ POSITION_IDS = "text_model.embeddings.position_ids"
 
 
 def load_pipeline(
-    path: str | Path, device: torch.device | str | None = None, dtype: torch.dtype | None = None, use_ema: bool = False
+    path: str | Path,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype | None = None,
+    use_ema: bool = False,
+    loras: Sequence[tuple[str | Path, float]] = (),
 ) -> Pipeline:
     """The pipeline stored at `path` (a single file, a diffusers folder or a run folder).
 
     dtype: cast while loading (fp16 keeps the VAE fp32, as `Pipeline.to` does); None keeps the
     file's dtypes. use_ema: take the UNet from a training checkpoint's `model_ema.*` tensors.
+    loras: (LoRA file, strength) pairs merged into the weights in order, as UIs apply them:
+    each in fp32 and rounded once into the loaded dtype (io/lora_files.py `merge_lora`).
     Raises WeightsError, whose one-line message names the file and what is wrong with it.
     """
     pipe = assemble_pipeline(read_weights(Path(path), use_ema), dtype)
+    for lora_path, scale in loras:  # on the host, before any move: the same weights on every device
+        apply_lora_file(pipe, lora_path, scale)
     return pipe if device is None else pipe.to(device)
 
 
@@ -77,6 +88,12 @@ def save_pipeline(
         write_diffusers_folder(pipe, path, dtype)
     else:
         raise ValueError(f"format must be one of {', '.join(FORMATS)}, got {format!r}")
+
+
+def model_config(path: str | Path) -> ModelConfig:
+    """The architecture of the pipeline stored at `path`, without building it (its tensors are
+    only memory-mapped): what a LoRA for it must fit."""
+    return read_weights(Path(path), use_ema=False).config
 
 
 def read_weights(path: Path, use_ema: bool) -> StoredPipeline:
@@ -104,15 +121,15 @@ def assemble_pipeline(stored: StoredPipeline, dtype: torch.dtype | None) -> Pipe
         tensors={key: tensor for key, tensor in stored.text_encoder.tensors.items() if key != POSITION_IDS}
     )
     return Pipeline(
-        unet=_load_module(UNet, cfg.unet, stored.unet, dtype),
-        vae=_load_module(AutoencoderKL, cfg.vae, stored.vae, vae_dtype(dtype)),
-        text_encoder=_load_module(CLIPTextModel, cfg.text_encoder, text_encoder, dtype),
+        unet=load_module(UNet, cfg.unet, stored.unet, dtype),
+        vae=load_module(AutoencoderKL, cfg.vae, stored.vae, vae_dtype(dtype)),
+        text_encoder=load_module(CLIPTextModel, cfg.text_encoder, text_encoder, dtype),
         tokenizer=stored.tokenizer,
         config=cfg,
     )
 
 
-def _load_module(model_class: type[nn.Module], cfg, part: Tensors, dtype: torch.dtype | None) -> nn.Module:
+def load_module(model_class: type[nn.Module], cfg, part: Tensors, dtype: torch.dtype | None) -> nn.Module:
     """A model holding `part`'s tensors, after the one check of every name and shape. Built on the
     meta device (no random init) and given the tensors by assignment, not copied: it uses the
     file's memory map."""
