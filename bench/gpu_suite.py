@@ -43,12 +43,25 @@ import torch
 import sample
 import train
 from bench import suite_results
-from bench.common import Row, Settings, device_peak_tflops, machine, mfu, time_alternating, version_numbers
+from bench.common import (
+    Row,
+    Settings,
+    device_peak_tflops,
+    machine,
+    mfu,
+    time_alternating,
+    version_numbers,
+)
 from bench.memory import MemoryRow, cuda_peak_mb
 from bench.models import compile_in_place, unet_pair, vae_pair
 from bench.sampling_loop import largest_difference, sampling_row, sampling_runs
 from bench.suite_results import RecipePeak, StageRecord, SuiteRecord
-from bench.unet_train_step import make_optimizer, training_models, training_row, training_runs
+from bench.unet_train_step import (
+    make_optimizer,
+    training_models,
+    training_row,
+    training_runs,
+)
 from bench.vae import vae_row, vae_runs
 from minidream.training.example_subject import write_example_subject
 

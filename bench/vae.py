@@ -9,7 +9,17 @@ from collections.abc import Callable
 
 import torch
 
-from bench.common import SD15_TFLOP, Row, Settings, command, compared, parser, report, settings_from, time_alternating
+from bench.common import (
+    SD15_TFLOP,
+    Row,
+    Settings,
+    command,
+    compared,
+    parser,
+    report,
+    settings_from,
+    time_alternating,
+)
 from bench.models import memory_format, vae_pair
 
 

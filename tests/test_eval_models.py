@@ -26,7 +26,13 @@ from eval_references import (
 )
 from PIL import Image
 
-from minidream.config import CLIP_PREPROCESS, CLIP_VIT_B32, CLIP_VIT_L14, DINO_PREPROCESS, DINO_VIT_S16
+from minidream.config import (
+    CLIP_PREPROCESS,
+    CLIP_VIT_B32,
+    CLIP_VIT_L14,
+    DINO_PREPROCESS,
+    DINO_VIT_S16,
+)
 from minidream.io.eval_models import clip_from_open_clip, load_clip, load_dino
 from minidream.io.tensor_files import WeightsError
 from minidream.models.preprocess import preprocess

@@ -9,10 +9,10 @@ import sys
 from pathlib import Path
 
 import pytest
-import sample
 import torch
-import train
 
+import sample
+import train
 from bench.common import TABLE_HEADER, Row, Settings, peak_bf16_tflops
 from bench.gpu_suite import Budget, cli_accepts
 from bench.suite_results import RECIPE_HEADER, StageRecord, SuiteRecord, markdown

@@ -26,7 +26,11 @@ from test_lora import adapted_with_random_up
 from transformers import CLIPTokenizer as TransformersCLIPTokenizer
 
 from minidream.config import TINY, ModelConfig, TrainConfig
-from minidream.io.diffusers_layout import unet_config_to_diffusers, unet_from_diffusers, vae_config_to_diffusers
+from minidream.io.diffusers_layout import (
+    unet_config_to_diffusers,
+    unet_from_diffusers,
+    vae_config_to_diffusers,
+)
 from minidream.io.lora_files import (
     LoRAFile,
     apply_lora_file,

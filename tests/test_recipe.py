@@ -8,8 +8,18 @@ from host_reads import HostReads
 from minidream.config import ScheduleConfig, TrainSection
 from minidream.diffusion import loss_weighting as lw
 from minidream.diffusion import schedule
-from minidream.training.recipe import Recipe, draw_noise, noisy_latents_and_target, recipe_loss
-from minidream.training.step import dreambooth_loss, noise_and_timesteps, noisy_latents, sample_generator
+from minidream.training.recipe import (
+    Recipe,
+    draw_noise,
+    noisy_latents_and_target,
+    recipe_loss,
+)
+from minidream.training.step import (
+    dreambooth_loss,
+    noise_and_timesteps,
+    noisy_latents,
+    sample_generator,
+)
 
 ALPHAS_CUMPROD = schedule.alphas_cumprod(schedule.make_betas("scaled_linear", 1000, 0.00085, 0.012))
 SHAPE = (4, 8, 8)

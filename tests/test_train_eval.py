@@ -10,7 +10,13 @@ from eval_references import PHOTOS, TINY_CLIP, TINY_DINO, reference_clip, refere
 from train_runs import ENVIRONMENT, TRAIN, metrics, output
 
 from minidream import load_pipeline
-from minidream.evaluate import Sampling, embed_images, evaluate, load_eval_models, subject_images
+from minidream.evaluate import (
+    Sampling,
+    embed_images,
+    evaluate,
+    load_eval_models,
+    subject_images,
+)
 
 PROMPTS = ["a sks dog in the jungle", "a sks dog in the snow", "a sks dog on the beach"]
 
@@ -43,4 +49,5 @@ def test_scores_in_metrics_equal_evaluating_the_exported_model(nproc, eval_model
                          sampling=Sampling(steps=2, height=64, width=64))
     for name in ("dino", "clip_i", "clip_t"):
         assert -1 <= final[name] <= 1
-        assert final[name] == pytest.approx(getattr(scores, name), abs=1e-6), name
+        # 1e-5: the run used one thread, this process two; a pixel a level apart moves a score ~1e-6.
+        assert final[name] == pytest.approx(getattr(scores, name), abs=1e-5), name

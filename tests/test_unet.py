@@ -6,7 +6,13 @@ import pytest
 import torch
 from diffusers import UNet2DConditionModel
 from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
-from reference_models import REL_TOL, SD15_UNET_CONFIG, SavedTensorBytes, relative_error, unet_inputs
+from reference_models import (
+    REL_TOL,
+    SD15_UNET_CONFIG,
+    SavedTensorBytes,
+    relative_error,
+    unet_inputs,
+)
 
 from bench.models import unet_twins
 from minidream.config import TINY, UNetConfig

@@ -5,7 +5,13 @@ import torch
 from diffusers import AutoencoderKL as DiffusersAutoencoderKL
 from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
-from reference_models import REL_TOL, SD15_VAE_CONFIG, SavedTensorBytes, images, relative_error
+from reference_models import (
+    REL_TOL,
+    SD15_VAE_CONFIG,
+    SavedTensorBytes,
+    images,
+    relative_error,
+)
 
 from bench.models import vae_twins
 from minidream.config import TINY, VAEConfig

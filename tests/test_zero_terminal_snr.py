@@ -2,7 +2,9 @@
 
 import torch
 from diffusers import DDIMScheduler
-from diffusers.schedulers.scheduling_ddim import rescale_zero_terminal_snr as diffusers_rescale
+from diffusers.schedulers.scheduling_ddim import (
+    rescale_zero_terminal_snr as diffusers_rescale,
+)
 from hypothesis import given
 from hypothesis import strategies as st
 

@@ -26,7 +26,6 @@ from minidream.config import (
     to_dict,
 )
 from minidream.diffusion import schedule
-from minidream.models.lora import base_state_dict
 from minidream.io.tensor_files import (
     StoredPipeline,
     Tensors,

@@ -23,9 +23,15 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from minidream.models.clip import CLIPAttention, CLIPMLP, CLIPTextModel
+from minidream.models.clip import CLIPMLP, CLIPAttention, CLIPTextModel
 from minidream.models.layers import Upsample
-from minidream.models.unet import CrossAttention, Downsample, ResBlock, SpatialTransformer, UNet
+from minidream.models.unet import (
+    CrossAttention,
+    Downsample,
+    ResBlock,
+    SpatialTransformer,
+    UNet,
+)
 
 UNET_TARGETS = ("attention", "transformer", "all")
 TEXT_ENCODER_TARGETS = ("attention", "all")

@@ -12,7 +12,12 @@ import torch
 from torch import nn
 
 from minidream.config import CLIPConfig, VisionTransformerConfig
-from minidream.models.clip import CLIPEncoder, CLIPTextTransformer, activation, states_at_first
+from minidream.models.clip import (
+    CLIPEncoder,
+    CLIPTextTransformer,
+    activation,
+    states_at_first,
+)
 from minidream.models.layers import multihead_attention
 
 
