@@ -273,7 +273,11 @@ def export_model(cfg: TrainConfig, pipe: Pipeline, ema: EMA | None, run_dir: Pat
     plus the merged model when run.export_merged is set or the base is not a file (random weights)."""
     with weights_as_exported(cfg, pipe, ema, run_dir, num_instance, num_class) as lora_file:
         if lora_file is None or cfg.run.export_merged or not cfg.model.weights:
-            save_pipeline(pipe, run_dir / "model.safetensors", format="single-file", dtype=dtype_named(cfg.run.export_dtype))
+            # export_ema=both: the raw weights as the model, the UNet's EMA beside them (LDM has no text-encoder EMA).
+            unet_ema = None
+            if ema is not None and cfg.run.export_ema == "both":
+                unet_ema = {name.removeprefix("unet."): t for name, t in ema.state_dict()["shadow"].items() if name.startswith("unet.")}
+            save_pipeline(pipe, run_dir / "model.safetensors", dtype=dtype_named(cfg.run.export_dtype), unet_ema=unet_ema)
     return lora_file or run_dir / "model.safetensors"
 
 

@@ -206,7 +206,7 @@ class RunSection:
     tensorboard: bool = False
     log_every_n_steps: int = 10  # how often the host reads losses back from the GPU (metrics keep every step)
     export_dtype: str = "fp16"  # dtype of the exported model.safetensors: "fp16" | "fp32"
-    export_ema: str = "ema"  # with train.ema_decay: "ema" (the EMA weights are the export) | "raw" (the trained ones)
+    export_ema: str = "ema"  # with train.ema_decay: "ema" (the export is the EMA) | "raw" | "both" (raw + the UNet's EMA as model_ema.*)
     export_merged: bool = False  # with lora.rank: also write model.safetensors, the LoRA merged into the base
 
 

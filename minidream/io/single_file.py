@@ -168,6 +168,11 @@ def single_file_tensors(pipe: Pipeline, dtype: torch.dtype | None) -> dict[str, 
     }
 
 
+def ema_tensors(unet_ema: dict[str, torch.Tensor], dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
+    """An EMA of the UNet (under the UNet's names) as LDM training checkpoints hold it: `model_ema.*`."""
+    return {ema_key(key): cast(tensor, dtype) for key, tensor in unet_ema.items()}
+
+
 def single_file_metadata(config: ModelConfig) -> dict[str, str]:
     # "format": "pt" is what transformers and diffusers expect in safetensors metadata.
     return {"format": "pt", CONFIG_METADATA_KEY: json.dumps(to_dict(config))}

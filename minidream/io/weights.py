@@ -23,6 +23,7 @@ from minidream.io.diffusers_folder import (
 )
 from minidream.io.lora_files import apply_lora_file
 from minidream.io.single_file import (
+    ema_tensors,
     read_single_file,
     single_file_metadata,
     single_file_tensors,
@@ -70,12 +71,16 @@ def load_pipeline(
 
 
 def save_pipeline(
-    pipe: Pipeline, path: str | Path, format: str = "single-file", dtype: torch.dtype | None = torch.float16
+    pipe: Pipeline, path: str | Path, format: str = "single-file", dtype: torch.dtype | None = torch.float16,
+    unet_ema: dict[str, torch.Tensor] | None = None,
 ) -> None:
     """Write `pipe` as an SD single file (`path` ends in .safetensors) or as a diffusers folder.
 
     dtype: floating-point tensors are written in it (fp16 by default, as SD releases are);
-    None writes them as they are in memory. The write is atomic: on failure nothing is left.
+    None writes them as they are in memory. unet_ema: an EMA of the UNet's weights (its names),
+    written beside the model as LDM's `model_ema.*`, which `load_pipeline(use_ema=True)` reads
+    (single files only: a diffusers folder holds one UNet). The write is atomic: on failure
+    nothing is left.
     """
     path = Path(path)
     if format == "single-file":
@@ -83,7 +88,10 @@ def save_pipeline(
             raise WeightsError(
                 f"{path}: a single file must be named *.safetensors (UIs choose the reader by the suffix)"
             )
-        write_safetensors(single_file_tensors(pipe, dtype), path, single_file_metadata(pipe.config))
+        tensors = single_file_tensors(pipe, dtype) | ema_tensors(unet_ema or {}, dtype)
+        write_safetensors(tensors, path, single_file_metadata(pipe.config))
+    elif unet_ema is not None:
+        raise WeightsError(f"{path}: a diffusers folder holds one UNet; write the EMA weights as a single file")
     elif format == "diffusers":
         write_diffusers_folder(pipe, path, dtype)
     else:

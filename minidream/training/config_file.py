@@ -36,7 +36,7 @@ CHOICES = {
     "train.mixed_precision": ("no", *PRECISIONS[1:]),  # "no" = fp32 weights and no autocast
     "train.device": ("auto", "cpu", "cuda"),
     "run.export_dtype": PRECISIONS[:2],  # fp16 or fp32 files, as SD releases are
-    "run.export_ema": ("ema", "raw"),
+    "run.export_ema": ("ema", "raw", "both"),
     "train.prediction_type": (None, *PREDICTION_TYPES),  # None: the model's own
     "train.loss": LOSSES,
     "train.huber_schedule": HUBER_SCHEDULES,
@@ -139,6 +139,9 @@ def check_combinations(config: TrainConfig) -> None:
                           "instead of train.train_text_encoder")
     if config.eval.every_n_steps and not (config.eval.clip and config.eval.dino):
         raise ConfigError("eval.every_n_steps needs the evaluation models: set eval.clip and eval.dino (see the README, Evaluate a run)")
+    if config.run.export_ema == "both" and lora.rank:
+        raise ConfigError("run.export_ema=both writes the UNet's EMA as model_ema.* beside a full model; "
+                          "with LoRA choose ema or raw")
     if lora.text_encoder_rank and not lora.rank:
         raise ConfigError("lora.text_encoder_rank needs UNet adapters too: set lora.rank")
 
