@@ -125,7 +125,9 @@ def test_lora_merged_model_equals_load_pipeline_with_the_loras(tiny_file, lora_f
     assert sum(not torch.equal(unet[key], base[key]) for key in base) > 10
 
 
-def test_lora_converted_kohya_to_diffusers_and_back_merges_to_the_same_weights(tiny_file, lora_files, tmp_path, pair):  # noqa: F811 (the fixture)
+def test_lora_converted_kohya_to_diffusers_and_back_merges_to_the_same_weights(
+    tiny_file, lora_files, tmp_path, pair  # noqa: F811 (the fixture imported above)
+):
     _, kohya = lora_files
     diffusers_file, back = tmp_path / "diffusers.safetensors", tmp_path / "back.safetensors"
     assert main([str(kohya), str(diffusers_file), "--format", "diffusers", "--base", str(tiny_file), "--dtype", "fp32"]) == 0

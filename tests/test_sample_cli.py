@@ -162,6 +162,12 @@ def test_a_file_that_is_not_a_lora_is_one_line_and_exit_2(sample, weights, tmp_p
     assert not (tmp_path / "out").exists()
 
 
+def test_a_lora_given_as_the_weights_says_to_use_lora(sample, lora_file, tmp_path, capsys):
+    assert sample.main(["--weights", str(lora_file), "--prompt", PROMPT, "--out", str(tmp_path / "out"), *SMALL]) == 2
+    assert_one_error_line(capsys.readouterr().err, f"{lora_file}: this is a LoRA (or LyCORIS) file")
+    assert not (tmp_path / "out").exists()
+
+
 def test_bf16_on_the_cpu_gives_nearly_the_fp32_image(sample, weights, tmp_path, monkeypatch):
     loaded = []
 
