@@ -36,6 +36,12 @@ def test_an_adapted_pipeline_is_saved_without_its_adapters(tmp_path):
     assert not torch.equal(merged[key], plain[key])
 
 
+def test_an_adapted_pipeline_is_saved_as_a_diffusers_folder_without_its_adapters(tmp_path):
+    pipe = adapt(random_pipeline(TINY, seed=4))
+    save_pipeline(pipe, tmp_path / "folder", format="diffusers", dtype=None)
+    assert_same_weights(load_pipeline(tmp_path / "folder"), random_pipeline(TINY, seed=4))
+
+
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
     """A tiny fp16 single file (as SD releases are) and two LoRA files for it: every kohya target

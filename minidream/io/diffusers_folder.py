@@ -53,6 +53,7 @@ from minidream.io.tensor_files import (
     with_text_model_prefix,
     write_safetensors,
 )
+from minidream.models.lora import base_state_dict
 from minidream.models.pipeline import Pipeline
 from minidream.models.tokenizer import CLIPTokenizer
 
@@ -253,12 +254,13 @@ def write_diffusers_folder(pipe: Pipeline, path: Path, dtype: torch.dtype | None
     except ValueError as error:
         raise WeightsError(f"{path}: cannot write a diffusers folder: {error}") from None
     components = (
-        ("unet", unet_json, unet_to_diffusers(pipe.unet.state_dict(), cfg.unet), DIFFUSERS_WEIGHTS[0]),
+        # base_state_dict: a model with live LoRA adapters is written without them (merge them first).
+        ("unet", unet_json, unet_to_diffusers(base_state_dict(pipe.unet), cfg.unet), DIFFUSERS_WEIGHTS[0]),
         ("vae", vae_json, vae_to_diffusers(pipe.vae.state_dict(), cfg.vae), DIFFUSERS_WEIGHTS[0]),
         (
             "text_encoder",
             text_encoder_config_to_transformers(cfg.text_encoder),
-            pipe.text_encoder.state_dict(),
+            base_state_dict(pipe.text_encoder),
             TRANSFORMERS_WEIGHTS[0],
         ),
     )
