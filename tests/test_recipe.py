@@ -4,6 +4,7 @@ draws do not depend on the batch, and the weights apply per sample before the in
 import pytest
 import torch
 from host_reads import HostReads
+from plain_recipe import noise_and_timesteps, noisy_latents
 
 from minidream.config import ScheduleConfig, TrainSection
 from minidream.diffusion import loss_weighting as lw
@@ -14,12 +15,7 @@ from minidream.training.recipe import (
     noisy_latents_and_target,
     recipe_loss,
 )
-from minidream.training.step import (
-    dreambooth_loss,
-    noise_and_timesteps,
-    noisy_latents,
-    sample_generator,
-)
+from minidream.training.step import dreambooth_loss, sample_generator
 
 ALPHAS_CUMPROD = schedule.alphas_cumprod(schedule.make_betas("scaled_linear", 1000, 0.00085, 0.012))
 SHAPE = (4, 8, 8)

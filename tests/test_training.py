@@ -7,12 +7,12 @@ import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
+from plain_recipe import noise_and_timesteps
 
 from minidream.training.step import (
     Cursor,
     dreambooth_loss,
     lr_factor,
-    noise_and_timesteps,
     sample_generator,
     step_unless,
     take_items,

@@ -6,8 +6,8 @@
     noisy, target = noisy_latents_and_target(latents, noise, input_noise, t, alphas_cumprod, recipe)
     loss, loss_instance, loss_prior = recipe_loss(prediction, target, t, alphas_cumprod, recipe, n_instance, prior_loss_weight)
 
-With every option off, the draws and the loss are exactly those of training.step's
-noise_and_timesteps, noisy_latents and dreambooth_loss.
+With every option off, the draws and the loss are exactly those of the plain 2022 recipe
+(Ho et al. Algorithm 1 with uniform timesteps, Ruiz et al. eq. 2; tests/plain_recipe.py holds it).
 """
 
 from dataclasses import dataclass
