@@ -337,7 +337,9 @@ def train(cfg: TrainConfig, env: Distributed, resume_hint: str) -> int:
     def amp():
         return torch.autocast(env.device.type, dtype=amp_dtype, enabled=amp_dtype != torch.float32)
 
-    # 1. Data problems surface before any model is loaded.
+    # 1. Data and setting problems surface before any model is loaded.
+    if tcfg.fused_backward and env.world_size > 1:
+        raise ConfigError("train.fused_backward steps each weight before DDP has averaged its gradient: run it in one process")
     if data.example_subject and env.is_main:  # config_file.with_instance_dir: its own folder in the run directory
         write_example_subject(Path(data.instance_dir), count=4, size=max(data.resolution, 64))
     barrier()
@@ -371,8 +373,6 @@ def train(cfg: TrainConfig, env: Distributed, resume_hint: str) -> int:
             return module
         return DistributedDataParallel(module, device_ids=[env.local_rank] if env.device.type == "cuda" else None)
 
-    if tcfg.fused_backward and env.world_size > 1:
-        raise ConfigError("train.fused_backward steps each weight before DDP has averaged its gradient: run it in one process")
     unet = wrap(pipe.unet)
     text_encoder = wrap(pipe.text_encoder) if text_encoder_trains else pipe.text_encoder
     ddp_modules = [m for m in (unet, text_encoder) if isinstance(m, DistributedDataParallel)]
