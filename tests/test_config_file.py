@@ -117,3 +117,30 @@ def test_your_photos_turn_the_example_subject_off_and_without_them_it_gets_its_o
 def test_sampling_options_are_checked_before_anything_loads(override, message):
     with pytest.raises(ConfigError, match=re.escape(message)):
         load_train_config(None, [override])
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["train.fused_backward=true", "train.max_grad_norm=null", "train.gradient_accumulation_steps=2"], "cannot accumulate"),
+    (["train.fused_backward=true"], "cannot clip by the global gradient norm"),
+    (["train.fused_backward=true", "train.max_grad_norm=null", "train.mixed_precision=fp16"], "use train.mixed_precision=bf16"),
+    (["lora.rank=4", "train.train_text_encoder=true"], "set lora.text_encoder_rank instead of train.train_text_encoder"),
+    (["lora.text_encoder_rank=4"], "lora.text_encoder_rank needs UNet adapters too"),
+    (["lora.rank=4", "train.ema_decay=0.9", "run.export_ema=both"], "with LoRA choose ema or raw"),
+    (["eval.every_n_steps=10"], "set eval.clip and eval.dino"),
+    (["train.max_timestep=10", "train.min_timestep=10"], "must be above train.min_timestep=10"),
+    (["train.ema_decay=1.0"], "train.ema_decay must be in (0, 1)"),
+    (["train.loss=l1"], "train.loss='l1' is not one of mse, huber, smooth_l1"),
+    (["lora.targets=everything"], "lora.targets='everything' is not one of attention, transformer, all"),
+])
+def test_settings_that_cannot_work_together_are_refused_by_name(overrides, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_train_config(None, overrides)
+
+
+def test_zero_terminal_snr_without_v_prediction_is_refused_before_training(tmp_path, training_data, capsys):
+    from train_runs import train_args
+
+    import train
+
+    assert train.main(train_args(tmp_path / "run", training_data, ("model.zero_terminal_snr=true",))) == 2
+    assert "set train.prediction_type=v_prediction" in capsys.readouterr().err
