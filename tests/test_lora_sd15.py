@@ -11,11 +11,12 @@ text encoder, about 4 GB), one forward each at a 8x8 latent. Run it under
 import pytest
 import torch
 from diffusers import StableDiffusionPipeline
-from reference_models import relative_error, unet_inputs, unet_pair
+from reference_models import relative_error, unet_inputs
 from test_lora import adapted_with_random_up
 from test_sampling_parity import sharing_weights
 from test_weights_sd15 import seeded_text_encoder
 
+from bench.models import unet_twins
 from minidream.config import SD15
 from minidream.io.lora_files import read_lora_file, save_lora
 from minidream.io.single_file import with_text_model_prefix
@@ -29,7 +30,7 @@ TOL = 1e-5
 @pytest.fixture(scope="module")
 def models():
     """(diffusers UNet, minidream UNet, transformers CLIP, minidream CLIP), weights shared pairwise."""
-    reference_unet, unet = unet_pair(SD15.unet, seed=0)
+    unet, reference_unet = unet_twins(SD15.unet, seed=0)
     reference_text_encoder = seeded_text_encoder(2)
     text_encoder = sharing_weights(CLIPTextModel, SD15.text_encoder,
                                    with_text_model_prefix(reference_text_encoder.state_dict()))
