@@ -93,6 +93,7 @@ def test_parameter_names_are_the_sd_checkpoint_names(model_pair):
     assert list(ours.buffers()) == []  # nothing that a meta-device build would leave behind
 
 
+@pytest.mark.sd_shapes
 def test_full_size_is_vit_l14(model_pair):
     ours, reference = model_pair
     if ours.config == SD15.text_encoder:

@@ -148,6 +148,7 @@ def test_open_clip_map_names_every_tensor_of_a_block():
     assert mapped["visual_projection.weight"].shape == (2, 4)
 
 
+@pytest.mark.sd_shapes
 @pytest.mark.parametrize("name, cfg, batch", [("ViT-B/32", CLIP_VIT_B32, 2), ("ViT-L/14", CLIP_VIT_L14, 1)])
 def test_full_size_clip_equals_transformers(name, cfg, batch):
     """The real shapes (random weights), on real photos as CLIP's processor prepares them."""
@@ -159,6 +160,7 @@ def test_full_size_clip_equals_transformers(name, cfg, batch):
     check_clip(ours.eval(), reference, preprocess(photos(batch), CLIP_PREPROCESS), CLIPTokenizer()(PROMPTS[:batch]))
 
 
+@pytest.mark.sd_shapes
 def test_full_size_dino_vits16_equals_transformers(tmp_path):
     reference = reference_vit(DINO_VIT_S16, seed=8)
     reference.save_pretrained(tmp_path)

@@ -24,6 +24,8 @@ from minidream.models import lora
 from minidream.models.clip import CLIPTextModel
 from minidream.models.tokenizer import CLIPTokenizer
 
+pytestmark = pytest.mark.sd_shapes  # full SD 1.5 shapes: `-m "not sd_shapes"` leaves them out of a quick run
+
 TOL = 1e-5
 
 

@@ -184,6 +184,7 @@ def sharing_weights(model_class, cfg, state_dict):
     return model.eval()
 
 
+@pytest.mark.sd_shapes
 @torch.no_grad()
 def test_sd15_shapes_ddim_two_steps_match_diffusers(tmp_path):
     """The SD 1.5 architecture (random weights, fp32), 2 DDIM steps with guidance 7.5, at 256x256.

@@ -26,6 +26,7 @@ TINY_SD2_STYLE = dataclasses.replace(
 )
 
 
+@pytest.mark.sd_shapes
 def test_sd15_has_exactly_sd15_parameter_count():
     with torch.device("meta"):
         unet = UNet(UNetConfig())
@@ -170,11 +171,13 @@ def sd15():
     yield unet, (x, t, context), out, expected
 
 
+@pytest.mark.sd_shapes
 def test_sd15_output_matches_diffusers(sd15):
     _, _, out, expected = sd15
     assert relative_error(out, expected) <= REL_TOL
 
 
+@pytest.mark.sd_shapes
 def test_sd15_names_are_the_single_file_names(sd15):
     """diffusers' own converter for original SD checkpoints reads minidream's state dict, prefixed
     as in an SD 1.x file, into exactly the reference model's tensors and outputs."""

@@ -19,6 +19,7 @@ from minidream.io.diffusers_layout import vae_to_diffusers
 from minidream.models.vae import AutoencoderKL, DiagonalGaussian
 
 
+@pytest.mark.sd_shapes
 def test_sd15_has_exactly_sd15_parameter_count():
     with torch.device("meta"):
         vae = AutoencoderKL(VAEConfig())
@@ -146,6 +147,7 @@ def sd15():
     yield vae, img, z, (posterior, decoded), (expected_posterior, expected_decoded)
 
 
+@pytest.mark.sd_shapes
 def test_sd15_encode_decode_match_diffusers(sd15):
     _, _, _, (posterior, decoded), (expected_posterior, expected_decoded) = sd15
     assert relative_error(posterior.mean, expected_posterior.mean) <= REL_TOL
@@ -153,6 +155,7 @@ def test_sd15_encode_decode_match_diffusers(sd15):
     assert relative_error(decoded, expected_decoded) <= REL_TOL
 
 
+@pytest.mark.sd_shapes
 def test_sd15_names_are_the_single_file_names(sd15):
     """diffusers' own converter for original SD checkpoints (which also turns the attention's
     1x1 convs into linears) reads minidream's state dict, prefixed as in an SD 1.x file."""

@@ -33,6 +33,8 @@ from minidream.config import SD15
 from minidream.io.diffusers_layout import unet_to_diffusers, vae_to_diffusers
 from minidream.models.tokenizer import CLIPTokenizer
 
+pytestmark = pytest.mark.sd_shapes  # full SD 1.5 shapes: `-m "not sd_shapes"` leaves them out of a quick run
+
 # stable-diffusion-v1-5's text_encoder/config.json and scheduler/scheduler_config.json, as published.
 SD15_TEXT_ENCODER_CONFIG = dict(
     vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
