@@ -76,17 +76,21 @@ def arithmetic(pair: LoRAPair, impl: str, saved: dict[str, int]) -> Arithmetic:
 
 
 MEMORY_HEADER = (
-    "| implementation | base weights MB | adapters + grads + AdamW MB | saved for backward MB "
-    "| predicted peak MB | measured peak MB | measured / predicted |\n|---|---:|---:|---:|---:|---:|---:|"
+    "| implementation | base weights MB | adapters + grads + AdamW MB | saved for backward MB (activations + adapter copies) "
+    "| predicted peak MB | measured resident before the steps MB | measured peak MB | measured / predicted |\n"
+    "|---|---:|---:|---:|---:|---:|---:|---:|"
 )
 
 
-def memory_rows(figures: dict[str, Arithmetic], peaks: dict[str, dict[str, float]]) -> list[str]:
+def memory_rows(figures: dict[str, Arithmetic], saved: dict[str, dict[str, int]], peaks: dict[str, dict[str, float]]) -> list[str]:
     rows = []
     for impl, math in figures.items():
-        peak = peaks[impl]["peak_mb"] if impl in peaks else None
+        measured = peaks.get(impl, {})
+        peak = measured.get("peak_mb")
         cells = [
-            impl, f"{math.base_mb:.0f}", f"{math.adapters_mb:.1f}", f"{math.saved_mb:.0f}", f"{math.total_mb:.0f}",
+            impl, f"{math.base_mb:.0f}", f"{math.adapters_mb:.1f}",
+            f"{math.saved_mb:.0f} ({saved[impl]['activations'] / MB:.0f} + {saved[impl]['weight copies'] / MB:.1f})",
+            f"{math.total_mb:.0f}", f"{measured['resident_mb']:.0f}" if measured else "-",
             f"{peak:.0f}" if peak is not None else "-", f"{peak / math.total_mb:.3f}" if peak is not None else "-",
         ]
         rows.append("| " + " | ".join(cells) + " |")

@@ -148,7 +148,7 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"\nMemory: `{command_line}` ({measure_name}, {STEPS} steps, one process per implementation; "
               "saved for backward: one forward's activations and autocast's copies of the adapters)\n")
         print(MEMORY_HEADER)
-        print("\n".join(memory_rows(figures, peaks)))
+        print("\n".join(memory_rows(figures, saved, peaks)))
     if "checkpoint" in args.parts:
         with tempfile.TemporaryDirectory() as run_dir:
             sizes = [(f"{targets}, rank {args.rank}", lora_checkpoint(Path(run_dir) / targets, settings.model_config.unet,
