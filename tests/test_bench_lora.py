@@ -22,7 +22,7 @@ def test_bench_prints_both_implementations_and_their_agreeing_losses(capsys):
     results = lora_train_step.main([*TINIEST, "--parts", "speed", "memory"])
     printed = capsys.readouterr().out
     losses = results["losses"]
-    assert losses["minidream"] == pytest.approx(losses["diffusers"], rel=2e-2)  # bf16 autocast
+    assert losses["minidream"] == pytest.approx(losses["diffusers"], rel=lora_train_step.LOSS_RTOL[torch.bfloat16])
     assert re.search(r"First-step loss: minidream \d+\.\d+, diffusers \d+\.\d+", printed)
     [row] = results["speed"]
     assert row.minidream_s > 0 and row.diffusers_s > 0 and row.items == 2
@@ -38,7 +38,8 @@ def test_bench_prints_both_implementations_and_their_agreeing_losses(capsys):
 
 
 def test_fp32_losses_agree_closely_and_the_adapters_change_them():
-    """The agreement is the adapters' too: without them the loss is another number."""
+    """The agreement is the adapters' too: without them the loss moves by far more than the bf16
+    check's tolerance, so that check would catch adapters that differ."""
     args = lora_train_step.options().parse_args([*TINIEST, "--dtype", "fp32"])
     settings = settings_from(args)
     pair = lora_pair(settings, rank=4, gradient_checkpointing=False)
@@ -48,7 +49,7 @@ def test_fp32_losses_agree_closely_and_the_adapters_change_them():
     x, t, context, target = inputs
     with torch.no_grad(), adapters_off(pair.unet):
         base_loss = torch.nn.functional.mse_loss(pair.unet(x, t, context), target).item()
-    assert abs(base_loss - losses["minidream"]) > 1e-4
+    assert abs(base_loss - losses["minidream"]) / losses["minidream"] > 5 * lora_train_step.LOSS_RTOL[torch.bfloat16]
 
 
 def test_checkpoint_holds_only_the_adapters_and_their_optimizer_state(tmp_path):
