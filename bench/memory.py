@@ -79,13 +79,18 @@ def measure(impl: str, args: argparse.Namespace, settings: Settings) -> float:
     return proc_status_mb("VmHWM") - baseline
 
 
-def measure_in_subprocess(impl: str, argv: list[str]) -> float:
+def child_figures(module: str, impl: str, argv: list[str]) -> dict:
+    """Run `python -m module *argv --child impl` and return the JSON object its last line prints."""
     result = subprocess.run(
-        [sys.executable, "-m", __spec__.name, *argv, "--child", impl], cwd=REPO_ROOT, capture_output=True, text=True
+        [sys.executable, "-m", module, *argv, "--child", impl], check=False, cwd=REPO_ROOT, capture_output=True, text=True
     )
     if result.returncode != 0:
         raise RuntimeError(f"measuring {impl} failed (exit {result.returncode}):\n{result.stderr[-3000:]}")
-    return json.loads(result.stdout.splitlines()[-1])["peak_mb"]
+    return json.loads(result.stdout.splitlines()[-1])
+
+
+def measure_in_subprocess(impl: str, argv: list[str]) -> float:
+    return child_figures(__spec__.name, impl, argv)["peak_mb"]
 
 
 @dataclass(frozen=True)
