@@ -85,3 +85,15 @@ def test_resuming_with_other_adapters_is_refused_naming_both(tmp_path, training_
     error = capsys.readouterr().err.strip()
     assert len(error.splitlines()) == 1
     assert "was written with lora={'rank': 4," in error and "but this run has lora={'rank': 8," in error
+
+
+def test_lora_with_accumulation_and_gradient_checkpointing_trains_the_same_steps(tmp_path, training_data, one_thread):
+    """Recompute-in-backward changes no number, also through the adapters, across accumulated micro-batches."""
+    common = ("lora.rank=4", "lora.text_encoder_rank=2", "train.batch_size=1", "train.gradient_accumulation_steps=2",
+              "train.max_steps=3", "checkpoint.every_n_steps=3")
+    runs = {}
+    for switch in ("false", "true"):
+        run_dir = tmp_path / switch
+        assert train.main(train_args(run_dir, training_data, (*common, f"train.gradient_checkpointing={switch}"))) == 0
+        runs[switch] = [(r["loss"], r["grad_norm"]) for r in metrics(run_dir)]
+    assert runs["false"] == runs["true"] and len(runs["true"]) == 3
