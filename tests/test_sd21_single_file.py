@@ -1,0 +1,81 @@
+"""A file at SD 2.1's full shapes as stabilityai releases it (no minidream metadata, fp16):
+loaded by shape detection and ComfyUI's prediction-type rule, from .safetensors and from .ckpt
+(weights only), written back bit for bit, and read by diffusers' own converters as minidream's
+modules. ~2.6 GB of fp16 tensors, files and memory maps: run under `flock /tmp/bigtest.lock`.
+"""
+
+import pytest
+import torch
+from diffusers.loaders.single_file_utils import (
+    convert_ldm_unet_checkpoint,
+    convert_ldm_vae_checkpoint,
+    convert_open_clip_checkpoint,
+)
+from safetensors.torch import load_file, save_file
+from test_open_clip_text import sd2_reference_config
+
+from minidream.config import SD21, SD21_BASE
+from minidream.io import open_clip_layout
+from minidream.io.diffusers_layout import (
+    unet_config_to_diffusers,
+    unet_to_diffusers,
+    vae_config_to_diffusers,
+    vae_to_diffusers,
+)
+from minidream.io.single_file import V_PREDICTION_PROBE, single_file_tensors
+from minidream.io.weights import load_pipeline, save_pipeline
+from minidream.models.pipeline import random_pipeline
+
+
+@pytest.fixture(scope="module")
+def release(tmp_path_factory):
+    """SD 2.1 768-v's layout and shapes with random fp16 weights; the probe spread as in 768-v files."""
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float16)  # build in fp16: one copy of 1.3B parameters, not an fp32 one
+    try:
+        pipe = random_pipeline(SD21_BASE, seed=0)
+    finally:
+        torch.set_default_dtype(default)
+    tensors = single_file_tensors(pipe, None)
+    tensors[V_PREDICTION_PROBE].normal_(0, 0.2, generator=torch.Generator().manual_seed(0))
+    del pipe
+    path = tmp_path_factory.mktemp("sd21") / "v2-1_768-ema-pruned.safetensors"
+    save_file(tensors, path)  # no metadata, as the release
+    return path
+
+
+def test_full_sd21_loads_round_trips_and_converts(release, tmp_path):
+    with pytest.warns(UserWarning, match="as v_prediction by ComfyUI's rule"):
+        pipe = load_pipeline(release)
+    assert pipe.config == SD21 and pipe.dtype == torch.float16
+    assert load_pipeline(release, prediction_type="epsilon").config == SD21_BASE
+
+    written = tmp_path / "again.safetensors"
+    save_pipeline(pipe, written, dtype=None)
+    original, again = load_file(release), load_file(written)
+    assert original.keys() == again.keys() and all(torch.equal(original[k], again[k]) for k in original)
+    del again
+    assert load_pipeline(written).config == SD21  # the metadata now records it, no rule runs
+
+    unet = convert_ldm_unet_checkpoint(original, unet_config_to_diffusers(SD21.unet))
+    expected = unet_to_diffusers(pipe.unet.state_dict(), SD21.unet)
+    assert unet.keys() == expected.keys() and all(torch.equal(unet[k], expected[k]) for k in unet)
+    vae = convert_ldm_vae_checkpoint(original, vae_config_to_diffusers(SD21.vae))
+    expected = vae_to_diffusers(pipe.vae.state_dict(), SD21.vae)
+    assert vae.keys() == expected.keys() and all(torch.equal(vae[k], expected[k]) for k in vae)
+    stub = type("TextModel", (), {"config": sd2_reference_config(SD21.text_encoder)})()  # all the converter reads
+    text = convert_open_clip_checkpoint(stub, original)
+    expected = open_clip_layout.to_transformers(pipe.text_encoder.state_dict(), SD21.text_encoder.layers)
+    assert text.keys() == expected.keys() and all(torch.equal(text[k], expected[k]) for k in text)
+    assert len(text) == 4 + 16 * 23  # 23 layers of 16 tensors, as SD 2.1's text_encoder/ holds
+
+
+def test_full_sd21_ckpt_reads_weights_only(release, tmp_path):
+    ckpt = tmp_path / "v2-1_768-ema-pruned.ckpt"
+    tensors = load_file(release)
+    torch.save({"state_dict": tensors, "global_step": 110000}, ckpt)  # LDM's checkpoint dict
+    with pytest.warns(UserWarning, match="ComfyUI's rule"):
+        pipe = load_pipeline(ckpt)
+    assert pipe.config == SD21
+    ours = single_file_tensors(pipe, None)
+    assert ours.keys() == tensors.keys() and all(torch.equal(ours[k], tensors[k]) for k in ours)
