@@ -6,22 +6,10 @@ modules. ~2.6 GB of fp16 tensors, files and memory maps: run under `flock /tmp/b
 
 import pytest
 import torch
-from diffusers.loaders.single_file_utils import (
-    convert_ldm_unet_checkpoint,
-    convert_ldm_vae_checkpoint,
-    convert_open_clip_checkpoint,
-)
 from safetensors.torch import load_file, save_file
-from test_open_clip_text import sd2_reference_config
+from test_sd2_single_file import assert_converters_give_our_modules
 
 from minidream.config import SD21, SD21_BASE
-from minidream.io import open_clip_layout
-from minidream.io.diffusers_layout import (
-    unet_config_to_diffusers,
-    unet_to_diffusers,
-    vae_config_to_diffusers,
-    vae_to_diffusers,
-)
 from minidream.io.single_file import V_PREDICTION_PROBE, single_file_tensors
 from minidream.io.weights import load_pipeline, save_pipeline
 from minidream.models.pipeline import random_pipeline
@@ -57,16 +45,7 @@ def test_full_sd21_loads_round_trips_and_converts(release, tmp_path):
     del again
     assert load_pipeline(written).config == SD21  # the metadata now records it, no rule runs
 
-    unet = convert_ldm_unet_checkpoint(original, unet_config_to_diffusers(SD21.unet))
-    expected = unet_to_diffusers(pipe.unet.state_dict(), SD21.unet)
-    assert unet.keys() == expected.keys() and all(torch.equal(unet[k], expected[k]) for k in unet)
-    vae = convert_ldm_vae_checkpoint(original, vae_config_to_diffusers(SD21.vae))
-    expected = vae_to_diffusers(pipe.vae.state_dict(), SD21.vae)
-    assert vae.keys() == expected.keys() and all(torch.equal(vae[k], expected[k]) for k in vae)
-    stub = type("TextModel", (), {"config": sd2_reference_config(SD21.text_encoder)})()  # all the converter reads
-    text = convert_open_clip_checkpoint(stub, original)
-    expected = open_clip_layout.to_transformers(pipe.text_encoder.state_dict(), SD21.text_encoder.layers)
-    assert text.keys() == expected.keys() and all(torch.equal(text[k], expected[k]) for k in text)
+    _, text = assert_converters_give_our_modules(original, pipe)
     assert len(text) == 4 + 16 * 23  # 23 layers of 16 tensors, as SD 2.1's text_encoder/ holds
 
 

@@ -6,7 +6,7 @@ import warnings
 
 import pytest
 import torch
-from diffusers import UNet2DConditionModel
+from diffusers import StableDiffusionPipeline, UNet2DConditionModel
 from diffusers.loaders.single_file_utils import (
     convert_ldm_unet_checkpoint,
     convert_ldm_vae_checkpoint,
@@ -67,28 +67,34 @@ def test_round_trip_is_bit_identical(tiny_sd2, tmp_path, dtype):
         assert all(torch.equal(a["cond_stage_model.model." + k], v) for k, v in ours.items())
 
 
-def test_diffusers_converters_read_the_export(tiny_sd2, exported):
-    checkpoint = load_file(exported)
-    cfg = TINY_SD2
+def assert_converters_give_our_modules(checkpoint: dict[str, torch.Tensor], pipe) -> tuple[dict, dict]:
+    """diffusers' own LDM converters on `checkpoint` give exactly minidream's tensors, renamed by
+    its diffusers layout and OpenCLIP table; returns their UNet and text encoder state dicts."""
+    cfg = pipe.config
     unet = convert_ldm_unet_checkpoint(checkpoint, unet_config_to_diffusers(cfg.unet))
-    expected_unet = unet_to_diffusers(tiny_sd2.unet.state_dict(), cfg.unet)
-    assert unet.keys() == expected_unet.keys() and all(torch.equal(unet[k], expected_unet[k]) for k in unet)
+    expected = unet_to_diffusers(pipe.unet.state_dict(), cfg.unet)
+    assert unet.keys() == expected.keys() and all(torch.equal(unet[k], expected[k]) for k in unet)
     vae = convert_ldm_vae_checkpoint(checkpoint, vae_config_to_diffusers(cfg.vae))
-    expected_vae = vae_to_diffusers(tiny_sd2.vae.state_dict(), cfg.vae)
-    assert vae.keys() == expected_vae.keys() and all(torch.equal(vae[k], expected_vae[k]) for k in vae)
+    expected = vae_to_diffusers(pipe.vae.state_dict(), cfg.vae)
+    assert vae.keys() == expected.keys() and all(torch.equal(vae[k], expected[k]) for k in vae)
+    stub = type("TextModel", (), {"config": sd2_reference_config(cfg.text_encoder)})()  # all the converter reads
+    text = convert_open_clip_checkpoint(stub, checkpoint)
+    expected = open_clip_layout.to_transformers(pipe.text_encoder.state_dict(), cfg.text_encoder.layers)
+    assert text.keys() == expected.keys() and all(torch.equal(text[k], expected[k]) for k in text)
+    return unet, text
 
-    text_model = TransformersCLIPTextModel(sd2_reference_config(cfg.text_encoder)).eval()
-    text = convert_open_clip_checkpoint(text_model, checkpoint)
-    text_model.load_state_dict({k.removeprefix("text_model."): v for k, v in text.items()}, strict=True)
-    expected_text = open_clip_layout.to_transformers(tiny_sd2.text_encoder.state_dict(), cfg.text_encoder.layers)
-    assert text.keys() == expected_text.keys() and all(torch.equal(text[k], expected_text[k]) for k in text)
+
+def test_diffusers_converters_read_the_export(tiny_sd2, exported):
+    unet, text = assert_converters_give_our_modules(load_file(exported), tiny_sd2)
     # And the modules they build compute minidream's numbers.
+    text_model = TransformersCLIPTextModel(sd2_reference_config(TINY_SD2.text_encoder)).eval()
+    text_model.load_state_dict({k.removeprefix("text_model."): v for k, v in text.items()}, strict=True)
+    reference_unet = UNet2DConditionModel.from_config(unet_config_to_diffusers(TINY_SD2.unet)).eval()
+    reference_unet.load_state_dict(unet, strict=True)
     ids = tiny_sd2.tokenizer(["a photo of sks dog", ""])
     with torch.no_grad():
         ours = tiny_sd2.text_encoder(ids)
         assert ((ours - text_model(ids).last_hidden_state).abs().max() / ours.abs().max()).item() <= 1e-5
-        reference_unet = UNet2DConditionModel.from_config(unet_config_to_diffusers(cfg.unet)).eval()
-        reference_unet.load_state_dict(unet, strict=True)
         x = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(0))
         out = tiny_sd2.unet(x, 500, ours[:1])
         theirs = reference_unet(x, 500, encoder_hidden_states=ours[:1]).sample
@@ -162,3 +168,22 @@ def test_sd2_unet_without_open_clip_gets_one_line(tmp_path):
     with pytest.raises(WeightsError) as error:
         load_pipeline(path)
     assert_one_clear_line(error, path, "without the OpenCLIP text encoder")
+
+
+def test_single_file_to_diffusers_folder_and_back(tiny_sd2, exported, tmp_path):
+    # An SD 2.x single file written as a diffusers folder holds SD 2's transformers text encoder
+    # (one layer fewer); diffusers opens it, and both layouts give the same numbers.
+    folder = tmp_path / "folder"
+    save_pipeline(load_pipeline(exported), folder, format="diffusers", dtype=None)
+    reference = StableDiffusionPipeline.from_pretrained(folder, safety_checker=None)
+    assert reference.text_encoder.config.num_hidden_layers == 23
+    assert reference.scheduler.config.prediction_type == "v_prediction"
+    back = load_pipeline(folder)
+    assert back.config.text_encoder == open_clip_layout.transformers_config(TINY_SD2.text_encoder)
+    assert back.tokenizer.pad_token_id == 0
+    ids = back.tokenizer(["a photo of sks dog", ""])
+    assert torch.equal(ids, tiny_sd2.tokenizer(["a photo of sks dog", ""]))
+    with torch.no_grad():
+        ours = tiny_sd2.text_encoder(ids)
+        for states in (back.text_encoder(ids), reference.text_encoder(ids).last_hidden_state):
+            assert ((states - ours).abs().max() / ours.abs().max()).item() <= 1e-5

@@ -353,7 +353,7 @@ def test_other_architectures_get_one_line_saying_what_they_are(tmp_path, kind):
 @pytest.mark.parametrize("change, what", [
     (lambda f: edit_json(f / "model_index.json", {"_class_name": "StableDiffusionXLPipeline"}), "an SDXL pipeline"),
     (lambda f: edit_json(f / "unet" / "config.json", {"in_channels": 9}), "an inpainting pipeline"),
-    (lambda f: edit_json(f / "unet" / "config.json", {"cross_attention_dim": 1024}), "an SD 2.x pipeline"),
+    (lambda f: edit_json(f / "unet" / "config.json", {"in_channels": 5}), "a depth-to-image pipeline"),
 ])
 def test_other_architectures_in_diffusers_folders_are_named(tiny_folder, tmp_path, change, what):
     folder = tmp_path / "other"

@@ -9,7 +9,11 @@ drops them too). diffusers' `convert_open_clip_checkpoint` is the oracle for thi
 (tests/test_open_clip_layout.py).
 """
 
+import dataclasses
+
 import torch
+
+from minidream.config import TextEncoderConfig
 
 # OpenCLIP name -> transformers name, outside the layers.
 OUTER = {
@@ -69,3 +73,9 @@ def to_open_clip(tensors: dict[str, torch.Tensor], layers: int) -> dict[str, tor
         for ours, names in FUSED.items():
             out[open_clip_layer(n) + ours] = torch.cat([tensors[transformers_layer(n) + theirs] for theirs in names])
     return out
+
+
+def transformers_config(cfg: TextEncoderConfig) -> TextEncoderConfig:
+    """The transformers-layout config computing what an OpenCLIP tower computes: one layer fewer
+    (the last resblock never runs), the same clip_skip (both count from SD 2.x's layer)."""
+    return dataclasses.replace(cfg, layers=cfg.layers - 1, open_clip=False)
