@@ -120,8 +120,9 @@ TINY = ModelConfig(
 # OpenCLIP ViT-H/14's text tower as the single files hold it (24 resblocks, the penultimate
 # read), 64-channel heads (diffusers' attention_head_dim [5, 10, 20, 20] = heads per level),
 # a 1024-wide context, linear proj_in/proj_out. 768-v predicts v, the 512 base predicts noise;
-# both use SD 1.5's betas and VAE. upcast_attention (2.1) needs no switch here: minidream's
-# attention is F.scaled_dot_product_attention, whose kernels accumulate scores and softmax in fp32.
+# both use SD 1.5's betas and VAE. SD 2.1's upcast_attention has no switch here: minidream's
+# attention is F.scaled_dot_product_attention, as diffusers' default AttnProcessor2_0, which does
+# not read the flag either (only the classic AttnProcessor's get_attention_scores upcasts q and k).
 SD2_TEXT_ENCODER = TextEncoderConfig(width=1024, layers=24, heads=16, mlp_width=4096, activation="gelu", open_clip=True)
 SD2_UNET = UNetConfig(head_dim=64, context_dim=1024, use_linear_proj=True)
 SD21_BASE = ModelConfig(text_encoder=SD2_TEXT_ENCODER, unet=SD2_UNET)
