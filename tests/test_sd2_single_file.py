@@ -102,7 +102,11 @@ def test_diffusers_converters_read_the_export(tiny_sd2, exported):
 
 
 def sd2_keys(probe_std: float | None) -> dict[str, torch.Tensor]:
-    tensors = {"cond_stage_model.model.ln_final.weight": torch.ones(1024), "model.diffusion_model.out.2.bias": torch.zeros(4)}
+    tensors = {
+        "cond_stage_model.model.ln_final.weight": torch.ones(1024),
+        "cond_stage_model.model.transformer.resblocks.23.ln_1.weight": torch.ones(1024),
+        "model.diffusion_model.out.2.bias": torch.zeros(4),
+    }
     if probe_std is not None:
         values = torch.randn(640, generator=torch.Generator().manual_seed(0))
         tensors[V_PREDICTION_PROBE] = values / values.std(unbiased=False) * probe_std
@@ -187,3 +191,31 @@ def test_single_file_to_diffusers_folder_and_back(tiny_sd2, exported, tmp_path):
         ours = tiny_sd2.text_encoder(ids)
         for states in (back.text_encoder(ids), reference.text_encoder(ids).last_hidden_state):
             assert ((states - ours).abs().max() / ours.abs().max()).item() <= 1e-5
+
+
+def test_transformers_layout_sd2_writes_sd2_keys(tiny_sd2, tmp_path):
+    # A pipeline read from an SD 2.x diffusers folder (23-layer transformers text encoder) is
+    # written under SD 2's keys, without the resblock it never had, and reads back the same.
+    folder, path = tmp_path / "folder", tmp_path / "from-folder.safetensors"
+    save_pipeline(tiny_sd2, folder, format="diffusers", dtype=None)
+    from_folder = load_pipeline(folder)
+    save_pipeline(from_folder, path, dtype=None)
+    written = load_file(path)
+    assert not any(k.startswith("cond_stage_model.transformer.") for k in written)
+    assert "cond_stage_model.model.transformer.resblocks.22.attn.in_proj_weight" in written
+    assert not any(k.startswith("cond_stage_model.model.transformer.resblocks.23.") for k in written)
+    text = {k.removeprefix("cond_stage_model.model."): v for k, v in written.items() if k.startswith("cond_stage_model.")}
+    ours = tiny_sd2.text_encoder.state_dict()
+    assert len(text) == len(ours) - 2 - 12  # less text_projection, logit_scale and the last resblock
+    assert all(torch.equal(tensor, ours[k]) for k, tensor in text.items())
+    again = load_pipeline(path)
+    assert again.config == from_folder.config
+    assert all(torch.equal(a, b) for a, b in zip(again.text_encoder.state_dict().values(),
+                                                 from_folder.text_encoder.state_dict().values()))
+    # Without minidream's metadata (as diffusers' export script writes it), the missing last
+    # resblock says: the transformers layout, 23 layers.
+    bare = tmp_path / "bare.safetensors"
+    save_file({k: v.contiguous() for k, v in written.items()}, bare)
+    with pytest.warns(UserWarning, match="ComfyUI's rule"):
+        config = _config_from_metadata(bare, {}, load_file(bare), None)
+    assert config.text_encoder == open_clip_layout.transformers_config(SD21.text_encoder)

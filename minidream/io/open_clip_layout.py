@@ -50,16 +50,31 @@ def transformers_layer(n: int) -> str:
     return f"text_model.encoder.layers.{n}."
 
 
-def to_transformers(tensors: dict[str, torch.Tensor], resblocks: int) -> dict[str, torch.Tensor]:
+def to_transformers(tensors: dict[str, torch.Tensor], resblocks: int, strict: bool = True) -> dict[str, torch.Tensor]:
     """An OpenCLIP text tower's tensors (names without `cond_stage_model.model.`) as the
-    (resblocks - 1)-layer transformers model that computes SD 2.x's states."""
-    out = {theirs: tensors[ours] for ours, theirs in OUTER.items()}
+    (resblocks - 1)-layer transformers model that computes SD 2.x's states. strict=False leaves
+    out what is missing and keeps what the table does not know under its own name, for the
+    caller's check to name (UNUSED is dropped either way)."""
+    out = {}
+    for ours, theirs in renames(resblocks - 1).items():
+        if ours in tensors or strict:
+            out[theirs] = tensors[ours]
     for n in range(resblocks - 1):
-        for ours, theirs in LAYER.items():
-            out[transformers_layer(n) + theirs] = tensors[open_clip_layer(n) + ours]
         for ours, names in FUSED.items():
-            for theirs, part in zip(names, tensors[open_clip_layer(n) + ours].chunk(3, dim=0)):
-                out[transformers_layer(n) + theirs] = part
+            if open_clip_layer(n) + ours in tensors or strict:
+                for theirs, part in zip(names, tensors[open_clip_layer(n) + ours].chunk(3, dim=0)):
+                    out[transformers_layer(n) + theirs] = part
+    if not strict:
+        known = {*UNUSED, *renames(resblocks - 1), *(open_clip_layer(n) + o for n in range(resblocks - 1) for o in FUSED)}
+        out |= {key: tensor for key, tensor in tensors.items() if key not in known}
+    return out
+
+
+def renames(layers: int) -> dict[str, str]:
+    """OpenCLIP name -> transformers name of every one-to-one tensor of a `layers`-layer model."""
+    out = dict(OUTER)
+    for n in range(layers):
+        out |= {open_clip_layer(n) + ours: transformers_layer(n) + theirs for ours, theirs in LAYER.items()}
     return out
 
 

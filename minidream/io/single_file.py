@@ -32,6 +32,7 @@ from minidream.config import (
     to_dict,
 )
 from minidream.diffusion import schedule
+from minidream.io import open_clip_layout
 from minidream.io.tensor_files import (
     StoredPipeline,
     Tensors,
@@ -72,8 +73,9 @@ def read_single_file(path: Path, use_ema: bool, prediction_type: str | None = No
         raise unsupported(path, what)
     config = _config_from_metadata(path, metadata, tensors, prediction_type)
     _check_schedule_buffers(path, tensors, config.schedule)
-    text_prefix = OPEN_CLIP_PREFIX if config.text_encoder.open_clip else TEXT_ENCODER_PREFIX
-    generation = "SD 2.x" if config.text_encoder.open_clip else "SD 1.x"
+    sd2_layout = any(key.startswith(OPEN_CLIP_PREFIX) for key in tensors)
+    text_prefix = OPEN_CLIP_PREFIX if sd2_layout else TEXT_ENCODER_PREFIX
+    generation = "SD 2.x" if sd2_layout else "SD 1.x"
     components = (UNET_PREFIX, VAE_PREFIX, text_prefix, EMA_PREFIX)
     unexpected = sorted(k for k in tensors if not k.startswith(components) and k not in SCHEDULE_BUFFERS)
     if unexpected:
@@ -85,6 +87,12 @@ def read_single_file(path: Path, use_ema: bool, prediction_type: str | None = No
     text_tensors = _strip(tensors, text_prefix)
     if config.text_encoder.open_clip:
         text_encoder = Tensors(text_tensors, str(path), "the SD 2.x OpenCLIP text encoder", text_prefix)
+    elif sd2_layout:  # the layers SD 2.x runs, for a transformers-layout model (see single_file_tensors)
+        text_encoder = Tensors(
+            open_clip_layout.to_transformers(text_tensors, config.text_encoder.layers + 1, strict=False),
+            str(path), "the SD 2.x text encoder (transformers layout)", text_prefix,
+            renamed={theirs: ours for ours, theirs in open_clip_layout.renames(config.text_encoder.layers).items()},
+        )
     else:
         text_encoder = Tensors(
             with_text_model_prefix(text_tensors), str(path), "the SD 1.x CLIP text encoder", text_prefix
@@ -137,6 +145,7 @@ def is_sd2(tensors: dict[str, torch.Tensor]) -> bool:
 # layer norm of the last output transformer has biases spread out in the 768-v models and
 # close to zero in the 512 epsilon ones. A1111 (sd_models_config.py) runs a test forward pass
 # instead; this rule needs no model built.
+LAST_RESBLOCK = "transformer.resblocks.23.ln_1.weight"  # ViT-H/14's 24th, which SD 2.x never runs
 V_PREDICTION_PROBE = UNET_PREFIX + "output_blocks.11.1.transformer_blocks.0.norm1.bias"
 V_PREDICTION_MIN_STD = 0.09
 
@@ -203,6 +212,8 @@ def _config_from_metadata(
                            f"({OPEN_CLIP_PREFIX}*); SD 2.x single files hold both")
     else:
         config = SD21_BASE
+        if OPEN_CLIP_PREFIX + LAST_RESBLOCK not in tensors:  # written without it, as diffusers' export script does
+            config = dataclasses.replace(config, text_encoder=open_clip_layout.transformers_config(config.text_encoder))
         prediction_type = prediction_type or sd2_prediction_type(path, tensors)
     if prediction_type is None:
         return config
@@ -229,11 +240,19 @@ def single_file_tensors(pipe: Pipeline, dtype: torch.dtype | None) -> dict[str, 
 
     Only the base weights: a model with live LoRA adapters is written without them (UIs would
     not know the keys; save_lora writes the adapters, models.lora.merge folds them in first)."""
-    text_prefix = OPEN_CLIP_PREFIX if pipe.config.text_encoder.open_clip else TEXT_ENCODER_PREFIX
-    parts = ((UNET_PREFIX, pipe.unet), (VAE_PREFIX, pipe.vae), (text_prefix, pipe.text_encoder))
-    return {
-        prefix + key: cast(tensor, dtype) for prefix, module in parts for key, tensor in base_state_dict(module).items()
-    }
+    cfg = pipe.config.text_encoder
+    text = base_state_dict(pipe.text_encoder)
+    if cfg.open_clip:
+        text = {OPEN_CLIP_PREFIX + key: tensor for key, tensor in text.items()}
+    elif cfg.activation == "gelu":
+        # An OpenCLIP tower in transformers' layout (an SD 2.x diffusers folder): SD 2's names, so
+        # that UIs open it, with the layers SD 2.x runs (its last resblock is not in such folders).
+        text = {OPEN_CLIP_PREFIX + key: tensor for key, tensor in open_clip_layout.to_open_clip(text, cfg.layers).items()}
+    else:
+        text = {TEXT_ENCODER_PREFIX + key: tensor for key, tensor in text.items()}
+    parts = ((UNET_PREFIX, pipe.unet), (VAE_PREFIX, pipe.vae))
+    tensors = {prefix + key: tensor for prefix, module in parts for key, tensor in base_state_dict(module).items()}
+    return {key: cast(tensor, dtype) for key, tensor in (tensors | text).items()}
 
 
 def ema_tensors(unet_ema: dict[str, torch.Tensor], dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
