@@ -6,11 +6,12 @@ modules. ~2.6 GB of fp16 tensors, files and memory maps: run under `flock /tmp/b
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from test_sd2_single_file import assert_converters_give_our_modules
 
 from minidream.config import SD21, SD21_BASE
 from minidream.io.single_file import V_PREDICTION_PROBE, single_file_tensors
+from minidream.io.tensor_files import read_tensor_file
 from minidream.io.weights import load_pipeline, save_pipeline
 from minidream.models.pipeline import random_pipeline
 
@@ -40,7 +41,7 @@ def test_full_sd21_loads_round_trips_and_converts(release, tmp_path):
 
     written = tmp_path / "again.safetensors"
     save_pipeline(pipe, written, dtype=None)
-    original, again = load_file(release), load_file(written)
+    original, again = read_tensor_file(release)[0], read_tensor_file(written)[0]  # memory-mapped
     assert original.keys() == again.keys() and all(torch.equal(original[k], again[k]) for k in original)
     del again
     assert load_pipeline(written).config == SD21  # the metadata now records it, no rule runs
@@ -51,7 +52,7 @@ def test_full_sd21_loads_round_trips_and_converts(release, tmp_path):
 
 def test_full_sd21_ckpt_reads_weights_only(release, tmp_path):
     ckpt = tmp_path / "v2-1_768-ema-pruned.ckpt"
-    tensors = load_file(release)
+    tensors = read_tensor_file(release)[0]
     torch.save({"state_dict": tensors, "global_step": 110000}, ckpt)  # LDM's checkpoint dict
     with pytest.warns(UserWarning, match="ComfyUI's rule"):
         pipe = load_pipeline(ckpt)
