@@ -31,6 +31,10 @@ class TextEncoderConfig:
     layer_norm_eps: float = 1e-5
     eos_token_id: int = 49407  # the pooled output is taken at the first EOS token
     clip_skip: int = 1  # 1 = last layer; 2 = penultimate layer (+ final norm), as UIs do
+    # SD 2.x single files: OpenCLIP's text tower under its own names (models/open_clip_text.py).
+    # Then `layers` counts all its resblocks (24 in ViT-H/14), SD 2.x conditions on the
+    # penultimate one, and clip_skip counts from there (1 = SD 2.x's layer, 2 = one earlier).
+    open_clip: bool = False
 
 
 @dataclass(frozen=True)
@@ -112,9 +116,30 @@ TINY = ModelConfig(
 )
 
 
+# Stable Diffusion 2.1 (stabilityai/stable-diffusion-2-1 and -2-1-base; 2.0 has the same shapes):
+# OpenCLIP ViT-H/14's text tower as the single files hold it (24 resblocks, the penultimate
+# read), 64-channel heads (diffusers' attention_head_dim [5, 10, 20, 20] = heads per level),
+# a 1024-wide context, linear proj_in/proj_out. 768-v predicts v, the 512 base predicts noise;
+# both use SD 1.5's betas and VAE. SD 2.1's upcast_attention has no switch here: minidream's
+# attention is F.scaled_dot_product_attention, as diffusers' default AttnProcessor2_0, which does
+# not read the flag either (only the classic AttnProcessor's get_attention_scores upcasts q and k).
+SD2_TEXT_ENCODER = TextEncoderConfig(width=1024, layers=24, heads=16, mlp_width=4096, activation="gelu", open_clip=True)
+SD2_UNET = UNetConfig(head_dim=64, context_dim=1024, use_linear_proj=True)
+SD21_BASE = ModelConfig(text_encoder=SD2_TEXT_ENCODER, unet=SD2_UNET)
+SD21 = dataclasses.replace(SD21_BASE, schedule=ScheduleConfig(prediction_type="v_prediction"))
+
+# TINY's shapes in SD 2's layout. The text tower keeps 24 (narrow) resblocks, so that diffusers'
+# SD 2 converters, which drop resblock 23 by name, read its files as they read SD 2.1's.
+TINY_SD2 = ModelConfig(
+    text_encoder=dataclasses.replace(TINY.text_encoder, layers=24, activation="gelu", open_clip=True),
+    unet=dataclasses.replace(TINY.unet, head_dim=16, use_linear_proj=True),
+    vae=TINY.vae,
+    schedule=ScheduleConfig(prediction_type="v_prediction"),
+)
+
 @dataclass(frozen=True)
 class ModelSection:
-    architecture: str = "sd15"  # "sd15" | "tiny": the shapes to build when no weights are given
+    architecture: str = "sd15"  # "sd15" | "tiny" | "sd21" | "sd21-base" | "tiny-sd2": the shapes to build when no weights are given
     weights: str | None = None  # checkpoint file or folder; None = random init (tiny runs, tests)
     use_ema: bool = False  # take model_ema.* weights from single files that carry them
     clip_skip: int = 1  # text-encoder layer the UNet reads: 1 = last, 2 = penultimate (+ final norm), as UIs offer
@@ -251,7 +276,7 @@ class TrainConfig:
     eval: EvalSection = field(default_factory=EvalSection)
 
 
-ARCHITECTURES = {"sd15": SD15, "tiny": TINY}
+ARCHITECTURES = {"sd15": SD15, "tiny": TINY, "sd21": SD21, "sd21-base": SD21_BASE, "tiny-sd2": TINY_SD2}
 
 
 # --- Evaluation models (the DreamBooth paper's DINO, CLIP-I, CLIP-T; see minidream/evaluate.py) ---

@@ -34,18 +34,18 @@ def reference_model(cfg: TextEncoderConfig, eos_token_id: int) -> transformers.C
     return transformers.CLIPTextModel(config).eval()
 
 
-def random_state_dict(model: CLIPTextModel, seed: int) -> dict[str, torch.Tensor]:
+def random_state_dict(model: torch.nn.Module, seed: int) -> dict[str, torch.Tensor]:
     """Random values for every parameter, scaled so that every attention and MLP output matters
     (unit-variance embeddings and projections, layer norms away from 1 and 0)."""
     generator = torch.Generator().manual_seed(seed)
     state = {}
     for name, param in model.state_dict().items():
         noise = torch.randn(param.shape, generator=generator)
-        if name.endswith("embedding.weight"):
+        if name.endswith("embedding.weight") or name == "positional_embedding":  # (OpenCLIP's name)
             state[name] = noise
         elif param.ndim == 2:
             state[name] = noise / param.shape[1] ** 0.5
-        elif "layer_norm" in name and name.endswith("weight"):
+        elif ("layer_norm" in name or "ln_" in name) and name.endswith("weight"):
             state[name] = 1 + 0.2 * noise
         else:
             state[name] = 0.2 * noise

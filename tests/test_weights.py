@@ -320,26 +320,19 @@ def test_scheduler_settings_minidream_cannot_honour_are_refused(tiny_folder, tmp
     assert_one_clear_line(error, config_file, fragment)
 
 
-# ---- what is not SD 1.x -------------------------------------------------------------------------
+# ---- what is not SD 1.x (SD 2.x: test_sd2_single_file.py) ------------------------------------------
 
 def z():
     return torch.zeros(1)  # a fresh tensor each time: safetensors refuses to write one tensor twice
 
 
 NOT_SD1 = {
-    "sd2-openclip": (
-        {"model.diffusion_model.out.2.bias": z(), "cond_stage_model.model.ln_final.weight": z()}, "an SD 2.x checkpoint"
-    ),
-    "sd2-context": (
-        {"model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight": torch.zeros(2, 1024)},
-        "an SD 2.x checkpoint",
-    ),
     "sdxl": (
         {"model.diffusion_model.label_emb.0.0.weight": z(), "conditioner.embedders.0.transformer.text_model.x": z()},
         "an SDXL checkpoint",
     ),
     "label-emb": ({"model.diffusion_model.label_emb.0.0.weight": z()}, "a UNet with class/size conditioning"),
-    "inpainting": ({"model.diffusion_model.input_blocks.0.0.weight": torch.zeros(2, 9, 3, 3)}, "an inpainting model"),
+    "inpainting": ({"model.diffusion_model.input_blocks.0.0.weight": torch.zeros(2, 9, 3, 3)}, "an SD 1.x inpainting model"),
     "lora-kohya": ({"lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight": z()}, "a LoRA"),
     "lora-peft": ({"unet.down_blocks.0.attentions.0.proj_in.lora_A.weight": z()}, "a LoRA"),
     "vae": ({"encoder.conv_in.weight": z(), "decoder.conv_in.weight": z()}, "a standalone VAE"),
@@ -360,7 +353,7 @@ def test_other_architectures_get_one_line_saying_what_they_are(tmp_path, kind):
 @pytest.mark.parametrize("change, what", [
     (lambda f: edit_json(f / "model_index.json", {"_class_name": "StableDiffusionXLPipeline"}), "an SDXL pipeline"),
     (lambda f: edit_json(f / "unet" / "config.json", {"in_channels": 9}), "an inpainting pipeline"),
-    (lambda f: edit_json(f / "unet" / "config.json", {"cross_attention_dim": 1024}), "an SD 2.x pipeline"),
+    (lambda f: edit_json(f / "unet" / "config.json", {"in_channels": 5}), "a depth-to-image pipeline"),
 ])
 def test_other_architectures_in_diffusers_folders_are_named(tiny_folder, tmp_path, change, what):
     folder = tmp_path / "other"

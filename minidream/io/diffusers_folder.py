@@ -29,6 +29,7 @@ from minidream.config import (
 )
 from minidream.diffusion import schedule
 from minidream.files import atomic_folder
+from minidream.io import open_clip_layout
 from minidream.io.diffusers_layout import (
     TensorName,
     diffusers_key_map,
@@ -98,7 +99,7 @@ def read_diffusers_folder(path: Path) -> StoredPipeline:
     model_index = _read_json(path / "model_index.json") if (path / "model_index.json").is_file() else {}
     unet_json = _read_json(path / "unet" / "config.json")
     text_json = _read_json(path / "text_encoder" / "config.json")
-    what = _unsupported_kind(path, model_index, unet_json, text_json)
+    what = _unsupported_kind(path, model_index, unet_json)
     if what is not None:
         raise unsupported(path, what)
 
@@ -125,15 +126,17 @@ def read_diffusers_folder(path: Path) -> StoredPipeline:
     )
 
 
-def _unsupported_kind(path: Path, model_index: dict, unet_json: dict, text_json: dict) -> str | None:
-    """What the folder is when it is not an SD 1.x pipeline (None when it is one)."""
+def _unsupported_kind(path: Path, model_index: dict, unet_json: dict) -> str | None:
+    """What the folder is when it is not an SD 1.x/2.x text-to-image pipeline (None when it is one)."""
     pipeline_class = str(model_index.get("_class_name", ""))
     if "XL" in pipeline_class or (path / "text_encoder_2").is_dir():
         return "an SDXL pipeline"
     if "Inpaint" in pipeline_class or unet_json.get("in_channels") == 9:
         return "an inpainting pipeline (UNet with 9 input channels)"
-    if unet_json.get("cross_attention_dim") == 1024 or text_json.get("hidden_size") == 1024:
-        return "an SD 2.x pipeline (1024-wide text context)"
+    if "Depth2Img" in pipeline_class or unet_json.get("in_channels") == 5:
+        return "a depth-to-image pipeline (UNet with 5 input channels), which is not supported"
+    if "UnCLIP" in pipeline_class or (path / "image_normalizer").is_dir():
+        return "an SD 2.x unCLIP pipeline (image-embedding conditioning), which is not supported"
     return None
 
 
@@ -152,7 +155,7 @@ def _read_renamed(
 def _read_text_encoder(folder: Path) -> Tensors:
     file = _weights_file(folder, TRANSFORMERS_WEIGHTS)
     tensors, _ = read_tensor_file(file)
-    return Tensors(with_text_model_prefix(tensors), str(file), "the SD 1.x CLIP text encoder")
+    return Tensors(with_text_model_prefix(tensors), str(file), "the CLIP text encoder")
 
 
 def _weights_file(folder: Path, names: tuple[str, ...]) -> Path:
@@ -257,17 +260,23 @@ def write_diffusers_folder(pipe: Pipeline, path: Path, dtype: torch.dtype | None
         # base_state_dict: a model with live LoRA adapters is written without them (merge them first).
         ("unet", unet_json, unet_to_diffusers(base_state_dict(pipe.unet), cfg.unet), DIFFUSERS_WEIGHTS[0]),
         ("vae", vae_json, vae_to_diffusers(pipe.vae.state_dict(), cfg.vae), DIFFUSERS_WEIGHTS[0]),
-        (
-            "text_encoder",
-            text_encoder_config_to_transformers(cfg.text_encoder),
-            base_state_dict(pipe.text_encoder),
-            TRANSFORMERS_WEIGHTS[0],
-        ),
+        ("text_encoder", *_text_encoder_component(pipe), TRANSFORMERS_WEIGHTS[0]),
     )
     try:
         _write_folder(path, components, pipe, dtype)
     except FileExistsError as error:  # a non-empty folder is never replaced: it may hold the user's files
         raise WeightsError(str(error)) from None
+
+
+def _text_encoder_component(pipe: Pipeline) -> tuple[dict, dict[str, torch.Tensor]]:
+    """config.json and tensors of text_encoder/: an OpenCLIP tower (SD 2.x single files) becomes
+    the transformers model of the layers SD 2.x runs, as SD 2.x's own diffusers folders hold it."""
+    cfg = pipe.config.text_encoder
+    tensors = base_state_dict(pipe.text_encoder)
+    if cfg.open_clip:
+        tensors = open_clip_layout.to_transformers(tensors, cfg.layers)
+        cfg = open_clip_layout.transformers_config(cfg)
+    return text_encoder_config_to_transformers(cfg), tensors
 
 
 def _write_folder(path: Path, components: tuple, pipe: Pipeline, dtype: torch.dtype | None) -> None:

@@ -3,22 +3,28 @@ A1111 and ComfyUI have it.
 
     model.diffusion_model.*          the UNet        (minidream's UNet names after the prefix)
     first_stage_model.*              the VAE
-    cond_stage_model.transformer.*   the CLIP text encoder
+    cond_stage_model.transformer.*   the CLIP text encoder (SD 1.x)
+    cond_stage_model.model.*         the OpenCLIP text encoder (SD 2.x; models/open_clip_text.py names)
     model_ema.*                      (training checkpoints) an EMA copy of the UNet
     betas, alphas_cumprod, ...       (training checkpoints) LDM's noise-schedule buffers
 
 Files minidream writes also carry their ModelConfig as JSON in the safetensors metadata, so a
-non-SD-1.5 shape (the tiny test model) or a v-prediction schedule survives the round trip;
-files without it are SD 1.x-shaped and get the SD 1.5 config.
+non-SD-1.5 shape (the tiny test model) or a v-prediction schedule survives the round trip.
+Files without it get SD 1.5's config, or SD 2.1's when they hold the OpenCLIP text encoder; an
+SD 2.x file's prediction type is not in its keys, see `sd2_prediction_type`.
 """
 
+import dataclasses
 import json
+import warnings
 from pathlib import Path
 
 import torch
 
 from minidream.config import (
+    PREDICTION_TYPES,
     SD15,
+    SD21_BASE,
     ModelConfig,
     ScheduleConfig,
     UNetConfig,
@@ -26,6 +32,7 @@ from minidream.config import (
     to_dict,
 )
 from minidream.diffusion import schedule
+from minidream.io import open_clip_layout
 from minidream.io.tensor_files import (
     StoredPipeline,
     Tensors,
@@ -38,13 +45,13 @@ from minidream.io.tensor_files import (
     with_text_model_prefix,
 )
 from minidream.models.lora import base_state_dict
-from minidream.models.pipeline import Pipeline
-from minidream.models.tokenizer import CLIPTokenizer
+from minidream.models.pipeline import Pipeline, default_tokenizer
 from minidream.models.unet import UNet
 
 UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
 TEXT_ENCODER_PREFIX = "cond_stage_model.transformer."
+OPEN_CLIP_PREFIX = "cond_stage_model.model."
 EMA_PREFIX = "model_ema."
 EMA_BOOKKEEPING = {"model_ema.decay", "model_ema.num_updates"}
 # LDM's DDPM.register_schedule: all derived from betas, so only betas and alphas_cumprod are checked.
@@ -57,30 +64,45 @@ CONFIG_METADATA_KEY = "minidream_config"
 LORA_MARKERS = ("lora", "hada_", "lokr_")  # LoRA (kohya, PEFT, diffusers) and LyCORIS key names
 
 
-def read_single_file(path: Path, use_ema: bool) -> StoredPipeline:
+def read_single_file(path: Path, use_ema: bool, prediction_type: str | None = None) -> StoredPipeline:
+    """prediction_type: what a file without minidream's metadata predicts (None: SD 1.x files
+    predict noise, SD 2.x files are told apart by `sd2_prediction_type`)."""
     tensors, metadata = read_tensor_file(path)
     what = unsupported_kind(tensors)
     if what is not None:
         raise unsupported(path, what)
-    config = _config_from_metadata(path, metadata)
+    config = _config_from_metadata(path, metadata, tensors, prediction_type)
     _check_schedule_buffers(path, tensors, config.schedule)
-    components = (UNET_PREFIX, VAE_PREFIX, TEXT_ENCODER_PREFIX, EMA_PREFIX)
+    sd2_layout = any(key.startswith(OPEN_CLIP_PREFIX) for key in tensors)
+    text_prefix = OPEN_CLIP_PREFIX if sd2_layout else TEXT_ENCODER_PREFIX
+    generation = "SD 2.x" if sd2_layout else "SD 1.x"
+    components = (UNET_PREFIX, VAE_PREFIX, text_prefix, EMA_PREFIX)
     unexpected = sorted(k for k in tensors if not k.startswith(components) and k not in SCHEDULE_BUFFERS)
     if unexpected:
-        raise mismatch(str(path), "the SD single-file layout", [], unexpected, [])
+        raise mismatch(str(path), f"the {generation} single-file layout", [], unexpected, [])
     if use_ema:
         unet = _ema_unet(path, tensors, config.unet)
     else:
-        unet = Tensors(_strip(tensors, UNET_PREFIX), str(path), "the SD 1.x UNet", UNET_PREFIX)
+        unet = Tensors(_strip(tensors, UNET_PREFIX), str(path), f"the {generation} UNet", UNET_PREFIX)
+    text_tensors = _strip(tensors, text_prefix)
+    if config.text_encoder.open_clip:
+        text_encoder = Tensors(text_tensors, str(path), "the SD 2.x OpenCLIP text encoder", text_prefix)
+    elif sd2_layout:  # the layers SD 2.x runs, for a transformers-layout model (see single_file_tensors)
+        text_encoder = Tensors(
+            open_clip_layout.to_transformers(text_tensors, config.text_encoder.layers + 1, strict=False),
+            str(path), "the SD 2.x text encoder (transformers layout)", text_prefix,
+            renamed={theirs: ours for ours, theirs in open_clip_layout.renames(config.text_encoder.layers).items()},
+        )
+    else:
+        text_encoder = Tensors(
+            with_text_model_prefix(text_tensors), str(path), "the SD 1.x CLIP text encoder", text_prefix
+        )
     return StoredPipeline(
         config=config,
-        tokenizer=CLIPTokenizer(context_length=config.text_encoder.context_length),
+        tokenizer=default_tokenizer(config.text_encoder),
         unet=unet,
-        vae=Tensors(_strip(tensors, VAE_PREFIX), str(path), "the SD 1.x VAE", VAE_PREFIX),
-        text_encoder=Tensors(
-            with_text_model_prefix(_strip(tensors, TEXT_ENCODER_PREFIX)), str(path), "the SD 1.x CLIP text encoder",
-            TEXT_ENCODER_PREFIX,
-        ),
+        vae=Tensors(_strip(tensors, VAE_PREFIX), str(path), f"the {generation} VAE", VAE_PREFIX),
+        text_encoder=text_encoder,
     )
 
 
@@ -92,22 +114,57 @@ def unsupported_kind(tensors: dict[str, torch.Tensor]) -> str | None:
         return "a LoRA (or LyCORIS) file, which modifies a model rather than being one"
     if any(key.startswith("conditioner.embedders.") for key in keys):
         return "an SDXL checkpoint"
-    if any(key.startswith("cond_stage_model.model.") for key in keys):
-        return "an SD 2.x checkpoint (OpenCLIP text encoder under cond_stage_model.model.*)"
     if not any(key.startswith(UNET_PREFIX) for key in keys):
         if "encoder.conv_in.weight" in keys and "decoder.conv_in.weight" in keys:
             return "a standalone VAE, not a whole pipeline"
         first = ", ".join(sorted(keys)[:3]) or "none"
         return f"not a Stable Diffusion checkpoint (no {UNET_PREFIX}* tensors; first keys: {first})"
+    if any(key.startswith(("embedder.", "noise_augmentor.")) for key in keys):
+        return "an SD 2.x unCLIP model (image-embedding conditioning), which is not supported"
     if any(key.startswith(UNET_PREFIX + "label_emb.") for key in keys):
         return "a UNet with class/size conditioning (label_emb), as SDXL and SD 2.x unCLIP have"
-    cross_attention_keys = [k for k in keys if k.startswith(UNET_PREFIX) and k.endswith("attn2.to_k.weight")]
-    if any(tensors[k].shape[-1] == 1024 for k in cross_attention_keys):
-        return "an SD 2.x checkpoint (1024-wide text context)"
     conv_in = tensors.get(UNET_PREFIX + "input_blocks.0.0.weight")
-    if conv_in is not None and conv_in.ndim == 4 and conv_in.shape[1] == 9:
-        return "an inpainting model (UNet with 9 input channels)"
+    in_channels = conv_in.shape[1] if conv_in is not None and conv_in.ndim == 4 else 4
+    generation = "an SD 2.x" if is_sd2(tensors) else "an SD 1.x"
+    if in_channels == 9:
+        return f"{generation} inpainting model (UNet with 9 input channels), which is not supported"
+    if in_channels == 5 or any(key.startswith("depth_model.") for key in keys):
+        return f"{generation} depth-to-image model (UNet with 5 input channels), which is not supported"
     return None
+
+
+def is_sd2(tensors: dict[str, torch.Tensor]) -> bool:
+    """SD 2.x by its keys (OpenCLIP's text tower) or shapes (a 1024-wide cross-attention context)."""
+    if any(key.startswith(OPEN_CLIP_PREFIX) for key in tensors):
+        return True
+    cross_attention = [k for k in tensors if k.startswith(UNET_PREFIX) and k.endswith("attn2.to_k.weight")]
+    return any(tensors[k].shape[-1] == 1024 for k in cross_attention)
+
+
+# ComfyUI's rule (comfy/supported_models.py, SD20.model_type): in SD 2.x's UNet, the first
+# layer norm of the last output transformer has biases spread out in the 768-v models and
+# close to zero in the 512 epsilon ones. A1111 (sd_models_config.py) runs a test forward pass
+# instead; this rule needs no model built.
+LAST_RESBLOCK = "transformer.resblocks.23.ln_1.weight"  # ViT-H/14's 24th, which SD 2.x never runs
+V_PREDICTION_PROBE = UNET_PREFIX + "output_blocks.11.1.transformer_blocks.0.norm1.bias"
+V_PREDICTION_MIN_STD = 0.09
+
+
+def sd2_prediction_type(path: Path, tensors: dict[str, torch.Tensor]) -> str:
+    """An SD 2.x file's prediction type from its weights, saying in one line which rule decided."""
+    probe = tensors.get(V_PREDICTION_PROBE)
+    if probe is None:
+        decided, why = "epsilon", f"it has no {V_PREDICTION_PROBE}"
+    else:
+        std = probe.float().std(unbiased=False).item()
+        decided = "v_prediction" if std > V_PREDICTION_MIN_STD else "epsilon"
+        why = f"the std of {V_PREDICTION_PROBE} is {std:.3f} ({'>' if std > V_PREDICTION_MIN_STD else '<='} 0.09)"
+    warnings.warn(
+        f"{path}: an SD 2.x file without a recorded prediction type; loading it as {decided} by ComfyUI's rule: "
+        f"{why}. Pass prediction_type (sample.py/train.py: --prediction-type) if that is wrong.",
+        stacklevel=2,
+    )
+    return decided
 
 
 def ema_key(unet_key: str) -> str:
@@ -132,14 +189,35 @@ def _strip(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Ten
     return {key[len(prefix):]: tensor for key, tensor in tensors.items() if key.startswith(prefix)}
 
 
-def _config_from_metadata(path: Path, metadata: dict[str, str]) -> ModelConfig:
+def _config_from_metadata(
+    path: Path, metadata: dict[str, str], tensors: dict[str, torch.Tensor], prediction_type: str | None
+) -> ModelConfig:
+    """The file's recorded config; else SD 1.5's or SD 2.1's with the prediction type given or detected."""
+    if prediction_type is not None and prediction_type not in PREDICTION_TYPES:
+        raise WeightsError(f"prediction_type must be one of {', '.join(PREDICTION_TYPES)}, got {prediction_type!r}")
     text = metadata.get(CONFIG_METADATA_KEY)
-    if text is None:
-        return SD15
-    try:
-        return from_dict(ModelConfig, json.loads(text), where=f"{path} metadata {CONFIG_METADATA_KEY}")
-    except ValueError as error:  # bad JSON or a ConfigError
-        raise WeightsError(f"{path}: unreadable {CONFIG_METADATA_KEY} metadata ({error})") from None
+    if text is not None:
+        try:
+            config = from_dict(ModelConfig, json.loads(text), where=f"{path} metadata {CONFIG_METADATA_KEY}")
+        except ValueError as error:  # bad JSON or a ConfigError
+            raise WeightsError(f"{path}: unreadable {CONFIG_METADATA_KEY} metadata ({error})") from None
+        recorded = config.schedule.prediction_type
+        if prediction_type is not None and prediction_type != recorded:
+            raise WeightsError(f"{path}: its metadata records prediction_type {recorded!r}, not {prediction_type!r}")
+        return config
+    if not is_sd2(tensors):
+        config = SD15
+    elif not any(key.startswith(OPEN_CLIP_PREFIX) for key in tensors):
+        raise WeightsError(f"{path}: an SD 2.x UNet (1024-wide context) without the OpenCLIP text encoder "
+                           f"({OPEN_CLIP_PREFIX}*); SD 2.x single files hold both")
+    else:
+        config = SD21_BASE
+        if OPEN_CLIP_PREFIX + LAST_RESBLOCK not in tensors:  # written without it, as diffusers' export script does
+            config = dataclasses.replace(config, text_encoder=open_clip_layout.transformers_config(config.text_encoder))
+        prediction_type = prediction_type or sd2_prediction_type(path, tensors)
+    if prediction_type is None:
+        return config
+    return dataclasses.replace(config, schedule=dataclasses.replace(config.schedule, prediction_type=prediction_type))
 
 
 def _check_schedule_buffers(path: Path, tensors: dict[str, torch.Tensor], cfg: ScheduleConfig) -> None:
@@ -162,10 +240,19 @@ def single_file_tensors(pipe: Pipeline, dtype: torch.dtype | None) -> dict[str, 
 
     Only the base weights: a model with live LoRA adapters is written without them (UIs would
     not know the keys; save_lora writes the adapters, models.lora.merge folds them in first)."""
-    parts = ((UNET_PREFIX, pipe.unet), (VAE_PREFIX, pipe.vae), (TEXT_ENCODER_PREFIX, pipe.text_encoder))
-    return {
-        prefix + key: cast(tensor, dtype) for prefix, module in parts for key, tensor in base_state_dict(module).items()
-    }
+    cfg = pipe.config.text_encoder
+    text = base_state_dict(pipe.text_encoder)
+    if cfg.open_clip:
+        text = {OPEN_CLIP_PREFIX + key: tensor for key, tensor in text.items()}
+    elif cfg.activation == "gelu":
+        # An OpenCLIP tower in transformers' layout (an SD 2.x diffusers folder): SD 2's names, so
+        # that UIs open it, with the layers SD 2.x runs (its last resblock is not in such folders).
+        text = {OPEN_CLIP_PREFIX + key: tensor for key, tensor in open_clip_layout.to_open_clip(text, cfg.layers).items()}
+    else:
+        text = {TEXT_ENCODER_PREFIX + key: tensor for key, tensor in text.items()}
+    parts = ((UNET_PREFIX, pipe.unet), (VAE_PREFIX, pipe.vae))
+    tensors = {prefix + key: tensor for prefix, module in parts for key, tensor in base_state_dict(module).items()}
+    return {key: cast(tensor, dtype) for key, tensor in (tensors | text).items()}
 
 
 def ema_tensors(unet_ema: dict[str, torch.Tensor], dtype: torch.dtype | None) -> dict[str, torch.Tensor]:

@@ -35,7 +35,8 @@ class WeightsError(ValueError):
 
 def unsupported(path: Path, what: str) -> WeightsError:
     return WeightsError(
-        f"{path}: this is {what}; minidream supports Stable Diffusion 1.x (SD 1.4, 1.5 and their fine-tunes) only"
+        f"{path}: this is {what}; minidream supports Stable Diffusion 1.x and 2.x text-to-image models "
+        "(SD 1.4, 1.5, 2.0, 2.1, 512 base and 768-v, and their fine-tunes) only"
     )
 
 

@@ -37,8 +37,7 @@ from minidream.io.tensor_files import (
     meta_shapes,
     write_safetensors,
 )
-from minidream.models.clip import CLIPTextModel
-from minidream.models.pipeline import Pipeline
+from minidream.models.pipeline import Pipeline, text_encoder_class
 from minidream.models.precision import vae_dtype
 from minidream.models.unet import UNet
 from minidream.models.vae import AutoencoderKL
@@ -55,6 +54,7 @@ def load_pipeline(
     dtype: torch.dtype | None = None,
     use_ema: bool = False,
     loras: Sequence[tuple[str | Path, float]] = (),
+    prediction_type: str | None = None,
 ) -> Pipeline:
     """The pipeline stored at `path` (a single file, a diffusers folder or a run folder).
 
@@ -62,9 +62,12 @@ def load_pipeline(
     file's dtypes. use_ema: take the UNet from a training checkpoint's `model_ema.*` tensors.
     loras: (LoRA file, strength) pairs merged into the weights in order, as UIs apply them:
     each in fp32 and rounded once into the loaded dtype (io/lora_files.py `merge_lora`).
+    prediction_type: "epsilon" | "v_prediction" for a single file that does not record it (SD 2.x
+    files do not say; without it single_file.sd2_prediction_type decides and says how); a file or
+    folder that records another one is refused.
     Raises WeightsError, whose one-line message names the file and what is wrong with it.
     """
-    pipe = assemble_pipeline(read_weights(Path(path), use_ema), dtype)
+    pipe = assemble_pipeline(read_weights(Path(path), use_ema, prediction_type), dtype)
     for lora_path, scale in loras:  # on the host, before any move: the same weights on every device
         apply_lora_file(pipe, lora_path, scale)
     return pipe if device is None else pipe.to(device)
@@ -104,19 +107,23 @@ def model_config(path: str | Path) -> ModelConfig:
     return read_weights(Path(path), use_ema=False).config
 
 
-def read_weights(path: Path, use_ema: bool) -> StoredPipeline:
+def read_weights(path: Path, use_ema: bool, prediction_type: str | None = None) -> StoredPipeline:
     if not path.exists():
         raise WeightsError(f"{path}: no such file or folder")
     if path.is_file():
-        return read_single_file(path, use_ema)
+        return read_single_file(path, use_ema, prediction_type)
     if is_diffusers_folder(path):
         if use_ema:
             raise WeightsError(
                 f"{path}: a diffusers folder holds one UNet; use_ema applies to single files with model_ema.* tensors"
             )
-        return read_diffusers_folder(path)
+        stored = read_diffusers_folder(path)
+        recorded = stored.config.schedule.prediction_type
+        if prediction_type is not None and prediction_type != recorded:
+            raise WeightsError(f"{path}: its scheduler config records prediction_type {recorded!r}, not {prediction_type!r}")
+        return stored
     if (path / RUN_FOLDER_WEIGHTS).is_file():
-        return read_single_file(path / RUN_FOLDER_WEIGHTS, use_ema)
+        return read_single_file(path / RUN_FOLDER_WEIGHTS, use_ema, prediction_type)
     raise WeightsError(
         f"{path}: neither a diffusers folder (model_index.json, unet/, vae/, text_encoder/, tokenizer/, scheduler/) "
         f"nor a minidream run folder ({RUN_FOLDER_WEIGHTS})"
@@ -131,7 +138,7 @@ def assemble_pipeline(stored: StoredPipeline, dtype: torch.dtype | None) -> Pipe
     return Pipeline(
         unet=load_module(UNet, cfg.unet, stored.unet, dtype),
         vae=load_module(AutoencoderKL, cfg.vae, stored.vae, vae_dtype(dtype)),
-        text_encoder=load_module(CLIPTextModel, cfg.text_encoder, text_encoder, dtype),
+        text_encoder=load_module(text_encoder_class(cfg.text_encoder), cfg.text_encoder, text_encoder, dtype),
         tokenizer=stored.tokenizer,
         config=cfg,
     )

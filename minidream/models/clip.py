@@ -65,7 +65,13 @@ class CLIPMLP(nn.Module):
         self.fc2 = nn.Linear(cfg.mlp_width, cfg.width)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(activation(self.activation, self.fc1(x)))
+        return mlp(self.fc1, self.fc2, self.activation, x)
+
+
+def mlp(fc1: nn.Linear, fc2: nn.Linear, name: str, x: torch.Tensor) -> torch.Tensor:
+    """CLIP's MLP, width -> mlp_width -> width, whatever the checkpoint calls its two linears
+    (fc1/fc2 in OpenAI CLIP and transformers, c_fc/c_proj in OpenCLIP)."""
+    return fc2(activation(name, fc1(x)))
 
 
 class CLIPEncoderLayer(nn.Module):
@@ -104,13 +110,17 @@ class CLIPTextTransformer(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, clip_skip: int) -> torch.Tensor:
         layers = self.encoder.layers
-        if not 1 <= clip_skip <= len(layers):
-            raise ValueError(f"clip_skip must be in 1..{len(layers)}, got {clip_skip}")
+        check_clip_skip(clip_skip, len(layers))
         x = self.embeddings(input_ids)
         # clip_skip=k stops k-1 layers early; the final norm is applied either way, as UIs do.
         for layer in layers[: len(layers) - (clip_skip - 1)]:
             x = layer(x)
         return self.final_layer_norm(x)
+
+
+def check_clip_skip(clip_skip: int, layers: int) -> None:
+    if not 1 <= clip_skip <= layers:
+        raise ValueError(f"clip_skip must be in 1..{layers}, got {clip_skip}")
 
 
 class CLIPTextModel(nn.Module):

@@ -4,8 +4,9 @@ from dataclasses import dataclass
 
 import torch
 
-from minidream.config import ModelConfig
+from minidream.config import ModelConfig, TextEncoderConfig
 from minidream.models.clip import CLIPTextModel
+from minidream.models.open_clip_text import OpenCLIPTextModel
 from minidream.models.precision import vae_dtype
 from minidream.models.tokenizer import CLIPTokenizer
 from minidream.models.unet import UNet
@@ -19,7 +20,7 @@ class Pipeline:
 
     unet: UNet
     vae: AutoencoderKL
-    text_encoder: CLIPTextModel
+    text_encoder: CLIPTextModel | OpenCLIPTextModel
     tokenizer: CLIPTokenizer
     config: ModelConfig
 
@@ -46,7 +47,18 @@ def random_pipeline(config: ModelConfig, seed: int = 0) -> Pipeline:
         return Pipeline(
             unet=UNet(config.unet),
             vae=AutoencoderKL(config.vae),
-            text_encoder=CLIPTextModel(config.text_encoder),
-            tokenizer=CLIPTokenizer(context_length=config.text_encoder.context_length),
+            text_encoder=text_encoder_class(config.text_encoder)(config.text_encoder),
+            tokenizer=default_tokenizer(config.text_encoder),
             config=config,
         )
+
+
+def text_encoder_class(cfg: TextEncoderConfig) -> type[CLIPTextModel | OpenCLIPTextModel]:
+    """The module layout of the text encoder: OpenCLIP's names (SD 2.x single files) or transformers'."""
+    return OpenCLIPTextModel if cfg.open_clip else CLIPTextModel
+
+
+def default_tokenizer(cfg: TextEncoderConfig) -> CLIPTokenizer:
+    """The bundled CLIP vocabulary, padded as the text encoder was trained: SD 1.x pads with EOS,
+    SD 2.x with id 0 ("!"), as open_clip.tokenize zero-fills and SD 2's tokenizer folder names "!"."""
+    return CLIPTokenizer(context_length=cfg.context_length, pad_token_id=0 if cfg.open_clip else None)
