@@ -58,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     device, dtype = flags.device_and_dtype(args)
     try:
         prompts = read_prompts(args)
-        pipe = load_pipeline(args.weights, device=device, dtype=dtype, loras=args.lora)
+        pipe = load_pipeline(args.weights, device=device, dtype=dtype, loras=args.lora, prediction_type=args.prediction_type)
         flags.check_flags_fit(args, pipe)
     except ValueError as error:  # WeightsError is a ValueError too
         print(f"error: {error}", file=sys.stderr)

@@ -219,6 +219,9 @@ def prepare_models(cfg: TrainConfig, pipe: Pipeline, amp_dtype: torch.dtype) -> 
     if lora.rank:
         add_lora(pipe.unet, lora.targets, lora.rank, lora.alpha, lora.dropout, generator=lora.init_seed)
         groups = [{"params": train_adapters_only(pipe.unet, amp_dtype), "lr": tcfg.lr}]
+        if lora.text_encoder_rank and pipe.config.text_encoder.open_clip:
+            raise ConfigError("lora.text_encoder_rank: adapters on SD 2.x's OpenCLIP text encoder are not built yet; "
+                              "set lora.text_encoder_rank=0 (UNet adapters work)")
         if lora.text_encoder_rank:  # kohya's text-encoder targets (attention and MLP), same alpha
             add_lora(pipe.text_encoder, "all", lora.text_encoder_rank, lora.alpha, lora.dropout, generator=lora.init_seed + 1)
             groups.append({"params": train_adapters_only(pipe.text_encoder, amp_dtype), "lr": text_encoder_lr})
@@ -359,8 +362,8 @@ def train(cfg: TrainConfig, env: Distributed, resume_hint: str) -> int:
     # 2. Models: what trains (the UNet, or its LoRA adapters; optionally the text encoder) keeps
     #    fp32 master weights; the frozen parts run in the AMP dtype.
     pipe = load_models(cfg, env)
-    if cfg.model.clip_skip > pipe.config.text_encoder.layers:
-        raise ConfigError(f"model.clip_skip={cfg.model.clip_skip}, but the text encoder has {pipe.config.text_encoder.layers} layers")
+    if cfg.model.clip_skip > pipe.config.text_encoder.conditioning_layers:
+        raise ConfigError(f"model.clip_skip={cfg.model.clip_skip}, but the text encoder has {pipe.config.text_encoder.conditioning_layers} layers")
     if prior:
         ensure_class_images(cfg, env, pipe, amp)
     classes = scan_images(data.class_dir, data.class_prompt, data.resolution, data.skip_bad_images, "class", use_captions=False) if prior else []

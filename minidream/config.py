@@ -36,6 +36,12 @@ class TextEncoderConfig:
     # penultimate one, and clip_skip counts from there (1 = SD 2.x's layer, 2 = one earlier).
     open_clip: bool = False
 
+    @property
+    def conditioning_layers(self) -> int:
+        """How many layers clip_skip can count back through: all of CLIP's; OpenCLIP's but the last,
+        which SD 2.x never runs."""
+        return self.layers - 1 if self.open_clip else self.layers
+
 
 @dataclass(frozen=True)
 class UNetConfig:

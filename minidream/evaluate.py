@@ -346,7 +346,7 @@ def prepare(args: argparse.Namespace) -> Job:
     real_images = subject_images(args.subject_dir)
     # The evaluation models are small: fp32, whatever the sampling dtype.
     models = eval_models(_load("--clip", load_clip, args.clip, device), _load("--dino", load_dino, args.dino, device))
-    pipe = load_pipeline(args.weights, device=device, dtype=dtype, loras=args.lora)
+    pipe = load_pipeline(args.weights, device=device, dtype=dtype, loras=args.lora, prediction_type=args.prediction_type)
     check_flags_fit(args, pipe)  # refuses e.g. too many steps
     sampling = sampling_of(args)
     prompts = subject_prompts(templates, args.identifier, args.class_noun)

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from minidream.config import SAMPLERS
+from minidream.config import PREDICTION_TYPES, SAMPLERS
 from minidream.diffusion.samplers import check_sampler_options, make_sampler
 from minidream.diffusion.sampling import generate
 from minidream.io.lora_files import lora_argument, lora_hash
@@ -39,6 +39,9 @@ def add_sampling_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--width", type=int, default=512, help="pixels, a multiple of 8 (default: %(default)s)")
     parser.add_argument("--lora", action="append", type=lora_argument, default=[], metavar="PATH[:SCALE]",
                         help="merge this LoRA file into the model at strength SCALE (default 1); repeat for several")
+    parser.add_argument("--prediction-type", choices=PREDICTION_TYPES, default=None,
+                        help="what the UNet predicts, for SD 2.x single files that do not say "
+                        "(768 models: v_prediction; default: the file's metadata, else ComfyUI's rule)")
     parser.add_argument("--dtype", choices=DTYPES, default=None, help="default: fp16 on CUDA, fp32 on CPU")
     parser.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: cuda if available")
 
@@ -72,8 +75,9 @@ def check_flags_fit(args: argparse.Namespace, pipe: Pipeline) -> None:
     with, a clip skip deeper than its text encoder): refused before any image, not as a
     traceback from the first."""
     make_sampler(args.sampler, pipe.config.schedule, args.steps, args.eta, args.karras)
-    if args.clip_skip is not None and args.clip_skip > pipe.config.text_encoder.layers:
-        raise ValueError(f"--clip-skip {args.clip_skip}: the text encoder has {pipe.config.text_encoder.layers} layers")
+    layers = pipe.config.text_encoder.conditioning_layers
+    if args.clip_skip is not None and args.clip_skip > layers:
+        raise ValueError(f"--clip-skip {args.clip_skip}: the text encoder has {layers} layers")
 
 
 def device_and_dtype(args: argparse.Namespace) -> tuple[torch.device, torch.dtype]:
