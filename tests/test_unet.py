@@ -190,3 +190,16 @@ def test_sd15_names_are_the_single_file_names(sd15):
     converted_reference.load_state_dict(converted, strict=True, assign=True)
     with torch.no_grad():
         assert relative_error(converted_reference(*inputs).sample, out) <= REL_TOL
+
+
+@pytest.mark.sd_shapes
+def test_sd21_output_matches_diffusers():
+    """SD 2.1's UNet (865,910,724 params: linear projections, 64-wide heads, 1024-wide context)
+    against diffusers' UNet2DConditionModel in SD 2.1's config, sharing the weights."""
+    from minidream.config import SD21
+
+    unet, reference = unet_twins(SD21.unet, seed=3)
+    assert sum(p.numel() for p in unet.parameters()) == 865_910_724
+    x, t, context = unet_inputs(SD21.unet, [1, 998], height=16, width=8, seed=4)
+    with torch.no_grad():
+        assert relative_error(unet(x, t, context), reference(x, t, context).sample) <= REL_TOL
