@@ -34,9 +34,6 @@ from minidream.config import (
 from minidream.diffusion import schedule
 from minidream.diffusion.sampling import generate, image_grid
 from minidream.dreambooth_prompts import (
-    LIVE_CLASSES,
-    LIVE_PROMPTS,
-    OBJECT_PROMPTS,
     subject_prompts,
 )
 from minidream.evaluate import (
@@ -45,6 +42,7 @@ from minidream.evaluate import (
     embed_images,
     evaluate,
     load_eval_models,
+    read_prompt_templates,
     subject_images,
 )
 from minidream.files import atomic_file
@@ -289,7 +287,7 @@ def evaluation_prompts(cfg: TrainConfig) -> list[str]:
     ev = cfg.eval
     if ev.prompts:
         return list(ev.prompts)
-    templates = LIVE_PROMPTS if ev.class_noun in LIVE_CLASSES else OBJECT_PROMPTS
+    _, templates = read_prompt_templates(None, ev.class_noun)  # the list evaluate picks for the noun
     return subject_prompts(templates, ev.identifier, ev.class_noun)[: ev.num_prompts]
 
 

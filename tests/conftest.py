@@ -6,6 +6,7 @@ import os
 import pytest
 import torch
 from hypothesis import settings
+from sample_runs import load_sample_script
 from train_runs import run_setup, write_training_data
 
 # These machines are shared and noisy: per-example deadlines would fail on timing, not on
@@ -44,3 +45,9 @@ def uninterrupted(tmp_path_factory, training_data):
         return run_dir
 
     return run
+
+
+@pytest.fixture(scope="module")
+def sample():
+    """sample.py as a module, so tests call its main() in-process."""
+    return load_sample_script()

@@ -11,7 +11,6 @@ import torch
 from PIL import Image
 from sample_runs import (
     REPO,
-    load_sample_script,
     max_difference,
     one_torch_thread,
     read_pngs,
@@ -32,11 +31,6 @@ SMALL = ["--steps", "4", "--height", "32", "--width", "48", "--dtype", "fp32", "
 def single_thread():
     with one_torch_thread():
         yield
-
-
-@pytest.fixture(scope="module")
-def sample():
-    return load_sample_script()
 
 
 @pytest.fixture(scope="module")

@@ -3,7 +3,7 @@ the same flags parse to the same settings, reach `generate`, and are refused the
 
 import numpy as np
 import pytest
-from sample_runs import load_sample_script, max_difference, one_torch_thread
+from sample_runs import max_difference, one_torch_thread
 
 from minidream import evaluate
 from minidream.config import TINY
@@ -17,11 +17,6 @@ EXPECTED = Sampling(steps=3, sampler="dpmpp-2m", guidance=5.0, karras=True, guid
                     height=32, width=48, negative_prompt="blurry", batch_size=2)
 EVALUATE_REQUIRED = ["--weights", "w", "--subject-dir", "s", "--class-noun", "dog", "--clip", "c", "--dino", "d",
                      "--out", "o"]
-
-
-@pytest.fixture(scope="module")
-def sample():
-    return load_sample_script()
 
 
 def test_both_commands_parse_the_flags_to_the_same_settings(sample):

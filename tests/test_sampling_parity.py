@@ -15,7 +15,6 @@ from reference_models import SD15_UNET_CONFIG, SD15_VAE_CONFIG, seeded_diffusers
 from sample_runs import (
     SD15_SCHEDULER,
     load_reference,
-    load_sample_script,
     max_difference,
     one_torch_thread,
     read_pngs,
@@ -66,11 +65,6 @@ def tiny_folder(tmp_path_factory):
 @pytest.fixture(scope="module")
 def reference(tiny_folder):
     return load_reference(tiny_folder)
-
-
-@pytest.fixture(scope="module")
-def sample():
-    return load_sample_script()
 
 
 def run_sample(sample, folder, out, seed, num_images, steps, sampler, guidance, height, width,

@@ -7,7 +7,12 @@ sample.py both read it, as a user's downloaded SD 2.1 folder would be read."""
 import dataclasses
 
 import pytest
-from sample_runs import load_reference, load_sample_script, max_difference, one_torch_thread, reference_images
+from sample_runs import (
+    load_reference,
+    max_difference,
+    one_torch_thread,
+    reference_images,
+)
 from test_sampling_parity import NEGATIVE, PROMPT, TOLERANCE, run_sample
 
 from minidream import save_pipeline
@@ -21,11 +26,6 @@ pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:Depreca
 def single_thread():
     with one_torch_thread():
         yield
-
-
-@pytest.fixture(scope="module")
-def sample():
-    return load_sample_script()
 
 
 @pytest.fixture(scope="module")

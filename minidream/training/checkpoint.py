@@ -180,8 +180,6 @@ def load_checkpoint(path: Path, state: TrainerState, rank: int) -> None:
         state.lr_schedule.load_state_dict(saved["lr_schedule"])
     if state.ema is not None:
         shadow = load_file(path / EMA_FILE, device=str(state.ema.updates.device))
-        # safetensors returns the names sorted; the EMA keeps them in parameter order.
-        shadow = {name: shadow[name] for name in state.ema.names if name in shadow} | shadow
         state.ema.load_state_dict({"shadow": shadow, "updates": saved["ema_updates"]})
     state.scaler.load_state_dict(saved["scaler"])
     state.step, state.nonfinite_run = saved["step"], saved["nonfinite_run"]

@@ -74,9 +74,9 @@ class EMA:
     @torch.no_grad()
     def load_state_dict(self, state: dict) -> None:
         """Copy a state_dict() back in place (onto this EMA's device); the names must match exactly."""
-        names = list(state["shadow"])
-        if names != self.names:
-            missing, unexpected = sorted(set(self.names) - set(names)), sorted(set(names) - set(self.names))
+        names = set(state["shadow"])  # by name: files (safetensors) may hold them in another order
+        if names != set(self.names):
+            missing, unexpected = sorted(set(self.names) - names), sorted(names - set(self.names))
             raise ValueError(
                 f"EMA state does not match the trained parameters (missing {missing[:3]}, unexpected {unexpected[:3]}); "
                 "resume with the same train.train_text_encoder / LoRA settings the run was started with"
