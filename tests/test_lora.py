@@ -6,6 +6,7 @@ import math
 import pytest
 import torch
 from diffusers import UNet2DConditionModel
+from lora_helpers import remove_lora
 from peft import LoraConfig, inject_adapter_in_model
 from reference_models import relative_error
 from test_clip import build_pair
@@ -198,7 +199,7 @@ def test_remove_lora_merged_leaves_plain_layers_with_the_merged_weights():
     x, t, context = unet_inputs_tiny()
     with torch.no_grad():
         expected = unet(x, t, context)
-        lora.remove_lora(unet, merge_first=True)
+        remove_lora(unet, merge_first=True)
         assert not lora.adapted_layers(unet)
         assert unet.state_dict().keys() == UNet(TINY.unet).state_dict().keys()
         assert relative_error(unet(x, t, context), expected) <= 1e-5
@@ -245,7 +246,7 @@ def test_text_encoder_adapters_change_it_and_merge_exactly():
         unmerged = ours(ids)
         lora.merge(ours)
         assert relative_error(ours(ids), unmerged) <= 1e-5
-        lora.remove_lora(ours)
+        remove_lora(ours)
         assert relative_error(ours(ids), unmerged) > 1e-3  # the adapters were real
 
 

@@ -17,6 +17,7 @@ import safetensors.torch
 import torch
 from diffusers import AutoencoderKL as DiffusersAutoencoderKL
 from diffusers import DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from lora_helpers import load_adapters, remove_lora
 from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict
 from pipeline_checks import assert_one_clear_line
@@ -114,11 +115,11 @@ def assert_opens_as_in_diffusers(path: Path, pair, parts=("unet", "text encoder"
     reference.load_lora_weights(str(path))
     expected = outputs(reference)
     read = read_lora_file(path, TINY)
-    lora.load_adapters(ours.unet, read.unet)
-    lora.load_adapters(ours.text_encoder, read.text_encoder)
+    load_adapters(ours.unet, read.unet)
+    load_adapters(ours.text_encoder, read.text_encoder)
     assert_close(outputs(ours), expected, base)
-    lora.remove_lora(ours.unet)
-    lora.remove_lora(ours.text_encoder)
+    remove_lora(ours.unet)
+    remove_lora(ours.text_encoder)
     apply_lora_file(ours, path)
     assert_close(outputs(ours), expected)
 
@@ -296,8 +297,8 @@ def test_kohya_file_with_ldm_names_reads_as_the_diffusers_named_one(pair, tmp_pa
     expected = outputs(ours)
     read = read_lora_file(path, TINY)
     assert read.unet.keys() == lora.adapters_of(ours.unet).keys()
-    lora.remove_lora(ours.unet)
-    lora.remove_lora(ours.text_encoder)
+    remove_lora(ours.unet)
+    remove_lora(ours.text_encoder)
     apply_lora_file(ours, path)
     assert_close(outputs(ours), expected)
 

@@ -11,6 +11,7 @@ text encoder, about 4 GB), one forward each at a 8x8 latent. Run it under
 import pytest
 import torch
 from diffusers import StableDiffusionPipeline
+from lora_helpers import remove_lora
 from reference_models import relative_error, unet_inputs
 from test_lora import adapted_with_random_up
 from test_sampling_parity import sharing_weights
@@ -60,8 +61,8 @@ def test_sd15_adapters_equal_diffusers_loading_minidreams_files(models, tmp_path
         assert relative_error(hidden, reference_text_encoder(ids).last_hidden_state) <= TOL, format
         reference_unet.delete_adapters(format)
         reference_text_encoder.delete_adapter(format)
-    lora.remove_lora(unet)
-    lora.remove_lora(text_encoder)
+    remove_lora(unet)
+    remove_lora(text_encoder)
 
 
 def test_sd15_rank4_kohya_file_size_and_keys(models, tmp_path):
@@ -72,8 +73,8 @@ def test_sd15_rank4_kohya_file_size_and_keys(models, tmp_path):
     save_lora(path, unet, text_encoder)
     groups = ((unet, names[:192]), (text_encoder, names[192:]))
     shapes = [model.get_submodule(name).weight.shape for model, group in groups for name in group]
-    lora.remove_lora(unet)
-    lora.remove_lora(text_encoder)
+    remove_lora(unet)
+    remove_lora(text_encoder)
     read = read_lora_file(path, SD15)
     assert (len(names), len(read.unet), len(read.text_encoder)) == (264, 192, 72)
     # rank x (in [x kh x kw]) down + out x rank up per layer, fp16, and one fp32 alpha

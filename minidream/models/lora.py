@@ -224,12 +224,13 @@ def add_lora(
         generator = torch.Generator().manual_seed(generator)
     names = target_layers(model, targets)
     for name in names:
-        layer = _wrap(model, name, rank, rank if alpha is None else alpha, dropout)
+        layer = adapt_layer(model, name, rank, rank if alpha is None else alpha, dropout)
         _initialise(layer, generator)
     return names
 
 
-def _wrap(model: nn.Module, name: str, rank: int, alpha: float, dropout: float) -> LowRankAdapted:
+def adapt_layer(model: nn.Module, name: str, rank: int, alpha: float, dropout: float) -> LowRankAdapted:
+    """Replace layer `name` of `model` by its LoRA-capable twin holding the same weight and bias."""
     base = model.get_submodule(name)
     if isinstance(base, LowRankAdapted):
         raise ValueError(f"{name} already holds a LoRA adapter")
@@ -245,15 +246,6 @@ def _initialise(layer: LowRankAdapted, generator: torch.Generator) -> None:
     nn.init.kaiming_uniform_(down, a=math.sqrt(5), generator=generator)
     layer.lora_down.weight.copy_(down)
     layer.lora_up.weight.zero_()
-
-
-def load_adapters(model: nn.Module, adapters: dict[str, Adapter], dropout: float = 0.0) -> None:
-    """Adapt the named layers of `model` with the given weights (e.g. read from a LoRA file)."""
-    for name, adapter in adapters.items():
-        layer = _wrap(model, name, adapter.rank, adapter.alpha, dropout)
-        with torch.no_grad():
-            layer.lora_down.weight.copy_(adapter.down)
-            layer.lora_up.weight.copy_(adapter.up)
 
 
 def adapted_layers(model: nn.Module) -> dict[str, LowRankAdapted]:
@@ -287,25 +279,6 @@ def adapters_off(model: nn.Module) -> Iterator[None]:
     finally:
         for layer in layers:
             layer.active = True
-
-
-def remove_lora(model: nn.Module, merge_first: bool = False) -> None:
-    """Put plain nn.Linear / nn.Conv2d layers back, holding the same weight Parameters
-    (with the adapters folded in when merge_first; otherwise any merge is undone)."""
-    for name, layer in adapted_layers(model).items():
-        if merge_first:
-            layer.merge()
-        else:
-            layer.unmerge()
-        with torch.device("meta"):
-            if isinstance(layer, nn.Conv2d):
-                plain = nn.Conv2d(layer.in_channels, layer.out_channels, layer.kernel_size, layer.stride,
-                                  layer.padding, bias=layer.bias is not None)
-            else:
-                plain = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None)
-        plain.weight, plain.bias = layer.weight, layer.bias
-        parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent), child, plain.train(layer.training))
 
 
 def is_adapter_key(key: str) -> bool:
