@@ -129,8 +129,8 @@ TINY = ModelConfig(
 # OpenCLIP ViT-H/14's text tower as the single files hold it (24 resblocks, the penultimate
 # read), 64-channel heads (diffusers' attention_head_dim [5, 10, 20, 20] = heads per level),
 # a 1024-wide context, linear proj_in/proj_out. 768-v predicts v, the 512 base predicts noise;
-# both use SD 1.5's betas and VAE. SD 2.1 computes attention scores in fp32 under fp16
-# (upcast_attention in its unet/config.json; 2.0 did not, and overflowed in fp16).
+# both use SD 1.5's betas and VAE. SD 2.1's unet/config.json sets upcast_attention: attention
+# scores in fp32 when the UNet runs in fp16/bf16 (models/layers.py, attention_scores_fp32).
 SD2_TEXT_ENCODER = TextEncoderConfig(width=1024, layers=24, heads=16, mlp_width=4096, activation="gelu", open_clip=True)
 SD2_UNET = UNetConfig(head_dim=64, context_dim=1024, use_linear_proj=True, upcast_attention=True)
 SD21_BASE = ModelConfig(text_encoder=SD2_TEXT_ENCODER, unet=SD2_UNET)

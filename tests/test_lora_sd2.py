@@ -34,7 +34,12 @@ from minidream.io.diffusers_layout import (
     unet_from_diffusers,
     vae_config_to_diffusers,
 )
-from minidream.io.lora_files import apply_lora_file, read_lora_file, save_lora
+from minidream.io.lora_files import (
+    apply_lora_file,
+    lora_merged,
+    read_lora_file,
+    save_lora,
+)
 from minidream.models import lora
 from minidream.models.clip import CLIPTextModel
 from minidream.models.pipeline import Pipeline, random_pipeline
@@ -246,6 +251,21 @@ def test_merge_unmerge_and_adapters_off():
     for i, (_, branch) in enumerate(attn.slices()):
         rows = slice(i * width, (i + 1) * width)
         torch.testing.assert_close(weight[rows] - before[rows], branch.delta(), rtol=0, atol=1e-6)
+
+
+def test_lora_merged_applies_a_file_to_the_fused_weights_and_restores_them_bit_for_bit(tmp_path):
+    """What train.py renders its validation grids with: the exported file merged as UIs merge it."""
+    donor = with_random_adapters(random_pipeline(CFG, seed=4), seed=7)
+    path = tmp_path / "lora.safetensors"
+    save_lora(path, donor.unet, donor.text_encoder, dtype=torch.float32)
+    pipe = random_pipeline(CFG, seed=4)
+    before = {key: tensor.clone() for key, tensor in pipe.text_encoder.state_dict().items()}
+    with torch.no_grad():
+        with lora_merged(pipe, read_lora_file(path, CFG)):
+            merged = pipe.text_encoder(IDS)
+        live = donor.text_encoder.eval()(IDS)
+    assert relative_error(merged, live) <= 1e-5  # the merged weights are rounded once
+    assert all(torch.equal(before[key], tensor) for key, tensor in pipe.text_encoder.state_dict().items())
 
 
 def test_checkpoint_state_round_trips_and_refuses_other_targets():

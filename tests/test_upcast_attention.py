@@ -40,9 +40,10 @@ def test_tiny_sd2_half_unet_equals_diffusers_with_upcast_attention(dtype):
 
 
 @pytest.mark.sd_shapes
-def test_sd21_half_unet_equals_diffusers_with_upcast_attention():
-    """SD 2.1's UNet (64-wide heads, 1024-wide context) in fp16 at a small latent."""
-    assert_equals_diffusers(SD21.unet, torch.float16, height=8, width=8)
+@pytest.mark.parametrize("dtype", HALF)
+def test_sd21_half_unet_equals_diffusers_with_upcast_attention(dtype):
+    """SD 2.1's UNet (64-wide heads, 1024-wide context) at a small latent."""
+    assert_equals_diffusers(SD21.unet, dtype, height=8, width=8)
 
 
 def test_fp32_ignores_the_flag():

@@ -114,7 +114,8 @@ class LowRankBranch:
 
 
 class Mergeable:
-    """A layer whose adapters can be folded into its weight and switched off."""
+    """A layer whose adapters can be folded into its weight and switched off; the layer class
+    defines `_add_to_weight(sign)`, which adds sign * its adapters' change to its weight."""
 
     merged: bool = False  # folded into the weight: the forward skips the adapters
     active: bool = True  # False inside `adapters_off`
@@ -132,9 +133,6 @@ class Mergeable:
         if self.merged:
             self._add_to_weight(-1.0)
             self.merged = False
-
-    def _add_to_weight(self, sign: float) -> None:
-        raise NotImplementedError
 
 
 class LowRankAdapted(LowRankBranch, Mergeable):
