@@ -289,7 +289,8 @@ def test_checkpoint_state_round_trips_and_refuses_other_targets():
 
 def test_two_step_lora_train_of_tiny_sd2_with_text_encoder_adapters_resumes_bit_identically(tmp_path, training_data, one_thread):
     common = ("model.architecture=tiny-sd2", "train.prediction_type=v_prediction", "lora.rank=2",
-              "lora.text_encoder_rank=2", "train.lr=1e-3", "train.batch_size=1", "checkpoint.every_n_steps=1")
+              "lora.text_encoder_rank=2", "train.lr=1e-3", "train.batch_size=1", "checkpoint.every_n_steps=1",
+              "train.ema_decay=0.9")
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     assert train.main(train_args(straight, training_data, (*common, "train.max_steps=2"))) == 0
     assert train.main(train_args(resumed, training_data, (*common, "train.max_steps=1"))) == 0
