@@ -217,9 +217,6 @@ def prepare_models(cfg: TrainConfig, pipe: Pipeline, amp_dtype: torch.dtype) -> 
     if lora.rank:
         add_lora(pipe.unet, lora.targets, lora.rank, lora.alpha, lora.dropout, generator=lora.init_seed)
         groups = [{"params": train_adapters_only(pipe.unet, amp_dtype), "lr": tcfg.lr}]
-        if lora.text_encoder_rank and pipe.config.text_encoder.open_clip:
-            raise ConfigError("lora.text_encoder_rank: adapters on SD 2.x's OpenCLIP text encoder are not built yet; "
-                              "set lora.text_encoder_rank=0 (UNet adapters work)")
         if lora.text_encoder_rank:  # kohya's text-encoder targets (attention and MLP), same alpha
             add_lora(pipe.text_encoder, "all", lora.text_encoder_rank, lora.alpha, lora.dropout, generator=lora.init_seed + 1)
             groups.append({"params": train_adapters_only(pipe.text_encoder, amp_dtype), "lr": text_encoder_lr})

@@ -60,6 +60,9 @@ class UNetConfig:
     use_linear_proj: bool = False  # SD 2.x: proj_in/proj_out are Linear instead of 1x1 Conv
     norm_groups: int = 32
     norm_eps: float = 1e-5
+    # SD 2.1: attention scores (q.k and softmax) in fp32 when q and k are half, as diffusers'
+    # classic AttnProcessor does for upcast_attention=True; no effect in fp32.
+    upcast_attention: bool = False
 
 
 @dataclass(frozen=True)
@@ -126,11 +129,10 @@ TINY = ModelConfig(
 # OpenCLIP ViT-H/14's text tower as the single files hold it (24 resblocks, the penultimate
 # read), 64-channel heads (diffusers' attention_head_dim [5, 10, 20, 20] = heads per level),
 # a 1024-wide context, linear proj_in/proj_out. 768-v predicts v, the 512 base predicts noise;
-# both use SD 1.5's betas and VAE. SD 2.1's upcast_attention has no switch here: minidream's
-# attention is F.scaled_dot_product_attention, as diffusers' default AttnProcessor2_0, which does
-# not read the flag either (only the classic AttnProcessor's get_attention_scores upcasts q and k).
+# both use SD 1.5's betas and VAE. SD 2.1's unet/config.json sets upcast_attention: attention
+# scores in fp32 when the UNet runs in fp16/bf16 (models/layers.py, attention_scores_fp32).
 SD2_TEXT_ENCODER = TextEncoderConfig(width=1024, layers=24, heads=16, mlp_width=4096, activation="gelu", open_clip=True)
-SD2_UNET = UNetConfig(head_dim=64, context_dim=1024, use_linear_proj=True)
+SD2_UNET = UNetConfig(head_dim=64, context_dim=1024, use_linear_proj=True, upcast_attention=True)
 SD21_BASE = ModelConfig(text_encoder=SD2_TEXT_ENCODER, unet=SD2_UNET)
 SD21 = dataclasses.replace(SD21_BASE, schedule=ScheduleConfig(prediction_type="v_prediction"))
 
@@ -138,7 +140,7 @@ SD21 = dataclasses.replace(SD21_BASE, schedule=ScheduleConfig(prediction_type="v
 # SD 2 converters, which drop resblock 23 by name, read its files as they read SD 2.1's.
 TINY_SD2 = ModelConfig(
     text_encoder=dataclasses.replace(TINY.text_encoder, layers=24, activation="gelu", open_clip=True),
-    unet=dataclasses.replace(TINY.unet, head_dim=16, use_linear_proj=True),
+    unet=dataclasses.replace(TINY.unet, head_dim=16, use_linear_proj=True, upcast_attention=True),
     vae=TINY.vae,
     schedule=ScheduleConfig(prediction_type="v_prediction"),
 )

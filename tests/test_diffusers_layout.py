@@ -50,7 +50,7 @@ SD21_UNET_CONFIG = {
     "use_linear_projection": True,
     "upcast_attention": True,
 }
-SD2_UNET = UNetConfig(head_dim=64, context_dim=1024, use_linear_proj=True)
+SD2_UNET = UNetConfig(head_dim=64, context_dim=1024, use_linear_proj=True, upcast_attention=True)
 TINY_MIXED_UNET = dataclasses.replace(TINY.unet, channel_mult=(1, 2, 2), attention_levels=(1,), transformer_depth=2)
 
 UNET_CONFIGS = [UNetConfig(), SD2_UNET, TINY.unet, TINY_MIXED_UNET]

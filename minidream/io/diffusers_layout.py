@@ -263,10 +263,10 @@ VAE_FIXED = {
     "use_post_quant_conv": True,
     "mid_block_add_attention": True,
 }
-# Read and ignored: the training resolution and precision hints (SDPA already accumulates
-# attention in fp32; minidream's norms always run in fp32), besides diffusers' bookkeeping
-# fields, whose names start with "_" (`_diffusers_version`, `_name_or_path`, ...).
-IGNORED = {"sample_size", "upcast_attention", "force_upcast"}
+# Read and ignored: the training resolution and the VAE's precision hint (minidream's norms
+# always run in fp32), besides diffusers' bookkeeping fields, whose names start with "_"
+# (`_diffusers_version`, `_name_or_path`, ...).
+IGNORED = {"sample_size", "force_upcast"}
 DIFFUSERS_VAE_NORM_EPS = 1e-6  # fixed inside diffusers' AutoencoderKL, not a config field
 
 # Fields read into minidream's configs; the optional ones are absent from older files (SD 1.5's
@@ -275,7 +275,7 @@ UNET_FIELDS = {
     "in_channels", "out_channels", "block_out_channels", "layers_per_block", "down_block_types",
     "up_block_types", "attention_head_dim", "cross_attention_dim", "norm_num_groups", "norm_eps",
 }
-UNET_OPTIONAL = {"transformer_layers_per_block": 1, "use_linear_projection": False}
+UNET_OPTIONAL = {"transformer_layers_per_block": 1, "use_linear_projection": False, "upcast_attention": False}
 VAE_FIELDS = {
     "in_channels", "out_channels", "down_block_types", "up_block_types", "block_out_channels",
     "layers_per_block", "latent_channels", "norm_num_groups",
@@ -302,6 +302,7 @@ def unet_config_to_diffusers(cfg: UNetConfig, sample_size: int = 64) -> dict:
         "transformer_layers_per_block": cfg.transformer_depth,
         "cross_attention_dim": cfg.context_dim,
         "use_linear_projection": cfg.use_linear_proj,
+        "upcast_attention": cfg.upcast_attention,
         "norm_num_groups": cfg.norm_groups,
         "norm_eps": cfg.norm_eps,
         "sample_size": sample_size,
@@ -339,6 +340,7 @@ def unet_config_from_diffusers(config: dict) -> UNetConfig:
         use_linear_proj=config["use_linear_projection"],
         norm_groups=config["norm_num_groups"],
         norm_eps=config["norm_eps"],
+        upcast_attention=config["upcast_attention"],
     )
 
 

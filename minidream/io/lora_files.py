@@ -12,6 +12,14 @@ diffusers writes `unet.<diffusers path>.lora_A.weight` / `.lora_B.weight` (older
 its files carry no alpha (scale 1) unless `lora_adapter_metadata` gives PEFT's `lora_alpha`.
 minidream writes diffusers files with alpha/rank folded into lora_B, so every reader of that
 layout, with or without the metadata, applies the same change as the kohya file.
+
+SD 2.x's text encoder is trained by kohya and diffusers as transformers' 23-layer CLIPTextModel,
+so its files name `text_model.encoder.layers.N.self_attn.q_proj` etc. (kohya:
+`lora_te_text_model_encoder_layers_N_self_attn_q_proj`) whichever layout the base model has;
+in OpenCLIP's tower (SD 2.x single files) those are the slices `attn.in_proj_q/k/v` of the fused
+in_proj_weight, `attn.out_proj`, `mlp.c_fc`, `mlp.c_proj` (io/open_clip_layout.py's table).
+A1111 and kohya map to OpenCLIP names (`model_transformer_resblocks_N_attn_q_proj`) only in
+memory; no file layout with them is read.
 """
 
 import contextlib
@@ -27,6 +35,7 @@ import torch
 from torch import nn
 
 from minidream.config import SD15, ModelConfig, TrainConfig, UNetConfig
+from minidream.io import open_clip_layout
 from minidream.io.diffusers_layout import unet_names
 from minidream.io.single_file import LORA_MARKERS
 from minidream.io.tensor_files import (
@@ -40,6 +49,8 @@ from minidream.models.lora import (
     Adapter,
     adapters_of,
     adapters_off,
+    fold_into,
+    layer_weight,
     lora_scale,
     weight_delta,
 )
@@ -53,7 +64,7 @@ MODEL_FAMILIES = {768: "SD 1.x", 1024: "SD 2.x", 2048: "SDXL"}  # by cross-atten
 TEXT_FAMILIES = {768: "SD 1.x", 1024: "SD 2.x", 1280: "SDXL"}  # by text-encoder width
 # Keys of adapter kinds that are not LoRA, or not for SD 1.x, and the one line that names them.
 NOT_LORA = "minidream reads plain LoRA files (lora_down/lora_up or lora_A/lora_B)"
-NOT_SD1 = "minidream applies LoRAs to Stable Diffusion 1.x models"
+NOT_SD1 = "minidream applies LoRAs to Stable Diffusion 1.x and 2.x models"
 OTHER_KINDS = [
     ("hada_", f"a LoHa (LyCORIS) file; {NOT_LORA}"),
     ("lokr_", f"a LoKr (LyCORIS) file; {NOT_LORA}"),
@@ -95,7 +106,9 @@ def unet_layers(cfg: UNetConfig) -> list[Layer]:
 
 
 def text_encoder_layers(cfg: ModelConfig) -> list[Layer]:
-    """Every Linear of the text encoder; its names agree in both layouts."""
+    """Every Linear of the text encoder; its names agree in both layouts, except in OpenCLIP's tower."""
+    if cfg.text_encoder.open_clip:
+        return [Layer(ours, theirs, shape) for ours, (theirs, shape) in open_clip_layout.lora_layers(cfg.text_encoder).items()]
     with torch.device("meta"):
         model = CLIPTextModel(cfg.text_encoder)
     return [Layer(name, name, module.weight.shape) for name, module in model.named_modules()
@@ -171,12 +184,13 @@ def kohya_metadata(lora: LoRAFile, cfg: ModelConfig) -> dict[str, str]:
     if not adapters:
         raise ValueError("no adapters to write: add_lora the model first")
     first = adapters[0]
+    v2 = cfg.unet.context_dim == 1024 or cfg.text_encoder.open_clip  # SD 2.x (the tiny SD 2 too)
     metadata = {
         "ss_network_module": "networks.lora",
         "ss_network_dim": str(first.rank),
         "ss_network_alpha": _number(first.alpha),
-        "ss_base_model_version": "sd_v2" if cfg.unet.context_dim == 1024 else "sd_v1",
-        "ss_v2": str(cfg.unet.context_dim == 1024),
+        "ss_base_model_version": "sd_v2" if v2 else "sd_v1",
+        "ss_v2": str(v2),
     }
     convs = [a for a in adapters if a.down.ndim == 4 and a.down.shape[-1] > 1]
     if convs:  # kohya's LoCon: the 3x3 convs' own dim and alpha
@@ -259,8 +273,8 @@ def _parse_kohya(path: Path, tensors: dict[str, torch.Tensor], cfg: ModelConfig)
     # kohya name -> (part, minidream name), from both the diffusers and the LDM (minidream) paths
     table = {}
     for part, prefix in KOHYA_PREFIXES.items():
-        for layer in layers[part]:
-            for module in {layer.diffusers, layer.minidream}:
+        for layer in layers[part]:  # the text encoder's files use transformers' names only
+            for module in {layer.diffusers, layer.minidream} if part == "unet" else {layer.diffusers}:
                 table[prefix + module.replace(".", "_")] = (part, layer.minidream)
     roles = {".lora_down.weight": "down", ".lora_up.weight": "up", ".alpha": "alpha"}
     found, unknown = {}, []
@@ -448,10 +462,9 @@ def merge_lora(pipe: Pipeline, lora: LoRAFile, scale: float = 1.0) -> None:
     dtype: what ComfyUI and A1111 do when they apply a LoRA at strength `scale`."""
     for model, adapters in ((pipe.unet, lora.unet), (pipe.text_encoder, lora.text_encoder)):
         for name, adapter in adapters.items():
-            weight = model.get_submodule(name).weight
+            weight = layer_weight(model, name)
             down, up = adapter.down.to(weight.device), adapter.up.to(weight.device)
-            delta = weight_delta(down, up, scale * lora_scale(adapter.alpha, adapter.rank))
-            weight.copy_((weight.float() + delta).to(weight.dtype))
+            fold_into(weight, weight_delta(down, up, scale * lora_scale(adapter.alpha, adapter.rank)))
 
 
 @contextlib.contextmanager
@@ -459,17 +472,17 @@ def lora_merged(pipe: Pipeline, lora: LoRAFile, scale: float = 1.0) -> Iterator[
     """`pipe` with `lora` merged into its weights as UIs merge it, and any live adapters off, for the
     block (e.g. to render validation grids from the exported file); afterwards every weight is
     restored bit for bit from a host copy of the layers the file touches."""
-    layers = [model.get_submodule(name) for model, adapters in ((pipe.unet, lora.unet),
-              (pipe.text_encoder, lora.text_encoder)) for name in adapters]
-    saved = [layer.weight.detach().to("cpu", copy=True) for layer in layers]
+    weights = [layer_weight(model, name) for model, adapters in ((pipe.unet, lora.unet),
+               (pipe.text_encoder, lora.text_encoder)) for name in adapters]
+    saved = [weight.detach().to("cpu", copy=True) for weight in weights]
     with adapters_off(pipe.unet), adapters_off(pipe.text_encoder):
         try:
             merge_lora(pipe, lora, scale)
             yield pipe
         finally:
             with torch.no_grad():
-                for layer, weight in zip(layers, saved):
-                    layer.weight.copy_(weight)
+                for weight, copy in zip(weights, saved):
+                    weight.copy_(copy)
 
 
 def lora_argument(text: str) -> tuple[Path, float]:

@@ -14,6 +14,7 @@ import dataclasses
 import torch
 
 from minidream.config import TextEncoderConfig
+from minidream.models.lora import IN_PROJ_SLICES
 
 # OpenCLIP name -> transformers name, outside the layers.
 OUTER = {
@@ -87,6 +88,22 @@ def to_open_clip(tensors: dict[str, torch.Tensor], layers: int) -> dict[str, tor
             out[open_clip_layer(n) + ours] = tensors[transformers_layer(n) + theirs]
         for ours, names in FUSED.items():
             out[open_clip_layer(n) + ours] = torch.cat([tensors[transformers_layer(n) + theirs] for theirs in names])
+    return out
+
+
+def lora_layers(cfg: TextEncoderConfig) -> dict[str, tuple[str, torch.Size]]:
+    """minidream's LoRA layer names in an OpenCLIP tower (models/lora.py) -> (transformers' module
+    name, weight shape): the q/k/v row-blocks of in_proj_weight and the Linears, of the resblocks
+    SD 2.x runs (LoRA files name no other)."""
+    square, fc, proj = (cfg.width, cfg.width), (cfg.mlp_width, cfg.width), (cfg.width, cfg.mlp_width)
+    linears = {"attn.out_proj": square, "mlp.c_fc": fc, "mlp.c_proj": proj}
+    out = {}
+    for n in range(cfg.layers - 1):
+        for part, theirs in zip(IN_PROJ_SLICES, FUSED["attn.in_proj_weight"]):
+            out[f"{open_clip_layer(n)}attn.{part}"] = (transformers_layer(n) + theirs.removesuffix(".weight"), torch.Size(square))
+        for ours, shape in linears.items():
+            theirs = LAYER[f"{ours}.weight"].removesuffix(".weight")
+            out[open_clip_layer(n) + ours] = (transformers_layer(n) + theirs, torch.Size(shape))
     return out
 
 

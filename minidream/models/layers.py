@@ -25,19 +25,41 @@ class GroupNorm32(nn.GroupNorm):
         return F.group_norm(x.float(), self.num_groups, self.weight.float(), self.bias.float(), self.eps).to(x.dtype)
 
 
+HALF = (torch.float16, torch.bfloat16)
+
+
 def multihead_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, causal: bool = False
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, causal: bool = False, upcast: bool = False
 ) -> torch.Tensor:
     """Scaled dot-product attention over B x N x (heads * d) projections.
 
     Splits heads to B x heads x N x d for `F.scaled_dot_product_attention` (flash / memory-
     efficient kernels where available) and merges them back to B x N x (heads * d).
+    upcast (SD 2.1's upcast_attention): half q and k go through `attention_scores_fp32` instead.
     """
     b, n, inner = q.shape
     d = inner // heads
     q, k, v = (x.reshape(b, -1, heads, d).transpose(1, 2) for x in (q, k, v))
-    out = F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+    if upcast and q.dtype in HALF:
+        out = attention_scores_fp32(q, k, v, causal)
+    else:
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=causal)
     return out.transpose(1, 2).reshape(b, n, inner)
+
+
+def attention_scores_fp32(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool) -> torch.Tensor:
+    """softmax(q k^T / sqrt(d)) v with q k^T and the softmax in fp32, the probabilities rounded to v's
+    dtype for the product with v: diffusers' `Attention.get_attention_scores` with upcast_attention
+    (SD 2.1's 768-v UNet overflows fp16 scores). Autocast is off inside, or it would round the
+    fp32 product back to half."""
+    b, heads, n, d = q.shape
+    q, k, v = (x.reshape(b * heads, -1, d) for x in (q, k, v))  # diffusers' batched products: the same kernels
+    with torch.autocast(q.device.type, enabled=False):
+        unset = torch.empty(b * heads, n, k.shape[1], dtype=torch.float32, device=q.device)  # beta=0: never read
+        scores = torch.baddbmm(unset, q.float(), k.float().transpose(1, 2), beta=0, alpha=d**-0.5)
+        if causal:
+            scores = scores.masked_fill(torch.ones_like(scores, dtype=torch.bool).triu(1), float("-inf"))
+        return torch.bmm(scores.softmax(dim=-1).to(v.dtype), v).reshape(b, heads, n, d)
 
 
 def timestep_embedding(timesteps: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:

@@ -13,6 +13,11 @@ kohya file's (`<module>.lora_down.weight`, `.lora_up.weight`, `.alpha`) under mi
 module names. Adapters are fp32 whatever the base's dtype: the low-rank branch runs on the
 input cast to fp32 (autocast, when on, decides the matmul dtype as for any layer) and its
 output is cast to the base output's dtype before the sum.
+
+SD 2.x's OpenCLIP text tower fuses q, k and v in one `in_proj_weight` (3*width x width), while
+kohya and diffusers train SD 2 with transformers' separate q_proj / k_proj / v_proj. The fused
+weight gets one adapter per row-block (rows 0:w, w:2w, 2w:3w), named `<attn>.in_proj_q`,
+`in_proj_k`, `in_proj_v`: the same three low-rank changes, applied, merged and saved exactly.
 """
 
 import contextlib
@@ -25,6 +30,7 @@ from torch import nn
 
 from minidream.models.clip import CLIPMLP, CLIPAttention, CLIPTextModel
 from minidream.models.layers import Upsample
+from minidream.models.open_clip_text import OpenCLIPAttention, OpenCLIPTextModel
 from minidream.models.unet import (
     CrossAttention,
     Downsample,
@@ -36,6 +42,7 @@ from minidream.models.unet import (
 UNET_TARGETS = ("attention", "transformer", "all")
 TEXT_ENCODER_TARGETS = ("attention", "all")
 ADAPTER_DTYPE = torch.float32
+IN_PROJ_SLICES = ("in_proj_q", "in_proj_k", "in_proj_v")  # the row-blocks of in_proj_weight, in order
 
 
 class Adapter(NamedTuple):
@@ -64,8 +71,13 @@ def weight_delta(down: torch.Tensor, up: torch.Tensor, scale: float) -> torch.Te
     return scale * torch.einsum("or,rihw->oihw", up.flatten(1), down)  # up: out x rank x 1 x 1 -> out x rank
 
 
-class LowRankAdapted:
-    """What LoRALinear and LoRAConv2d share: the adapter branch, its scale, merging."""
+def fold_into(weight: torch.Tensor, delta: torch.Tensor) -> None:
+    """weight += delta, summed in fp32 and rounded once to the weight's dtype (in place: views too)."""
+    weight.copy_((weight.float() + delta).to(weight.dtype))
+
+
+class LowRankBranch:
+    """The adapter itself: scale * up(down(x)) and its alpha; where it is added is its owner's business."""
 
     lora_down: nn.Module
     lora_up: nn.Module
@@ -73,8 +85,6 @@ class LowRankAdapted:
     alpha: torch.Tensor
     lora_alpha: float
     scale: float
-    merged: bool  # folded into `weight`: the forward skips the branch
-    active: bool  # False inside `adapters_off`
 
     def _attach(self, down: nn.Module, up: nn.Module, alpha: float, dropout: float) -> None:
         with torch.no_grad():  # built with to_empty: start from zeros (the identity) until initialised
@@ -87,41 +97,55 @@ class LowRankAdapted:
         rank = down.weight.shape[0]
         self.lora_alpha = float(alpha) if alpha else float(rank)
         self.scale = self.lora_alpha / rank
-        self.register_buffer("alpha", torch.tensor(self.lora_alpha, dtype=ADAPTER_DTYPE, device=self.weight.device))
-        self.merged = False
-        self.active = True
+        self.register_buffer("alpha", torch.tensor(self.lora_alpha, dtype=ADAPTER_DTYPE, device=down.weight.device))
 
     @property
     def rank(self) -> int:
         return self.lora_down.weight.shape[0]
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = super().forward(x)
-        if self.merged or not self.active:
-            return out
-        low = self.lora_up(self.lora_down(self.lora_dropout(x.to(self.lora_down.weight.dtype))))
-        return out + (self.scale * low).to(out.dtype)
+    def low_rank(self, x: torch.Tensor) -> torch.Tensor:
+        return self.scale * self.lora_up(self.lora_down(self.lora_dropout(x.to(self.lora_down.weight.dtype))))
 
     def adapter(self) -> Adapter:
         return Adapter(self.lora_down.weight.detach(), self.lora_up.weight.detach(), self.lora_alpha)
 
+    def delta(self, sign: float = 1.0) -> torch.Tensor:
+        return weight_delta(self.lora_down.weight, self.lora_up.weight, sign * self.scale)
+
+
+class Mergeable:
+    """A layer whose adapters can be folded into its weight and switched off; the layer class
+    defines `_add_to_weight(sign)`, which adds sign * its adapters' change to its weight."""
+
+    merged: bool = False  # folded into the weight: the forward skips the adapters
+    active: bool = True  # False inside `adapters_off`
+
     @torch.no_grad()
     def merge(self) -> None:
-        """Fold the adapter into `weight` (in fp32, rounded once to the weight's dtype)."""
+        """Fold the adapters into the weight (in fp32, rounded once to the weight's dtype)."""
         if not self.merged:
             self._add_to_weight(1.0)
             self.merged = True
 
     @torch.no_grad()
     def unmerge(self) -> None:
-        """Take the folded adapter back out of `weight` (exact up to the rounding of two adds)."""
+        """Take the folded adapters back out of the weight (exact up to the rounding of two adds)."""
         if self.merged:
             self._add_to_weight(-1.0)
             self.merged = False
 
+
+class LowRankAdapted(LowRankBranch, Mergeable):
+    """What LoRALinear and LoRAConv2d share: the branch added to the base layer's output."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = super().forward(x)
+        if self.merged or not self.active:
+            return out
+        return out + self.low_rank(x).to(out.dtype)
+
     def _add_to_weight(self, sign: float) -> None:
-        delta = weight_delta(self.lora_down.weight, self.lora_up.weight, sign * self.scale)
-        self.weight.copy_((self.weight.float() + delta).to(self.weight.dtype))
+        fold_into(self.weight, self.delta(sign))
 
 
 class LoRALinear(LowRankAdapted, nn.Linear):
@@ -136,6 +160,45 @@ class LoRALinear(LowRankAdapted, nn.Linear):
         layer.weight, layer.bias = base.weight, base.bias
         layer._attach(down.to_empty(device=base.weight.device), up.to_empty(device=base.weight.device), alpha, dropout)
         return layer.train(base.training)
+
+
+class InProjSlice(LowRankBranch, nn.Module):
+    """The adapter of one row-block (q, k or v) of a fused in_proj_weight: width -> rank -> width."""
+
+    def __init__(self, width: int, rank: int, alpha: float, dropout: float, device: torch.device):
+        super().__init__()
+        down = nn.Linear(width, rank, bias=False, dtype=ADAPTER_DTYPE, device=device)
+        up = nn.Linear(rank, width, bias=False, dtype=ADAPTER_DTYPE, device=device)
+        self._attach(down, up, alpha, dropout)
+
+
+class LoRAOpenCLIPAttention(Mergeable, OpenCLIPAttention):
+    """OpenCLIPAttention whose in-projection adds the adapters of its q, k, v row-blocks (children
+    `in_proj_q`, `in_proj_k`, `in_proj_v`, any of them); merging folds each into its rows."""
+
+    @classmethod
+    def around(cls, base: OpenCLIPAttention) -> "LoRAOpenCLIPAttention":
+        layer = cls.__new__(cls)
+        nn.Module.__init__(layer)  # the base's Parameters and out_proj are taken, in its order: nothing allocated
+        layer.heads = base.heads
+        layer.in_proj_weight, layer.in_proj_bias, layer.out_proj = base.in_proj_weight, base.in_proj_bias, base.out_proj
+        return layer.train(base.training)
+
+    def slices(self) -> list[tuple[int, InProjSlice]]:
+        return [(i, getattr(self, name)) for i, name in enumerate(IN_PROJ_SLICES) if name in self._modules]
+
+    def in_projection(self, x: torch.Tensor) -> torch.Tensor:
+        out = super().in_projection(x)
+        if self.merged or not self.active:
+            return out
+        blocks = list(out.chunk(3, dim=-1))
+        for i, branch in self.slices():
+            blocks[i] = blocks[i] + branch.low_rank(x).to(out.dtype)
+        return torch.cat(blocks, dim=-1)
+
+    def _add_to_weight(self, sign: float) -> None:
+        for i, branch in self.slices():
+            fold_into(self.in_proj_weight.chunk(3)[i], branch.delta(sign))
 
 
 class LoRAConv2d(LowRankAdapted, nn.Conv2d):
@@ -169,12 +232,15 @@ def target_layers(model: nn.Module, targets: str) -> list[str]:
                     proj_in, proj_out, the attentions, the feed-forward);
       "all"         also every layer of the ResBlocks (3x3 convs, time-embedding Linear, 1x1
                     shortcut) and the Downsample / Upsample convs (kohya's LoCon `conv_dim`).
-    Text encoder: "attention" q/k/v/out_proj; "all" also mlp.fc1 / fc2 (kohya's default).
+    Text encoder: "attention" q/k/v/out_proj; "all" also mlp.fc1 / fc2 (kohya's default); in
+    OpenCLIP's tower the same layers (`_open_clip_targets`).
     """
     if isinstance(model, UNet):
         containers = _unet_containers(targets)
     elif isinstance(model, CLIPTextModel):
         containers = _text_encoder_containers(targets)
+    elif isinstance(model, OpenCLIPTextModel):
+        return _open_clip_targets(model, targets)
     else:
         raise ValueError(f"LoRA targets are defined for the UNet and the CLIP text encoder, not {type(model).__name__}")
     inside = [name for name, module in model.named_modules() if isinstance(module, containers)]
@@ -203,6 +269,19 @@ def _text_encoder_containers(targets: str) -> tuple[type, ...]:
     raise ValueError(f"text encoder LoRA targets must be one of {', '.join(TEXT_ENCODER_TARGETS)}, got {targets!r}")
 
 
+def _open_clip_targets(model: OpenCLIPTextModel, targets: str) -> list[str]:
+    """The layers kohya adapts in transformers' 23-layer SD 2 text encoder, under OpenCLIP's names:
+    in_proj_q/k/v (q/k/v_proj), attn.out_proj; "all" also mlp.c_fc / c_proj (fc1 / fc2). The last
+    resblock never runs in SD 2.x and no LoRA file names it: it is not adapted."""
+    _text_encoder_containers(targets)  # the same target names, checked the same way
+    names = []
+    for n in range(len(model.transformer.resblocks) - 1):
+        attn, mlp = f"transformer.resblocks.{n}.attn.", f"transformer.resblocks.{n}.mlp."
+        names += [attn + part for part in IN_PROJ_SLICES] + [attn + "out_proj"]
+        names += [mlp + "c_fc", mlp + "c_proj"] if targets == "all" else []
+    return names
+
+
 def add_lora(
     model: nn.Module,
     targets: str,
@@ -229,19 +308,46 @@ def add_lora(
     return names
 
 
-def adapt_layer(model: nn.Module, name: str, rank: int, alpha: float, dropout: float) -> LowRankAdapted:
-    """Replace layer `name` of `model` by its LoRA-capable twin holding the same weight and bias."""
+def adapt_layer(model: nn.Module, name: str, rank: int, alpha: float, dropout: float) -> LowRankBranch:
+    """Replace layer `name` of `model` by its LoRA-capable twin holding the same weight and bias
+    (an in_proj slice: adapt the attention, once, and give it that slice's adapter)."""
+    parent, _, child = name.rpartition(".")
+    if child in IN_PROJ_SLICES:
+        return _adapt_in_proj(model, parent, child, rank, alpha, dropout)
     base = model.get_submodule(name)
     if isinstance(base, LowRankAdapted):
         raise ValueError(f"{name} already holds a LoRA adapter")
     adapted = (LoRAConv2d if isinstance(base, nn.Conv2d) else LoRALinear).around(base, rank, alpha, dropout)
-    parent, _, child = name.rpartition(".")
     setattr(model.get_submodule(parent), child, adapted)  # Sequential children are named "0", "1", ...
     return adapted
 
 
+def _adapt_in_proj(model: nn.Module, name: str, part: str, rank: int, alpha: float, dropout: float) -> InProjSlice:
+    attention = model.get_submodule(name)
+    if not isinstance(attention, OpenCLIPAttention):
+        raise ValueError(f"{name}.{part}: {part} names a row-block of an OpenCLIP attention's in_proj_weight")
+    if not isinstance(attention, LoRAOpenCLIPAttention):
+        attention = LoRAOpenCLIPAttention.around(attention)
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent), child, attention)
+    if part in attention._modules:
+        raise ValueError(f"{name}.{part} already holds a LoRA adapter")
+    weight = attention.in_proj_weight
+    branch = InProjSlice(weight.shape[1], rank, alpha, dropout, weight.device).train(attention.training)
+    setattr(attention, part, branch)
+    return branch
+
+
+def layer_weight(model: nn.Module, name: str) -> torch.Tensor:
+    """The weight the LoRA layer `name` changes: the layer's, or its rows of in_proj_weight (a view)."""
+    parent, _, child = name.rpartition(".")
+    if child in IN_PROJ_SLICES:
+        return model.get_submodule(parent).in_proj_weight.chunk(3)[IN_PROJ_SLICES.index(child)]
+    return model.get_submodule(name).weight
+
+
 @torch.no_grad()
-def _initialise(layer: LowRankAdapted, generator: torch.Generator) -> None:
+def _initialise(layer: LowRankBranch, generator: torch.Generator) -> None:
     down = torch.empty(layer.lora_down.weight.shape, dtype=ADAPTER_DTYPE)  # on the CPU, the generator's device
     nn.init.kaiming_uniform_(down, a=math.sqrt(5), generator=generator)
     layer.lora_down.weight.copy_(down)
@@ -249,29 +355,39 @@ def _initialise(layer: LowRankAdapted, generator: torch.Generator) -> None:
 
 
 def adapted_layers(model: nn.Module) -> dict[str, LowRankAdapted]:
+    """The adapted Linear / Conv2d layers (not the in_proj slices: see `adapter_branches`)."""
     return {name: module for name, module in model.named_modules() if isinstance(module, LowRankAdapted)}
+
+
+def adapter_branches(model: nn.Module) -> dict[str, LowRankBranch]:
+    """Every adapter of `model` by layer name, in_proj slices included."""
+    return {name: module for name, module in model.named_modules() if isinstance(module, LowRankBranch)}
 
 
 def adapters_of(model: nn.Module) -> dict[str, Adapter]:
     """Every adapter of `model` by layer name (what a LoRA file stores)."""
-    return {name: layer.adapter() for name, layer in adapted_layers(model).items()}
+    return {name: layer.adapter() for name, layer in adapter_branches(model).items()}
+
+
+def _mergeable(model: nn.Module) -> list[Mergeable]:
+    return [module for module in model.modules() if isinstance(module, Mergeable)]
 
 
 def merge(model: nn.Module) -> None:
     """Fold every adapter into its base weight; the forward then skips the adapter branch."""
-    for layer in adapted_layers(model).values():
+    for layer in _mergeable(model):
         layer.merge()
 
 
 def unmerge(model: nn.Module) -> None:
-    for layer in adapted_layers(model).values():
+    for layer in _mergeable(model):
         layer.unmerge()
 
 
 @contextlib.contextmanager
 def adapters_off(model: nn.Module) -> Iterator[None]:
     """Run `model` as its base inside the block (e.g. while a LoRA file is merged into the weights)."""
-    layers = list(adapted_layers(model).values())
+    layers = _mergeable(model)
     for layer in layers:
         layer.active = False
     try:

@@ -31,8 +31,12 @@ class OpenCLIPAttention(nn.Module):
         nn.init.xavier_uniform_(self.in_proj_weight)  # nn.MultiheadAttention's init
         nn.init.zeros_(self.in_proj_bias)
 
+    def in_projection(self, x: torch.Tensor) -> torch.Tensor:
+        """B x N x width -> B x N x 3*width: q, k and v side by side (models/lora.py adds adapters here)."""
+        return F.linear(x, self.in_proj_weight, self.in_proj_bias)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        q, k, v = F.linear(x, self.in_proj_weight, self.in_proj_bias).chunk(3, dim=-1)  # B x N x width each
+        q, k, v = self.in_projection(x).chunk(3, dim=-1)  # B x N x width each
         # Causal, as SD 2.x's tower: OpenCLIP builds a -inf upper triangle as its attn_mask.
         return self.out_proj(multihead_attention(q, k, v, self.heads, causal=True))
 

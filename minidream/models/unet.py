@@ -62,10 +62,11 @@ class ResBlock(nn.Module):
 class CrossAttention(nn.Module):
     """Multi-head attention from x (B x N x dim) to context (B x M x context_dim); self-attention if no context."""
 
-    def __init__(self, dim: int, context_dim: int, heads: int, head_dim: int):
+    def __init__(self, dim: int, context_dim: int, heads: int, head_dim: int, upcast: bool = False):
         super().__init__()
         inner = heads * head_dim
         self.heads = heads
+        self.upcast = upcast  # UNetConfig.upcast_attention
         self.to_q = nn.Linear(dim, inner, bias=False)
         self.to_k = nn.Linear(context_dim, inner, bias=False)
         self.to_v = nn.Linear(context_dim, inner, bias=False)
@@ -73,7 +74,7 @@ class CrossAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
         context = x if context is None else context
-        out = multihead_attention(self.to_q(x), self.to_k(context), self.to_v(context), self.heads)
+        out = multihead_attention(self.to_q(x), self.to_k(context), self.to_v(context), self.heads, upcast=self.upcast)
         return self.to_out(out)
 
 
@@ -104,12 +105,12 @@ class FeedForward(nn.Module):
 class BasicTransformerBlock(nn.Module):
     """Pre-norm self-attention, cross-attention to the context, and feed-forward, each residual."""
 
-    def __init__(self, dim: int, context_dim: int, heads: int, head_dim: int):
+    def __init__(self, dim: int, context_dim: int, heads: int, head_dim: int, upcast: bool = False):
         super().__init__()
         self.norm1 = LayerNorm32(dim)
-        self.attn1 = CrossAttention(dim, dim, heads, head_dim)
+        self.attn1 = CrossAttention(dim, dim, heads, head_dim, upcast)
         self.norm2 = LayerNorm32(dim)
-        self.attn2 = CrossAttention(dim, context_dim, heads, head_dim)
+        self.attn2 = CrossAttention(dim, context_dim, heads, head_dim, upcast)
         self.norm3 = LayerNorm32(dim)
         self.ff = FeedForward(dim)
 
@@ -140,7 +141,8 @@ class SpatialTransformer(nn.Module):
         self.use_linear_proj = cfg.use_linear_proj
         self.proj_in = nn.Linear(channels, channels) if cfg.use_linear_proj else nn.Conv2d(channels, channels, 1)
         self.transformer_blocks = nn.ModuleList(
-            BasicTransformerBlock(channels, cfg.context_dim, heads, head_dim) for _ in range(cfg.transformer_depth)
+            BasicTransformerBlock(channels, cfg.context_dim, heads, head_dim, cfg.upcast_attention)
+            for _ in range(cfg.transformer_depth)
         )
         self.proj_out = nn.Linear(channels, channels) if cfg.use_linear_proj else nn.Conv2d(channels, channels, 1)
 
