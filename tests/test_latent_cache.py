@@ -202,7 +202,7 @@ def test_a_damaged_entry_is_named_in_a_warning_and_recomputed(tmp_path, where):
         got = cache.moments(image, KEYS[False], encoder.of(image))
     assert encoder.calls == [image]
     assert_equal_moments([got], [fresh_encode(vae, image)])
-    assert cache.summary() == "latent cache: 0 hits, 2 new, 1 damaged entries recomputed"
+    assert cache.summary() == "latent cache: 0 hits, 2 new, 1 corrupt replaced"
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # rewritten whole: read again without complaint
         assert_equal_moments([cache.moments(image, KEYS[False], encoder.of(image))], [got])
@@ -309,7 +309,7 @@ def test_bench_times_every_step_on_the_real_photos(capsys):
     rows = latent_cache_bench.main(tiniest)
     assert [row.step for row in rows] == [
         "sha256 of an image file", "VAE identity (LatentCache())",
-        "encode (no cache)", "miss: encode + write entry", "hit: read + verify entry",
+        "encode (no cache)", "miss: look-up + write entry (encode excluded)", "hit: read + verify entry",
     ]
     assert all(row.seconds > 0 for row in rows) and "21 photos" in rows[0].note
     printed = capsys.readouterr().out

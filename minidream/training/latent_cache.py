@@ -41,12 +41,11 @@ class LatentCache:
         read here, once. The VAE is frozen in training, so its weights cannot change later."""
         self.folder = Path(folder)
         _check_writable(self.folder)
-        parameter = next(vae.parameters())
         self.vae_identity = tensors_sha256(sorted(vae.state_dict().items()))
         # Part of the key (the weights' dtype already is): CPU and CUDA encodes of one image differ
         # in the last bits, so an entry written on one kind of device would make a run on the
         # other differ from the same run uncached.
-        self.device_type = parameter.device.type
+        self.device_type = next(vae.parameters()).device.type
         self.hits = self.misses = self.corrupt = 0
         # path -> (its os.stat fingerprint, sha256 of its bytes): a step does not re-read a large
         # JPEG, and a file that changed on disk (size, times or inode) is read again.
@@ -85,8 +84,8 @@ class LatentCache:
 
     def summary(self) -> str:
         """One line for the training log."""
-        damaged = f", {self.corrupt} damaged entries recomputed" if self.corrupt else ""
-        return f"latent cache: {self.hits} hits, {self.misses} new{damaged}"
+        corrupt = f", {self.corrupt} corrupt replaced" if self.corrupt else ""  # counted in "new" too
+        return f"latent cache: {self.hits} hits, {self.misses} new{corrupt}"
 
     def _file_sha256(self, path: Path, fingerprint: tuple[int, ...]) -> str:
         known = self._file_hashes.get(path)
