@@ -12,7 +12,6 @@ import safetensors
 import torch
 from PIL import Image
 
-from bench import latent_cache as latent_cache_bench
 from minidream.config import TINY
 from minidream.models.vae import AutoencoderKL
 from minidream.training.data import DataError, image_to_tensor, load_image
@@ -305,6 +304,10 @@ def test_a_missing_image_and_wrong_moments_are_named(tmp_path):
 
 
 def test_bench_times_every_step_on_the_real_photos(capsys):
+    # Imported here, not on top: the concurrency test's spawned processes import this module,
+    # and bench imports diffusers (seconds each).
+    from bench import latent_cache as latent_cache_bench
+
     tiniest = ["--device", "cpu", "--config", "tiny", "--image", "32", "--images", "1", "--repeats", "1"]
     rows = latent_cache_bench.main(tiniest)
     assert [row.step for row in rows] == [
