@@ -15,7 +15,7 @@ from PIL import Image
 from minidream.config import TINY
 from minidream.models.vae import AutoencoderKL
 from minidream.training.data import DataError, image_to_tensor, load_image
-from minidream.training.latent_cache import LatentCache
+from minidream.training.latent_cache import LatentCache, check_writable_folder
 
 SIZE = 32  # pixels: 4 x 4 latents with TINY's VAE
 KEYS = {False: f"{SIZE}x{SIZE} crop=center flip=0", True: f"{SIZE}x{SIZE} crop=center flip=1"}
@@ -288,8 +288,13 @@ def test_an_image_that_changes_while_encoded_is_not_stored(tmp_path):
 
 def test_a_folder_that_cannot_hold_the_cache_is_named(tmp_path):
     (tmp_path / "file").write_text("not a folder")
-    with pytest.raises(DataError, match=re.escape(f"latent cache folder {tmp_path / 'file' / 'cache'}: not writable")):
+    message = re.escape(f"latent cache folder {tmp_path / 'file' / 'cache'}: not writable")
+    with pytest.raises(DataError, match=message):
+        check_writable_folder(tmp_path / "file" / "cache")  # before any model loads
+    with pytest.raises(DataError, match=message):
         LatentCache(tmp_path / "file" / "cache", seeded_vae())
+    check_writable_folder(tmp_path / "new" / "cache")
+    assert [p.name for p in (tmp_path / "new").rglob("*")] == ["cache"]  # created, the probe gone
 
 
 def test_a_missing_image_and_wrong_moments_are_named(tmp_path):

@@ -40,7 +40,7 @@ class LatentCache:
         """`vae` must already be on the device and in the dtype it encodes with: its identity is
         read here, once. The VAE is frozen in training, so its weights cannot change later."""
         self.folder = Path(folder)
-        _check_writable(self.folder)
+        check_writable_folder(self.folder)
         self.vae_identity = tensors_sha256(sorted(vae.state_dict().items()))
         # Part of the key (the weights' dtype already is): CPU and CUDA encodes of one image differ
         # in the last bits, so an entry written on one kind of device would make a run on the
@@ -203,9 +203,10 @@ def _unique_temporary(path: Path) -> Path:
     return path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex}.tmp")
 
 
-def _check_writable(folder: Path) -> None:
+def check_writable_folder(folder: Path) -> None:
     """Create `folder` (and its parents) and write a file there now, so a folder that cannot hold
-    the cache fails at the start with its name, not on the first image."""
+    the cache fails at the start with its name, not on the first image. LatentCache() calls it;
+    a trainer can call it before loading any model."""
     try:
         folder.mkdir(parents=True, exist_ok=True)
         probe_path = folder / "write-test"
