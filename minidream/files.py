@@ -8,17 +8,20 @@ only when complete; whatever is left under the temporary name, by success or fai
 import contextlib
 import os
 import shutil
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 
 @contextlib.contextmanager
 def temporary_sibling(path: Path, temporary: Path | None = None) -> Iterator[Path]:
-    """A fresh name in `path`'s folder (default `.NAME.PID.tmp`: two processes never share one),
-    removed when the block ends, whatever is under it."""
+    """A fresh name in `path`'s folder, removed when the block ends, whatever is under it.
+
+    The default `.NAME.PID.RANDOM.tmp` is unique per writer: the PID alone is not, when ranks on
+    different machines share a folder (each container numbers its own processes)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = temporary or path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    temporary = temporary or path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex}.tmp")
     try:
         yield temporary
     finally:

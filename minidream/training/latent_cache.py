@@ -14,8 +14,6 @@ crash or a person can still damage a file.
 
 import hashlib
 import json
-import os
-import uuid
 import warnings
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -24,7 +22,7 @@ import safetensors
 import torch
 from safetensors.torch import save_file
 
-from minidream.files import temporary_sibling
+from minidream.files import atomic_file, temporary_sibling
 from minidream.models.vae import AutoencoderKL
 from minidream.training.data import DataError
 
@@ -127,9 +125,9 @@ class LatentCache:
 
     def _write(self, entry: Path, metadata: dict[str, str], tensors: dict[str, torch.Tensor]) -> None:
         try:
-            with temporary_sibling(entry, _unique_temporary(entry)) as path:
+            # Another rank may be writing the same entry: each has its own temporary name, and both hold equal moments.
+            with atomic_file(entry) as path:
                 save_file(tensors, path, metadata={**metadata, "checksum": entry_checksum(metadata, tensors)})
-                os.replace(path, entry)  # another rank may have just done the same: both hold equal moments
         except OSError as error:
             raise DataError(
                 f"latent cache entry {entry}: cannot write it ({error.strerror or error}); "
@@ -196,13 +194,6 @@ def _fingerprint(path: Path) -> tuple[int, ...]:
     return status.st_dev, status.st_ino, status.st_size, status.st_mtime_ns, status.st_ctime_ns
 
 
-def _unique_temporary(path: Path) -> Path:
-    """A temporary name beside `path` that no other writer uses. Not files.atomic_file's
-    `.NAME.PID.tmp`: ranks on different machines sharing the folder can have equal PIDs (each
-    container numbers its own processes), and would then write into one file."""
-    return path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex}.tmp")
-
-
 def check_writable_folder(folder: Path) -> None:
     """Create `folder` (and its parents) and write a file there now, so a folder that cannot hold
     the cache fails at the start with its name, not on the first image. LatentCache() calls it;
@@ -210,7 +201,7 @@ def check_writable_folder(folder: Path) -> None:
     try:
         folder.mkdir(parents=True, exist_ok=True)
         probe_path = folder / "write-test"
-        with temporary_sibling(probe_path, _unique_temporary(probe_path)) as probe:
+        with temporary_sibling(probe_path) as probe:
             probe.write_bytes(b"")
     except OSError as error:
         raise DataError(
