@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from photo_sets import BUCKET_OPTIONS, subjects_override
+from photo_sets import BUCKET_OPTIONS, subjects_override, write_two_subjects
 from safetensors.torch import load_file
 
 from minidream.training.example_subject import (
@@ -60,12 +60,13 @@ SETUPS = {
 
 
 def write_training_data(folder: Path) -> Path:
-    """4 drawn subject images and 8 class images (other drawings: no class generation needed)."""
+    """4 drawn subject images and 8 class images (other drawings: no class generation needed), and
+    the two-subject photo set of the "subjects" setups."""
     write_example_subject(folder / "subject", count=4, size=64)
     (folder / "class").mkdir()
     for index in range(8):
         draw_example_subject(100 + index, 64).save(folder / "class" / f"class-{index:05d}.png")
-    return folder
+    return write_two_subjects(folder)
 
 
 def train_args(run_dir: Path, data: Path, overrides: tuple[str, ...] = ()) -> list[str]:
