@@ -45,7 +45,7 @@ def merge_small_buckets(counts: dict[Size, int], group: int) -> dict[Size, Size]
     target = {b: b for b in counts}
     sizes = dict(counts)
     while len(sizes) > 1 and min(sizes.values()) < group:
-        small = min(sizes, key=lambda b: (sizes[b], log_aspect(b)))
+        small = min(sizes, key=lambda b: (sizes[b], -abs(log_aspect(b))))  # ties: the least square goes first
         others = [b for b in sizes if b != small]
         large = [b for b in others if sizes[b] >= group] or others
         into = min(large, key=lambda b: (abs(log_aspect(b) - log_aspect(small)), abs(log_aspect(b))))
