@@ -68,3 +68,17 @@ def subjects_override(folder: Path | str) -> str:
         for name, identifier, noun in (("dog", "sks", "dog"), ("cat", "zwx", "cat"))
     ]
     return f"data.subjects=[{', '.join(entries)}]"
+
+
+def refused_before_models(monkeypatch, capsys, argv: list[str]) -> str:
+    """train.main(argv) stops with exit code 2 and one line of error before any model is loaded."""
+    import train  # the script at the repository root; only this helper needs it
+
+    def no_models(*args):
+        raise AssertionError("a model was loaded before the data and settings were checked")
+
+    monkeypatch.setattr(train, "load_models", no_models)
+    assert train.main(argv) == 2
+    error = capsys.readouterr().err.strip()
+    assert len(error.splitlines()) == 1, error
+    return error
