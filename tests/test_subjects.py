@@ -4,6 +4,7 @@ draw as it was, repeats, shared class folders, validation prompts for every subj
 
 import dataclasses
 import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -14,7 +15,7 @@ import train
 from minidream.config import TINY, ConfigError
 from minidream.models.pipeline import random_pipeline
 from minidream.training.batches import DreamBoothBatches, LatentSource
-from minidream.training.config_file import load_train_config
+from minidream.training.config_file import load_train_config, save_config
 from minidream.training.plan import pair_classes, plan_items
 from minidream.training.step import Item
 from minidream.training.subjects import (
@@ -140,3 +141,11 @@ def test_repeats_list_a_subjects_images_that_many_times_an_epoch(training_data):
 def test_validation_prompts_name_every_subject(training_data):
     cfg = config(training_data, "validation.prompts=[a photo of sks dog on the beach]")
     assert train.validation_prompts(cfg, subjects_of(cfg)) == ["a photo of sks dog on the beach", "a photo of zwx cat"]
+
+
+def test_the_subjects_preset_loads_and_its_saved_config_loads_back(tmp_path):
+    cfg = load_train_config(Path(__file__).resolve().parents[1] / "configs" / "dreambooth-subjects-sd15.yaml", [])
+    assert [s.name for s in subjects_of(cfg)] == ["dog", "cat"]
+    assert [s.prompt(cfg.data.caption_template) for s in subjects_of(cfg)] == ["a photo of sks dog", "a photo of zwx cat"]
+    save_config(cfg, tmp_path / "config.yaml")  # what a resumed run reads back
+    assert load_train_config(tmp_path / "config.yaml", []) == cfg

@@ -11,10 +11,21 @@ import pytest
 import test_resume  # as modules: their tests imported by name would be collected (and run) here too
 import test_train_distributed
 import torch
+from PIL import Image
 from safetensors.torch import load, save
 from train_runs import SETUPS, losses, metrics, output, run_setup, train_args
 
 import train
+from minidream.config import TINY
+from minidream.models.pipeline import random_pipeline
+from minidream.training import batches
+from minidream.training.config_file import load_train_config
+from minidream.training.data import load_image
+from minidream.training.plan import plan_items
+from minidream.training.step import Item
+from minidream.training.subjects import scan_subject, subjects_of
+
+BUCKETS = [(48, 80), (64, 64), (80, 48)]  # data.resolution=64, data.bucket_step=16
 
 
 def test_buckets_two_subjects_dropout_and_masks_resume_after_sigterm_bit_identically(tmp_path, training_data, uninterrupted):
@@ -97,3 +108,37 @@ def test_in_memory_moments_change_no_loss(tmp_path, training_data, one_thread):
     assert train.main(train_args(tmp_path / "encoded", training_data, (*overrides, "train.cache_latents=false"))) == 0
     assert losses(tmp_path / "kept") == losses(tmp_path / "encoded")
     assert torch.isfinite(torch.tensor(list(losses(tmp_path / "kept").values()))).all()
+
+
+def test_class_images_are_generated_at_the_bucket_sizes_and_validation_renders_at_each(tmp_path, training_data, one_thread):
+    """The dog's class folder starts empty: its 4 images come in the proportions of its items'
+    buckets (2 landscape, 2 square); each training size gets a validation grid of its own."""
+    classes = tmp_path / "new-dog-classes"
+    subjects = SETUPS["subjects"].overrides[:]
+    overrides = [o.replace("<data>/class-dog", str(classes)) for o in subjects]
+    overrides += ["train.max_steps=1", "validation.prompts=[a photo of sks dog]", "validation.every_n_steps=1", "validation.steps=2",
+                  "data.class_steps=2"]
+    assert train.main(train_args(tmp_path / "run", training_data, tuple(overrides))) == 0
+    assert sorted(Image.open(p).size for p in classes.glob("class-*.png")) == [(64, 64), (64, 64), (80, 48), (80, 48)]
+    grids = {p.name: Image.open(p).size for p in (tmp_path / "run" / "samples").glob("*.png")}
+    # Two prompts (the cat's instance prompt joins, as no prompt names zwx), side by side.
+    assert grids == {"step-00000001-48x80.png": (96, 80), "step-00000001-64x64.png": (128, 64), "step-00000001-80x48.png": (160, 48)}
+
+
+def test_images_are_decoded_per_batch_not_held(training_data, monkeypatch):
+    """Memory stays flat: setting up decodes nothing; each batch decodes its own images, and with
+    the in-memory moments (centred crops, no flips) an image is decoded once."""
+    decoded = []
+    monkeypatch.setattr(batches, "load_image", lambda path: decoded.append(path) or load_image(path))
+    cfg = load_train_config(train.DEFAULT_CONFIG, [o.replace("<data>", str(training_data)) for o in SETUPS["subjects"].overrides])
+    subjects = subjects_of(cfg)
+    instances = [scan_subject(s, cfg.data, BUCKETS) for s in subjects]
+    plan = plan_items([s.name for s in subjects], instances, [1, 1], [0, 0], BUCKETS, 64, 2)
+    source = batches.LatentSource(random_pipeline(TINY, seed=0).vae, True, False, 0.18215, batches.MomentsInMemory())
+    made = batches.DreamBoothBatches(plan, source, seed=0, caption_dropout=0.0, masks=False)
+    assert decoded == []
+    order = plan.shard(0, 0, 0, 1)
+    for epoch in range(2):
+        for j in range(0, len(order), 2):
+            made.batch([Item(order[j], epoch, j), Item(order[j + 1], epoch, j + 1)])
+    assert sorted(decoded) == sorted(e.path for e in plan.instances)  # 8 images, each once over two epochs
