@@ -60,10 +60,15 @@ class LatentSource:
 
     @torch.no_grad()
     def _encode(self, path: Path, placement: Placement) -> Moments:
+        """(mean, std) on the VAE's device: uncached, the host never waits for them."""
         pixels = pixels_of(placement.apply(load_image(path)))
         param = next(self.vae.parameters())
         posterior = self.vae.encode(to_device(pixels[None], param.device).to(param.dtype))
-        return posterior.mean.float().cpu(), posterior.std.float().cpu()
+        return posterior.mean.float(), posterior.std.float()
+
+    def _encode_to_host(self, path: Path, placement: Placement) -> Moments:
+        """For a store: fp32 host tensors (one wait for the GPU per entry made)."""
+        return tuple(m.cpu() for m in self._encode(path, placement))
 
     def placement(self, example: Example, size: tuple[int, int], generator: torch.Generator) -> Placement:
         """The sample's flip, then its crop offsets, drawn from its generator in that order."""
@@ -77,9 +82,12 @@ class LatentSource:
         out, weights = [], []
         for example, g in zip(examples, generators):
             placement = self.placement(example, size, g)
-            encode = functools.partial(self._encode, example.path, placement)
-            mean, std = encode() if self.store is None else self.store.moments(example.path, placement.key, encode)
-            noise = torch.randn(mean.shape, generator=g)
+            if self.store is None:
+                mean, std = self._encode(example.path, placement)
+            else:
+                encode = functools.partial(self._encode_to_host, example.path, placement)
+                mean, std = self.store.moments(example.path, placement.key, encode)
+            noise = to_device(torch.randn(mean.shape, generator=g), mean.device)
             out.append((mean + std * noise) * self.scaling_factor)
             if masks:
                 weights.append(load_mask(example.mask, placement, tuple(mean.shape[-2:])))
