@@ -229,9 +229,8 @@ def moments_store(cfg: TrainConfig, pipe: Pipeline):
     train.cache_latents and the transforms draw nothing, else nowhere (encoded every time)."""
     data = cfg.data
     if data.latent_cache_dir is not None:
-        from minidream.training.latent_cache import (
-            LatentCache,  # the cache branch's module; hoist to the imports once merged
-        )
+        # latent_cache.py comes with the `cache` branch: hoist this import to the top once both are merged.
+        from minidream.training.latent_cache import LatentCache
 
         return LatentCache(Path(data.latent_cache_dir), pipe.vae)
     if cfg.train.cache_latents and data.center_crop and not data.random_flip:
