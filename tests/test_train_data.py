@@ -10,6 +10,7 @@ import types
 import pytest
 import test_resume  # as modules: their tests imported by name would be collected (and run) here too
 import test_train_distributed
+import test_train_host_syncs
 import torch
 from PIL import Image
 from safetensors.torch import load, save
@@ -142,3 +143,13 @@ def test_images_are_decoded_per_batch_not_held(training_data, monkeypatch):
         for j in range(0, len(order), 2):
             made.batch([Item(order[j], epoch, j), Item(order[j + 1], epoch, j + 1)])
     assert sorted(decoded) == sorted(e.path for e in plan.instances)  # 8 images, each once over two epochs
+
+
+def test_buckets_subjects_and_masks_make_no_host_read_inside_a_step(tmp_path, training_data, monkeypatch, one_thread):
+    """The per-subject losses go through the one-hot matrix on the device, masks are host tensors
+    copied over with the batch. (Caption dropout and random flips read their CPU generator's draw
+    on the host, as data.random_flip always has: no GPU wait, but the count would see them.)"""
+    deterministic = [o.replace("<data>", str(training_data)) for o in SETUPS["subjects"].overrides
+                     if o.split("=")[0] not in ("data.caption_dropout", "data.random_flip", "data.center_crop")]
+    assert test_train_host_syncs.reads_inside_steps(tmp_path / "run", training_data, monkeypatch, tuple(deterministic)) == 0
+    assert "loss/cat" in metrics(tmp_path / "run")[-1] or "loss/dog" in metrics(tmp_path / "run")[-1]
