@@ -57,10 +57,16 @@ from minidream.models.lora import add_lora, train_adapters_only
 from minidream.models.pipeline import Pipeline, random_pipeline
 from minidream.models.precision import dtype_named, vae_dtype
 from minidream.training import checkpoint
-from minidream.training.batches import DreamBoothBatches, LatentSource, PromptEncoder
+from minidream.training.batches import (
+    DreamBoothBatches,
+    LatentSource,
+    MomentsInMemory,
+    PromptEncoder,
+)
+from minidream.training.buckets import bucket_sizes, proportional_sizes
 from minidream.training.checkpoint import CheckpointError, TrainerState
 from minidream.training.config_file import load_train_config, save_config
-from minidream.training.data import DataError, find_images, scan_images
+from minidream.training.data import DataError, find_images
 from minidream.training.distributed import (
     Distributed,
     any_rank,
@@ -73,12 +79,14 @@ from minidream.training.ema import EMA
 from minidream.training.example_subject import write_example_subject
 from minidream.training.metrics import MetricsLog, PendingSteps
 from minidream.training.optimizers import FusedBackward, OptimizerError, make_optimizer
+from minidream.training.plan import DataPlan, pair_classes, plan_items
 from minidream.training.prior import generate_class_images, missing_class_indices
 from minidream.training.recipe import (
     Recipe,
     draw_noise,
     noisy_latents_and_target,
     recipe_loss,
+    sample_losses,
 )
 from minidream.training.signals import StopRequest
 from minidream.training.step import (
@@ -86,6 +94,14 @@ from minidream.training.step import (
     step_unless,
     take_items,
     to_device,
+)
+from minidream.training.subjects import (
+    Subject,
+    class_count,
+    class_sets,
+    scan_classes,
+    scan_subject,
+    subjects_of,
 )
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent / "configs" / "tiny.yaml"
@@ -158,33 +174,77 @@ def load_models(cfg: TrainConfig, env: Distributed) -> Pipeline:
     return random_pipeline(ARCHITECTURES[cfg.model.architecture], seed=cfg.train.seed).to(env.device)
 
 
-def ensure_class_images(cfg: TrainConfig, env: Distributed, pipe: Pipeline, amp) -> None:
-    """Generate the class images prior preservation needs, split across ranks."""
+def ensure_class_images(
+    cfg: TrainConfig, env: Distributed, pipe: Pipeline, amp, subjects: list[Subject], plan: DataPlan, wanted: dict[str, int]
+) -> None:
+    """Generate the class images prior preservation needs, once per class folder, split across ranks;
+    with buckets at the bucket sizes, in the proportions of the instance images of the subjects sharing it."""
     data = cfg.data
-    missing = missing_class_indices(Path(data.class_dir), data.num_class_images) if env.is_main else None
-    missing = gather_objects(missing)[0]
-    if missing:
-        log(env, f"generating {len(missing)} class images of {data.class_prompt!r} into {data.class_dir}")
+    for folder, sharing in class_sets(subjects).items():
+        missing = missing_class_indices(Path(folder), wanted[folder]) if env.is_main else None
+        missing = gather_objects(missing)[0]
+        if not missing:
+            continue
+        prompt = subjects[sharing[0]].class_prompt
+        sizes = proportional_sizes(max(missing) + 1, plan.bucket_counts(sharing)) if data.buckets else None
+        log(env, f"generating {len(missing)} class images of {prompt!r} into {folder}")
         with amp():
             generate_class_images(
-                pipe, Path(data.class_dir), data.class_prompt, missing[env.rank :: env.world_size], data.resolution,
-                data.class_steps, data.class_guidance, data.class_sampler, data.class_batch_size, env.is_main,
+                pipe, Path(folder), prompt, missing[env.rank :: env.world_size], data.resolution,
+                data.class_steps, data.class_guidance, data.class_sampler, data.class_batch_size, env.is_main, sizes=sizes,
             )
     barrier()
 
 
-def save_validation_grid(cfg: TrainConfig, pipe: Pipeline, run_dir: Path, step: int, amp) -> None:
+def validation_prompts(cfg: TrainConfig, subjects: list[Subject]) -> list[str]:
+    """validation.prompts, plus the instance prompt of each listed subject that none of them names
+    (by its identifier, else its instance prompt), so every subject is seen."""
+    prompts = list(cfg.validation.prompts)
+    if prompts and cfg.data.subjects:
+        prompts += [s.instance_prompt for s in subjects if not any((s.identifier or s.instance_prompt) in p for p in prompts)]
+    return prompts
+
+
+def save_validation_grid(
+    cfg: TrainConfig, pipe: Pipeline, run_dir: Path, step: int, amp, prompts: list[str], sizes: list[tuple[int, int]]
+) -> None:
+    """One grid of the prompts per training size (each bucket that trains; the square resolution without buckets)."""
     val = cfg.validation
     pipe.unet.eval()
-    with amp():
-        images = generate(
-            pipe, list(val.prompts), seeds=[val.seed + i for i in range(len(val.prompts))], steps=val.steps,
-            guidance=val.guidance, guidance_rescale=val.guidance_rescale, clip_skip=cfg.model.clip_skip,
-            height=cfg.data.resolution, width=cfg.data.resolution,
-        )
+    for width, height in sizes:
+        with amp():
+            images = generate(
+                pipe, prompts, seeds=[val.seed + i for i in range(len(prompts))], steps=val.steps,
+                guidance=val.guidance, guidance_rescale=val.guidance_rescale, clip_skip=cfg.model.clip_skip,
+                height=height, width=width,
+            )
+        name = f"step-{step:08d}.png" if len(sizes) == 1 else f"step-{step:08d}-{width}x{height}.png"
+        with atomic_file(run_dir / "samples" / name) as tmp:
+            image_grid(images, columns=min(4, len(images))).save(tmp, format="PNG")
     pipe.unet.train()
-    with atomic_file(run_dir / "samples" / f"step-{step:08d}.png") as tmp:
-        image_grid(images, columns=min(4, len(images))).save(tmp, format="PNG")
+
+
+def moments_store(cfg: TrainConfig, pipe: Pipeline):
+    """Where encoded images are kept (batches.py): on disk with data.latent_cache_dir, in memory when
+    train.cache_latents and the transforms draw nothing, else nowhere (encoded every time)."""
+    data = cfg.data
+    if data.latent_cache_dir is not None:
+        # latent_cache.py comes with the `cache` branch: hoist this import to the top once both are merged.
+        from minidream.training.latent_cache import LatentCache
+
+        return LatentCache(Path(data.latent_cache_dir), pipe.vae)
+    if cfg.train.cache_latents and data.center_crop and not data.random_flip:
+        return MomentsInMemory()
+    return None
+
+
+def check_bucket_sides(plan: DataPlan, pipe: Pipeline) -> None:
+    """Each bucket's latent must halve cleanly at every UNet level (SD: sides divisible by 64)."""
+    factor = 2 ** (len(pipe.config.vae.channel_mult) - 1) * 2 ** (len(pipe.config.unet.channel_mult) - 1)
+    for width, height in plan.bucket_counts():
+        if width % factor or height % factor:
+            raise ConfigError(f"data.bucket_step: bucket {width}x{height} has a side this model cannot take; "
+                              f"it needs multiples of {factor} (set data.bucket_step={factor})")
 
 
 def training_schedule(cfg: TrainConfig, pipe: Pipeline) -> ScheduleConfig:
@@ -338,13 +398,25 @@ def train(cfg: TrainConfig, env: Distributed, resume_hint: str) -> int:
     # 1. Data and setting problems surface before any model is loaded.
     if tcfg.fused_backward and env.world_size > 1:
         raise ConfigError("train.fused_backward steps each weight before DDP has averaged its gradient: run it in one process")
-    if data.example_subject and env.is_main:  # config_file.with_instance_dir: its own folder in the run directory
+    subjects = subjects_of(cfg)
+    if data.example_subject and not data.subjects and env.is_main:  # config_file.with_instance_dir: its own folder in the run directory
         write_example_subject(Path(data.instance_dir), count=4, size=max(data.resolution, 64))
     barrier()
-    instances = scan_images(data.instance_dir, data.instance_prompt, data.resolution, data.skip_bad_images, "instance")
-    prior = data.class_dir is not None
-    if prior and Path(data.class_dir).is_dir() and find_images(data.class_dir, "class"):  # class images already there must be usable too
-        scan_images(data.class_dir, data.class_prompt, data.resolution, data.skip_bad_images, "class", use_captions=False)
+    buckets = bucket_sizes(data.resolution, data.bucket_step, data.max_aspect) if data.buckets else None
+    instance_sets = [scan_subject(subject, data, buckets) for subject in subjects]
+    prior = subjects[0].class_dir is not None  # subjects_of: for every subject, or none
+    shared = class_sets(subjects)
+    wanted = {folder: max(subjects[i].num_class_images for i in sharing) for folder, sharing in shared.items()}
+    for folder, sharing in shared.items():
+        if Path(folder).is_dir() and find_images(folder, "class"):  # class images already there must be usable too
+            scan_classes(folder, subjects[sharing[0]], data, buckets)
+
+    def plan_of(class_counts: list[int]) -> DataPlan:
+        return plan_items([s.name for s in subjects], instance_sets, [s.repeats for s in subjects], class_counts, buckets,
+                          data.resolution, tcfg.batch_size * env.world_size)
+
+    # The items with the class counts the folders will have: bucket problems surface now too.
+    plan = plan_of([class_count(s.class_dir, wanted[s.class_dir]) if prior else 0 for s in subjects])
     for flag in ("clip", "dino") if cfg.eval.every_n_steps else ():
         if not Path(getattr(cfg.eval, flag)).exists():
             raise ConfigError(f"eval.{flag}={getattr(cfg.eval, flag)}: no such file or folder (see the README, Evaluate a run)")
@@ -359,9 +431,16 @@ def train(cfg: TrainConfig, env: Distributed, resume_hint: str) -> int:
     pipe = load_models(cfg, env)
     if cfg.model.clip_skip > pipe.config.text_encoder.conditioning_layers:
         raise ConfigError(f"model.clip_skip={cfg.model.clip_skip}, but the text encoder has {pipe.config.text_encoder.conditioning_layers} layers")
+    if data.buckets:
+        check_bucket_sides(plan, pipe)
     if prior:
-        ensure_class_images(cfg, env, pipe, amp)
-    classes = scan_images(data.class_dir, data.class_prompt, data.resolution, data.skip_bad_images, "class", use_captions=False) if prior else []
+        ensure_class_images(cfg, env, pipe, amp, subjects, plan, wanted)
+        scanned = {folder: scan_classes(folder, subjects[sharing[0]], data, buckets) for folder, sharing in shared.items()}
+        class_examples = [scanned[s.class_dir] for s in subjects]
+        plan = pair_classes(plan_of([len(c) for c in class_examples]), class_examples)
+    if data.buckets:
+        for line in plan.describe():
+            log(env, line)
     sched = training_schedule(cfg, pipe)
     trained, groups = prepare_models(cfg, pipe, amp_dtype)
     text_encoder_trains = "text_encoder" in trained
@@ -375,11 +454,11 @@ def train(cfg: TrainConfig, env: Distributed, resume_hint: str) -> int:
     text_encoder = wrap(pipe.text_encoder) if text_encoder_trains else pipe.text_encoder
     ddp_modules = [m for m in (unet, text_encoder) if isinstance(m, DistributedDataParallel)]
 
-    latents_of = functools.partial(
-        LatentSource, vae=pipe.vae, resolution=data.resolution, center_crop=data.center_crop,
-        random_flip=data.random_flip, cache=tcfg.cache_latents, scaling_factor=pipe.config.vae.scaling_factor,
-    )
-    batches = DreamBoothBatches(instances, classes, latents_of(instances), latents_of(classes) if prior else None, tcfg.seed)
+    latents = LatentSource(pipe.vae, data.center_crop, data.random_flip, pipe.config.vae.scaling_factor, moments_store(cfg, pipe))
+    batches = DreamBoothBatches(plan, latents, tcfg.seed, data.caption_dropout, data.masks)
+    shard = functools.partial(plan.shard, seed=tcfg.seed, rank=env.rank, world_size=env.world_size)
+    val_prompts = validation_prompts(cfg, subjects)
+    val_sizes = sorted(plan.bucket_counts())
     encode_prompts = PromptEncoder(pipe.tokenizer, text_encoder, text_encoder_trains, cfg.model.clip_skip)
     alphas_cumprod = schedule.alphas_cumprod_of(sched).to(env.device)
     recipe = Recipe.from_config(tcfg, sched)
@@ -408,6 +487,7 @@ def train(cfg: TrainConfig, env: Distributed, resume_hint: str) -> int:
         checkpoint.load_checkpoint(resume_from, state, env.rank)
         log(env, f"resumed from {resume_from} at step {state.step}")
     metrics = MetricsLog(run_dir, cfg.run.tensorboard) if env.is_main else None
+    subject_names = plan.subjects if data.subjects else ()
     if env.is_main:  # only now: a refused resume leaves the run directory as it was
         save_config(cfg, run_dir / "config.yaml")
         metrics.truncate_after(state.step)
@@ -420,17 +500,19 @@ def train(cfg: TrainConfig, env: Distributed, resume_hint: str) -> int:
     stop = StopRequest()
     bar = tqdm(total=tcfg.max_steps, initial=state.step, desc="training", disable=not env.is_main, dynamic_ncols=True)
     accum = tcfg.gradient_accumulation_steps
-    pending, window_started, window_samples = PendingSteps(), time.perf_counter(), 0
+    pending, window_started, window_samples = PendingSteps(subject_names), time.perf_counter(), 0
     while state.step < tcfg.max_steps:
         totals = torch.zeros(3, device=env.device)  # loss, instance loss, prior loss over micro-steps
+        subject_totals = torch.zeros(2, len(subject_names), device=env.device)  # per subject: loss sum, samples
         if tcfg.fused_backward:
             optimizer.set_lr_factor(lr_factor(state.step, tcfg.lr_schedule, tcfg.warmup_steps, tcfg.max_steps))
         for micro in range(accum):
-            items, state.cursor = take_items(state.cursor, tcfg.batch_size, len(batches), tcfg.seed, env.rank, env.world_size)
-            latents, prompts, generators = batches.batch(items)
+            items, state.cursor = take_items(state.cursor, tcfg.batch_size, len(batches), tcfg.seed, env.rank, env.world_size, shard)
+            latents, prompts, generators, masks, subjects_onehot = batches.batch(items)
             noise, input_noise, t = draw_noise(latents.shape[1:], generators, recipe)
             perturbed = input_noise is not noise  # input perturbation: x_t from other noise than the target's
             latents, noise, t = (to_device(x, env.device) for x in (latents, noise, t))
+            masks = to_device(masks, env.device) if masks is not None else None
             input_noise = to_device(input_noise, env.device) if perturbed else noise
             noisy, target = noisy_latents_and_target(latents, noise, input_noise, t, alphas_cumprod, recipe)
             # Gradients are all-reduced only on the last micro-step of the accumulation.
@@ -443,10 +525,15 @@ def train(cfg: TrainConfig, env: Distributed, resume_hint: str) -> int:
                     context = encode_prompts(prompts, env.device)
                     prediction = unet(noisy, t, context)
                 loss, loss_instance, loss_prior = recipe_loss(
-                    prediction, target, t, alphas_cumprod, recipe, len(items), tcfg.prior_loss_weight
+                    prediction, target, t, alphas_cumprod, recipe, len(items), tcfg.prior_loss_weight, masks
                 )
                 scaler.scale(loss / accum).backward()
             totals += torch.stack([loss.detach(), loss_instance.detach(), loss_prior.detach()]) / accum
+            if subject_names:  # each subject's instance samples, summed through the one-hot matrix: no host read
+                onehot = to_device(subjects_onehot, env.device)
+                per_sample = sample_losses(prediction.detach()[: len(items)], target[: len(items)], t[: len(items)],
+                                           alphas_cumprod, recipe, masks[: len(items)] if masks is not None else None)
+                subject_totals += torch.stack([per_sample @ onehot, onehot.sum(0)])
             window_samples += len(prompts) * env.world_size
 
         if tcfg.fused_backward:  # backward has stepped each weight; no global norm exists
@@ -463,7 +550,7 @@ def train(cfg: TrainConfig, env: Distributed, resume_hint: str) -> int:
             optimizer.zero_grad(set_to_none=True)
         if ema is not None and (state.step + 1) % tcfg.ema_every == 0:
             ema.update(skip)  # on the device: a skipped step leaves the EMA as it was
-        pending.add(state.step + 1, optimizer.param_groups[0]["lr"], totals, grad_norm, skip)
+        pending.add(state.step + 1, optimizer.param_groups[0]["lr"], totals, grad_norm, skip, subject_totals)
         if lr_schedule is not None:
             lr_schedule.step()
         state.step += 1
@@ -496,9 +583,9 @@ def train(cfg: TrainConfig, env: Distributed, resume_hint: str) -> int:
                 if env.is_main:
                     bar.write(f"checkpoint: {saved}")
             window_started = time.perf_counter()  # checkpoints are not training time
-        if env.is_main and cfg.validation.prompts and step % cfg.validation.every_n_steps == 0:
-            with weights_as_exported(cfg, pipe, ema, run_dir, len(instances), len(classes)):
-                save_validation_grid(cfg, pipe, run_dir, step, amp)
+        if env.is_main and val_prompts and step % cfg.validation.every_n_steps == 0:
+            with weights_as_exported(cfg, pipe, ema, run_dir, len(plan.instances), len(plan.classes)):
+                save_validation_grid(cfg, pipe, run_dir, step, amp, val_prompts, val_sizes)
             window_started = time.perf_counter()
         if stop_now:
             break
@@ -515,11 +602,11 @@ def train(cfg: TrainConfig, env: Distributed, resume_hint: str) -> int:
         log(env, f"stopped at step {state.step}; to continue: {resume_hint}")
         return 0
     if env.is_main:
-        export = export_model(cfg, pipe, ema, run_dir, len(instances), len(classes))
+        export = export_model(cfg, pipe, ema, run_dir, len(plan.instances), len(plan.classes))
         weights = f"--weights {cfg.model.weights} --lora {export}" if cfg.lora.rank and cfg.model.weights else f"--weights {run_dir / 'model.safetensors'}"
         log(env, f"done: {tcfg.max_steps} steps. Fine-tuned {'LoRA' if cfg.lora.rank else 'model'}: {export}\n"
             f"  metrics: {metrics.path}\n  samples: {run_dir / 'samples'}\n"
-            f"  try it:  python sample.py {weights} --prompt {data.instance_prompt!r}")
+            f"  try it:  python sample.py {weights} --prompt {subjects[0].instance_prompt!r}")
     barrier()
     return 0
 

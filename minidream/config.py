@@ -157,6 +157,21 @@ class ModelSection:
 
 
 @dataclass(frozen=True)
+class SubjectEntry:
+    """One entry of data.subjects (training/subjects.py); a key left out takes the data.* value of the same name."""
+
+    instance_dir: str | None = None  # required
+    instance_prompt: str | None = None  # required
+    name: str | None = None  # its metrics key, loss/<name>; None = the instance folder's name
+    class_dir: str | None = None  # subjects naming the same folder share its class images
+    class_prompt: str | None = None
+    num_class_images: int | None = None
+    repeats: int = 1  # its instance images are listed this many times per epoch
+    identifier: str | None = None  # {identifier} in data.caption_template, e.g. "sks"
+    class_noun: str | None = None  # {class} in data.caption_template, e.g. "dog"
+
+
+@dataclass(frozen=True)
 class DataSection:
     instance_dir: str = ""  # your subject's photos; empty = the drawn example subject, if example_subject
     instance_prompt: str = "a photo of sks dog"
@@ -172,6 +187,15 @@ class DataSection:
     class_steps: int = 50
     class_guidance: float = 7.5
     class_batch_size: int = 4
+    # Real photo sets (README: Several subjects, buckets, masks); every option is off by default.
+    subjects: tuple[SubjectEntry, ...] = ()  # several subjects in one run; empty = the single subject above
+    caption_template: str | None = None  # e.g. "a photo of {identifier} {class}"; a photo.txt caption wins
+    caption_dropout: float = 0.0  # probability that an instance prompt becomes "" (class prompts never)
+    buckets: bool = False  # aspect-ratio buckets of about resolution^2 pixels instead of square crops
+    bucket_step: int = 64  # bucket sides are multiples of this
+    max_aspect: float = 2.0  # the widest bucket's width / height (and the tallest's height / width)
+    masks: bool = False  # weight the loss by photo.mask.png beside photo.jpg (white = subject)
+    latent_cache_dir: str | None = None  # VAE moments on disk, keyed by file content, VAE and transform
 
 
 @dataclass(frozen=True)
@@ -385,7 +409,7 @@ def to_dict(config) -> dict:
         if dataclasses.is_dataclass(value):
             value = to_dict(value)
         elif isinstance(value, tuple):
-            value = list(value)
+            value = [to_dict(v) if dataclasses.is_dataclass(v) else v for v in value]
         out[f.name] = value
     return out
 

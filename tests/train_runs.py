@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from photo_sets import BUCKET_OPTIONS, subjects_override, write_two_subjects
 from safetensors.torch import load_file
 
 from minidream.training.example_subject import (
@@ -36,6 +37,12 @@ class Setup:
 # LoRA on the UNet and the text encoder, with EMA of the adapters; lr raised so adapters move in 8 steps.
 LORA = ("lora.rank=4", "lora.text_encoder_rank=2", "lora.targets=all", "train.lr=1e-3", "train.ema_decay=0.9")
 RECIPE = ("train.ema_decay=0.9", "train.snr_gamma=5", "train.noise_offset=0.05", "train.input_perturbation=0.05", "train.loss=huber")
+# Real photo sets (photo_sets.write_two_subjects): buckets, two subjects, captions dropped and
+# templated, masks, random crops and flips. <data> is the run's data folder.
+SUBJECTS = (
+    *BUCKET_OPTIONS, subjects_override("<data>"), "data.caption_template=a photo of {identifier} {class}",
+    "data.caption_dropout=0.5", "data.masks=true", "data.random_flip=true", "data.center_crop=false",
+)
 SETUPS = {
     "single": Setup(1, ("train.batch_size=2",)),
     "text-encoder": Setup(1, ("train.batch_size=2", "train.train_text_encoder=true")),
@@ -47,25 +54,30 @@ SETUPS = {
     "fused": Setup(1, ("train.batch_size=2", "train.fused_backward=true", "train.max_grad_norm=null", "train.ema_decay=0.9")),
     "lora": Setup(1, ("train.batch_size=2", *LORA)),
     "torchrun-lora": Setup(2, ("train.batch_size=1", *LORA)),
+    "subjects": Setup(1, ("train.batch_size=2", *SUBJECTS)),
+    "torchrun-subjects": Setup(2, ("train.batch_size=1", *SUBJECTS)),
 }
 
 
 def write_training_data(folder: Path) -> Path:
-    """4 drawn subject images and 8 class images (other drawings: no class generation needed)."""
+    """4 drawn subject images and 8 class images (other drawings: no class generation needed), and
+    the two-subject photo set of the "subjects" setups."""
     write_example_subject(folder / "subject", count=4, size=64)
     (folder / "class").mkdir()
     for index in range(8):
         draw_example_subject(100 + index, 64).save(folder / "class" / f"class-{index:05d}.png")
-    return folder
+    return write_two_subjects(folder)
 
 
 def train_args(run_dir: Path, data: Path, overrides: tuple[str, ...] = ()) -> list[str]:
     """train.py's arguments for a STEPS-step tiny run on `data`, without validation grids, reading
-    metrics back every 2 steps (so runs also cover steps whose metrics wait on the device)."""
+    metrics back every 2 steps (so runs also cover steps whose metrics wait on the device).
+    `<data>` in an override is replaced by `data`."""
     return [
         "--config", str(TINY_CONFIG), f"run.output_dir={run_dir}",
         f"data.instance_dir={data / 'subject'}", "data.example_subject=false", f"data.class_dir={data / 'class'}",
-        f"train.max_steps={STEPS}", "validation.prompts=[]", "run.log_every_n_steps=2", *overrides,
+        f"train.max_steps={STEPS}", "validation.prompts=[]", "run.log_every_n_steps=2",
+        *(override.replace("<data>", str(data)) for override in overrides),
     ]
 
 

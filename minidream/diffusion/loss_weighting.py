@@ -106,7 +106,8 @@ def huber_c_schedule(
 
 
 def per_sample_loss(
-    prediction: torch.Tensor, target: torch.Tensor, loss: str, huber_c: torch.Tensor | None = None
+    prediction: torch.Tensor, target: torch.Tensor, loss: str, huber_c: torch.Tensor | None = None,
+    weights: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Each sample's loss, the mean over all but the batch dimension, in fp32: shape [B].
 
@@ -118,6 +119,8 @@ def per_sample_loss(
                  (kohya's "smooth_l1" is a different formula, 2 (sqrt((x - y)^2 + c^2) - c).)
     huber_c: per-sample c, shape [B] (see huber_c_schedule); needed by huber and smooth_l1.
     Per-sample values let weights apply per sample before the instance/class split.
+    weights: per-element weights broadcast to the loss (a loss mask, B x 1 x h x w): the mean is
+    then of weights * loss over all elements.
     """
     diff = prediction.float() - target.float()
     if loss == "mse":
@@ -136,4 +139,6 @@ def per_sample_loss(
             elementwise = torch.where(magnitude < c, 0.5 * diff**2 / c, magnitude - 0.5 * c)
     else:
         raise ValueError(f"unknown loss {loss!r}; choose one of {', '.join(LOSSES)}")
+    if weights is not None:
+        elementwise = elementwise * weights.to(elementwise.device, torch.float32)
     return elementwise.flatten(1).mean(dim=1)

@@ -27,6 +27,7 @@ from minidream.diffusion.loss_weighting import HUBER_SCHEDULES, LOSSES
 from minidream.files import atomic_file
 from minidream.models.lora import UNET_TARGETS
 from minidream.training.optimizers import OPTIMIZERS
+from minidream.training.subjects import subjects_of
 
 # Keys whose value is one of a few names: checked once the config is complete.
 CHOICES = {
@@ -56,6 +57,8 @@ RANGES = (
     ("lora.text_encoder_rank", 0, float("inf"), True),
     ("lora.dropout", 0, 1, True),
     ("eval.every_n_steps", 0, float("inf"), True),  # 0 = off
+    ("data.caption_dropout", 0, 1, True),
+    ("data.max_aspect", 1, float("inf"), True),
 )
 EXAMPLE_SUBJECT_DIR = "example-subject"  # inside run.output_dir: never a folder the user named
 # Counts and intervals: zero or less would divide by zero or train nothing.
@@ -63,6 +66,7 @@ POSITIVE = (
     "model.clip_skip", "train.max_steps", "train.batch_size", "train.gradient_accumulation_steps",
     "train.max_nonfinite_steps", "train.ema_every", "checkpoint.every_n_steps", "checkpoint.keep_last",
     "run.log_every_n_steps", "validation.every_n_steps", "eval.num_prompts", "eval.images_per_prompt", "eval.steps",
+    "data.bucket_step",
 )
 
 
@@ -144,6 +148,9 @@ def check_combinations(config: TrainConfig) -> None:
                           "with LoRA choose ema or raw")
     if lora.text_encoder_rank and not lora.rank:
         raise ConfigError("lora.text_encoder_rank needs UNet adapters too: set lora.rank")
+    if config.data.bucket_step % 8:
+        raise ConfigError(f"data.bucket_step={config.data.bucket_step} must be a multiple of 8 (the VAE's downsampling)")
+    subjects_of(config)  # data.subjects: each entry complete, none a twin of another
 
 
 def apply_override(config, override: str):

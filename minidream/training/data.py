@@ -1,7 +1,8 @@
 """DreamBooth data: instance and class images, their prompts, transforms and the data order.
 
 Everything that can be wrong with the data (missing folder, no images, undecodable or too
-small files) is found by `scan_images` before any model is loaded.
+small files, bad masks) is found by `scan_images` before any model is loaded. Images are decoded
+when a batch needs them, so memory does not grow with the number of images.
 """
 
 import warnings
@@ -12,8 +13,11 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from minidream.training.buckets import Size, cover_scale, nearest_bucket
+
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 SIXTEEN_BIT_MODES = ("I", "I;16", "I;16B", "I;16L", "F")
+MASK_SUFFIX = ".mask.png"  # photo.mask.png beside photo.jpg: its loss mask (training/masks.py)
 
 
 class DataError(ValueError):
@@ -26,6 +30,49 @@ class Example:
 
     path: Path
     prompt: str
+    size: Size = (0, 0)  # (width, height), upright
+    mask: Path | None = None  # photo.mask.png, with data.masks
+
+
+@dataclass(frozen=True)
+class Placement:
+    """How an image becomes the VAE's input: resized to `resized`, cropped at (left, top) to `size`, maybe flipped."""
+
+    resized: Size
+    left: int
+    top: int
+    size: Size
+    flip: bool
+
+    @property
+    def key(self) -> str:
+        """Everything that decides the VAE input besides the file: the latent cache's transform key."""
+        return f"resize={self.resized[0]}x{self.resized[1]} crop={self.left},{self.top},{self.size[0]}x{self.size[1]} flip={int(self.flip)}"
+
+    def apply(self, image: Image.Image, resample: Image.Resampling = Image.Resampling.BICUBIC) -> Image.Image:
+        image = image.resize(self.resized, resample)  # PIL widens the filter when shrinking: antialiased
+        image = image.crop((self.left, self.top, self.left + self.size[0], self.top + self.size[1]))
+        return image.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if self.flip else image
+
+
+def place(image_size: Size, size: Size, center_crop: bool, flip: bool, generator: torch.Generator | None) -> Placement:
+    """Resize to cover `size` (scale = max(w'/w, h'/h)), then crop it: centred, or at random offsets
+    drawn from `generator` (left, then top)."""
+    width, height = image_size
+    scale = cover_scale(image_size, size)
+    resized = (max(size[0], round(width * scale)), max(size[1], round(height * scale)))
+    if center_crop:
+        left, top = (resized[0] - size[0]) // 2, (resized[1] - size[1]) // 2
+    else:
+        left = int(torch.randint(0, resized[0] - size[0] + 1, (), generator=generator))
+        top = int(torch.randint(0, resized[1] - size[1] + 1, (), generator=generator))
+    return Placement(resized, left, top, size, flip)
+
+
+def pixels_of(image: Image.Image) -> torch.Tensor:
+    """An RGB image as a 3 x h x w float32 tensor in [-1, 1]."""
+    pixels = torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1)
+    return pixels.float() / 127.5 - 1.0
 
 
 def load_image(path: Path) -> Image.Image:
@@ -56,34 +103,27 @@ def image_to_tensor(
     Returns a 3 x resolution x resolution float32 tensor in [-1, 1]. A random crop draws its
     offsets from `generator`, so the data order is reproducible.
     """
-    width, height = image.size
-    scale = resolution / min(width, height)
-    size = (max(resolution, round(width * scale)), max(resolution, round(height * scale)))
-    image = image.resize(size, Image.Resampling.BICUBIC)  # PIL widens the filter when shrinking: antialiased
-    if center_crop:
-        left, top = (size[0] - resolution) // 2, (size[1] - resolution) // 2
-    else:
-        left = int(torch.randint(0, size[0] - resolution + 1, (), generator=generator))
-        top = int(torch.randint(0, size[1] - resolution + 1, (), generator=generator))
-    image = image.crop((left, top, left + resolution, top + resolution))
-    if flip:
-        image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-    pixels = torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1)
-    return pixels.float() / 127.5 - 1.0
+    placement = place(image.size, (resolution, resolution), center_crop, flip, generator)
+    return pixels_of(placement.apply(image))
 
 
 def find_images(folder: str | Path, what: str) -> list[Path]:
-    """The image files directly in `folder`, sorted by name."""
+    """The image files directly in `folder`, sorted by name (masks, name.mask.png, are not images)."""
     folder = Path(folder)
     if not folder.is_dir():
         raise DataError(f"{what} folder {folder} does not exist")
-    return sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    return sorted(
+        p for p in folder.iterdir()
+        if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.lower().endswith(MASK_SUFFIX) and p.is_file()
+    )
 
 
 def scan_images(
-    folder: str | Path, prompt: str, resolution: int, skip_bad: bool, what: str, use_captions: bool = True
+    folder: str | Path, prompt: str, resolution: int, skip_bad: bool, what: str, use_captions: bool = True,
+    buckets: list[Size] | None = None,
 ) -> list[Example]:
-    """Check every image in `folder` decodes and is at least `resolution` on its shorter side.
+    """Check every image in `folder` decodes and is at least `resolution` on its shorter side (with
+    `buckets`: covers its nearest bucket without upscaling).
 
     A `name.txt` beside `name.jpg` overrides the prompt for that image (when use_captions).
     Bad files stop with an error naming them, or are skipped with a warning when skip_bad.
@@ -97,21 +137,29 @@ def scan_images(
                 raise
             warnings.warn(f"skipping {error}", stacklevel=2)
             continue
-        if min(image.size) < resolution:
+        if buckets is None and min(image.size) < resolution:
             small.append(f"{path.name} ({image.size[0]}x{image.size[1]})")
+            continue
+        if buckets is not None and cover_scale(image.size, bucket := nearest_bucket(image.size, buckets)) > 1:
+            small.append(f"{path.name} ({image.size[0]}x{image.size[1]} < bucket {bucket[0]}x{bucket[1]})")
             continue
         caption = path.with_suffix(".txt")
         text = caption.read_text().strip() if use_captions and caption.is_file() else ""
-        examples.append(Example(path, text or prompt))
+        examples.append(Example(path, text or prompt, image.size))
     if small:
-        listed = ", ".join(small[:5]) + (f" and {len(small) - 5} more" if len(small) > 5 else "")
-        raise DataError(
-            f"{what} folder {folder}: {len(small)} image(s) smaller than data.resolution={resolution}: {listed}; "
-            "use larger images or lower data.resolution"
-        )
+        rule = f"smaller than data.resolution={resolution}" if buckets is None else "smaller than their bucket (never upscaled)"
+        raise small_images_error(f"{what} folder {folder}", small, rule)
     if not examples:
         raise DataError(f"{what} folder {folder} holds no usable images ({', '.join(IMAGE_SUFFIXES)})")
     return examples
+
+
+def small_images_error(
+    where: str, small: list[str], rule: str, fix: str = "use larger images or lower data.resolution"
+) -> DataError:
+    """One line for the images that would have to be upscaled: `rule` says which size they miss."""
+    listed = ", ".join(small[:5]) + (f" and {len(small) - 5} more" if len(small) > 5 else "")
+    return DataError(f"{where}: {len(small)} image(s) {rule}: {listed}; {fix}")
 
 
 def epoch_order(length: int, epoch: int, seed: int, rank: int, world_size: int) -> list[int]:

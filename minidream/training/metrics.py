@@ -58,23 +58,34 @@ class PendingSteps:
 
     COLUMNS = ("loss", "loss_instance", "loss_prior", "grad_norm", "skipped")
 
-    def __init__(self):
+    def __init__(self, subjects: tuple[str, ...] = ()):
+        self.subjects = subjects  # with data.subjects: each gets loss/<name>
         self.steps: list[tuple[int, float]] = []  # (step, its learning rate): host values
-        self.values: list[torch.Tensor] = []  # one row of COLUMNS per step, on the device
+        self.values: list[torch.Tensor] = []  # one row of COLUMNS (+ subject sums and counts) per step, on the device
 
-    def add(self, step: int, lr: float, losses: torch.Tensor, grad_norm: torch.Tensor, skipped: torch.Tensor) -> None:
-        """losses: (loss, instance loss, prior loss) of this rank; grad_norm and skipped: 0-d, the same on every rank."""
+    def add(
+        self, step: int, lr: float, losses: torch.Tensor, grad_norm: torch.Tensor, skipped: torch.Tensor,
+        subject_totals: torch.Tensor | None = None,
+    ) -> None:
+        """losses: (loss, instance loss, prior loss) of this rank; grad_norm and skipped: 0-d, the same on every rank;
+        subject_totals (with subjects): 2 x S, each subject's summed instance-sample losses and its sample count."""
         self.steps.append((step, lr))
-        self.values.append(torch.cat([losses.float(), grad_norm.float()[None], skipped.float()[None]]))
+        row = [losses.float(), grad_norm.float()[None], skipped.float()[None]]
+        self.values.append(torch.cat(row + ([subject_totals.float().flatten()] if self.subjects else [])))
 
     def read(self) -> list[dict]:
         """One record per pending step (at least one), losses averaged over ranks; empties the window."""
         values = torch.stack(self.values)
-        values[:, :3] = mean_across_ranks(values[:, :3])
+        # Sums and counts averaged alike keep their ratio: a subject's loss is its mean over all ranks' samples.
+        averaged = mean_across_ranks(torch.cat([values[:, :3], values[:, 5:]], dim=1))
+        values[:, :3], values[:, 5:] = averaged[:, :3], averaged[:, 3:]
         records = []
+        count = len(self.subjects)
         for (step, lr), row in zip(self.steps, values.tolist()):  # the one device-to-host copy
             record = {"step": step, "lr": lr} | dict(zip(self.COLUMNS, row))
             record["skipped"] = bool(record["skipped"])
+            sums, counts = row[5 : 5 + count], row[5 + count :]
+            record |= {f"loss/{name}": total / n for name, total, n in zip(self.subjects, sums, counts) if n > 0}
             records.append(record)
         self.steps, self.values = [], []
         return records

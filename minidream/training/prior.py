@@ -1,7 +1,9 @@
 """Class images for prior preservation, generated with the base model before training.
 
 Image k is always `class-NNNNN.png` made from seed k, so a rerun (or a resumed run) only
-makes what is missing and makes the same images; ranks split the missing indices.
+makes what is missing and makes the same images; ranks split the missing indices. With buckets,
+image k's size is the k-th of buckets.proportional_sizes (the instance images' proportions), so
+it too depends only on k and the data.
 """
 
 from pathlib import Path
@@ -11,6 +13,7 @@ from tqdm.auto import tqdm
 from minidream.diffusion.sampling import generate
 from minidream.files import atomic_file
 from minidream.models.pipeline import Pipeline
+from minidream.training.buckets import Size
 from minidream.training.data import find_images
 
 
@@ -44,16 +47,21 @@ def generate_class_images(
     sampler: str,
     batch_size: int,
     show_progress: bool,
+    sizes: list[Size] | None = None,
 ) -> None:
-    """Generate and write the class images of `indices` (this rank's share), each atomically."""
+    """Generate and write the class images of `indices` (this rank's share), each atomically;
+    image k at sizes[k] (width, height) when given, else square at `resolution`."""
     class_dir = Path(class_dir)
     class_dir.mkdir(parents=True, exist_ok=True)
+    by_size: dict[Size, list[int]] = {}  # a generate() batch is of one size
+    for index in indices:
+        by_size.setdefault(sizes[index] if sizes else (resolution, resolution), []).append(index)
+    chunks = [(size, group[i : i + batch_size]) for size, group in by_size.items() for i in range(0, len(group), batch_size)]
     with tqdm(total=len(indices), desc="class images", disable=not show_progress) as bar:
-        for start in range(0, len(indices), batch_size):
-            chunk = indices[start : start + batch_size]
+        for (width, height), chunk in chunks:
             images = generate(
                 pipe, [prompt] * len(chunk), seeds=chunk, steps=steps, sampler=sampler,
-                guidance=guidance, height=resolution, width=resolution,
+                guidance=guidance, height=height, width=width,
             )
             for index, image in zip(chunk, images):
                 with atomic_file(class_image_path(class_dir, index)) as tmp:

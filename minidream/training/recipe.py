@@ -74,25 +74,35 @@ def noisy_latents_and_target(
     return schedule.add_noise(latents, input_noise, alpha_bar), target
 
 
-def recipe_loss(
+def sample_losses(
     prediction: torch.Tensor, target: torch.Tensor, t: torch.Tensor, alphas_cumprod: torch.Tensor, recipe: Recipe,
-    num_instance: int, prior_loss_weight: float,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The DreamBooth loss (Ruiz et al. 2023 eq. 2) with the recipe's loss and per-sample weights.
-
-    Each sample's loss is weighted first (min-SNR-gamma), then the instance samples (the first
-    num_instance) and the class samples are averaged apart: (total, instance, prior; prior 0
-    without class samples). fp32; no host reads.
-    """
-    if recipe.loss == "mse" and recipe.snr_gamma is None:
-        return dreambooth_loss(prediction, target, num_instance, prior_loss_weight)  # the plain recipe, unchanged
+    mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Each sample's loss [B]: the recipe's loss, weighted per element by `mask` (B x 1 x h x w,
+    data.masks: the mean of mask * loss) and then per sample (min-SNR-gamma). fp32; no host reads."""
     huber_c = None
     if recipe.loss != "mse":
         huber_c = loss_weighting.huber_c_schedule(recipe.huber_schedule, recipe.huber_c, t, alphas_cumprod, recipe.num_train_timesteps)
-    per_sample = loss_weighting.per_sample_loss(prediction, target, recipe.loss, huber_c)
+    per_sample = loss_weighting.per_sample_loss(prediction, target, recipe.loss, huber_c, weights=mask)
     if recipe.snr_gamma is not None:
         snr_t = loss_weighting.snr(alphas_cumprod, t)
         per_sample = per_sample * loss_weighting.min_snr_weights(snr_t, recipe.snr_gamma, recipe.prediction_type).to(per_sample.device)
+    return per_sample
+
+
+def recipe_loss(
+    prediction: torch.Tensor, target: torch.Tensor, t: torch.Tensor, alphas_cumprod: torch.Tensor, recipe: Recipe,
+    num_instance: int, prior_loss_weight: float, mask: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The DreamBooth loss (Ruiz et al. 2023 eq. 2) with the recipe's loss and per-sample weights.
+
+    Each sample's loss is weighted first (the loss mask, min-SNR-gamma: sample_losses), then the
+    instance samples (the first num_instance) and the class samples are averaged apart: (total,
+    instance, prior; prior 0 without class samples). fp32; no host reads.
+    """
+    if recipe.loss == "mse" and recipe.snr_gamma is None and mask is None:
+        return dreambooth_loss(prediction, target, num_instance, prior_loss_weight)  # the plain recipe, unchanged
+    per_sample = sample_losses(prediction, target, t, alphas_cumprod, recipe, mask)
     loss_instance = per_sample[:num_instance].mean()
     if num_instance == per_sample.shape[0]:
         return loss_instance, loss_instance, torch.zeros((), device=per_sample.device)

@@ -9,6 +9,7 @@ the same global batch, and a resumed run reproduces the uninterrupted one.
 
 import math
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -41,12 +42,15 @@ class Item:
 
 
 def take_items(
-    cursor: Cursor, count: int, length: int, seed: int, rank: int, world_size: int
+    cursor: Cursor, count: int, length: int, seed: int, rank: int, world_size: int,
+    shard: Callable[[int], list[int]] | None = None,
 ) -> tuple[list[Item], Cursor]:
     """The next `count` items of this rank's shard, moving to the next epoch when it runs out.
 
     Rank r's shard of an epoch is positions r, r + W, r + 2W, ... of the shuffled order
-    (`epoch_order`), so in lockstep the ranks take consecutive runs of the global order.
+    (`epoch_order`, or `shard(epoch)`: this rank's part of another order of `length` items,
+    e.g. plan.DataPlan's one-bucket batches), so in lockstep the ranks take consecutive runs of
+    the global order.
     """
     shard_length = length // world_size
     if shard_length < count:
@@ -56,7 +60,7 @@ def take_items(
         )
     if cursor.position + count > shard_length:
         cursor = Cursor(cursor.epoch + 1, 0)
-    order = epoch_order(length, cursor.epoch, seed, rank, world_size)
+    order = epoch_order(length, cursor.epoch, seed, rank, world_size) if shard is None else shard(cursor.epoch)
     items = [
         Item(order[j], cursor.epoch, rank + j * world_size) for j in range(cursor.position, cursor.position + count)
     ]
