@@ -77,6 +77,7 @@ from minidream.training.distributed import (
 )
 from minidream.training.ema import EMA
 from minidream.training.example_subject import write_example_subject
+from minidream.training.latent_cache import LatentCache, check_writable_folder
 from minidream.training.metrics import MetricsLog, PendingSteps
 from minidream.training.optimizers import FusedBackward, OptimizerError, make_optimizer
 from minidream.training.plan import DataPlan, pair_classes, plan_items
@@ -229,9 +230,6 @@ def moments_store(cfg: TrainConfig, pipe: Pipeline):
     train.cache_latents and the transforms draw nothing, else nowhere (encoded every time)."""
     data = cfg.data
     if data.latent_cache_dir is not None:
-        # latent_cache.py comes with the `cache` branch: hoist this import to the top once both are merged.
-        from minidream.training.latent_cache import LatentCache
-
         return LatentCache(Path(data.latent_cache_dir), pipe.vae)
     if cfg.train.cache_latents and data.center_crop and not data.random_flip:
         return MomentsInMemory()
@@ -420,6 +418,8 @@ def train(cfg: TrainConfig, env: Distributed, resume_hint: str) -> int:
     for flag in ("clip", "dino") if cfg.eval.every_n_steps else ():
         if not Path(getattr(cfg.eval, flag)).exists():
             raise ConfigError(f"eval.{flag}={getattr(cfg.eval, flag)}: no such file or folder (see the README, Evaluate a run)")
+    if data.latent_cache_dir is not None:
+        check_writable_folder(Path(data.latent_cache_dir))
     if cfg.run.resume == "none" and checkpoint.list_checkpoints(run_dir):
         raise CheckpointError(
             f"{run_dir} already holds checkpoints of an earlier run; continue it with run.resume=latest "
@@ -454,7 +454,8 @@ def train(cfg: TrainConfig, env: Distributed, resume_hint: str) -> int:
     text_encoder = wrap(pipe.text_encoder) if text_encoder_trains else pipe.text_encoder
     ddp_modules = [m for m in (unet, text_encoder) if isinstance(m, DistributedDataParallel)]
 
-    latents = LatentSource(pipe.vae, data.center_crop, data.random_flip, pipe.config.vae.scaling_factor, moments_store(cfg, pipe))
+    store = moments_store(cfg, pipe)
+    latents = LatentSource(pipe.vae, data.center_crop, data.random_flip, pipe.config.vae.scaling_factor, store)
     batches = DreamBoothBatches(plan, latents, tcfg.seed, data.caption_dropout, data.masks)
     shard = functools.partial(plan.shard, seed=tcfg.seed, rank=env.rank, world_size=env.world_size)
     val_prompts = validation_prompts(cfg, subjects)
@@ -591,6 +592,8 @@ def train(cfg: TrainConfig, env: Distributed, resume_hint: str) -> int:
             break
     bar.close()
     stop.restore()
+    if data.latent_cache_dir is not None:  # store is the LatentCache
+        log(env, f"{store.summary()} (rank 0)")
     if metrics is not None:
         metrics.close()
 

@@ -3,9 +3,6 @@ buckets, a caption template, caption dropout, masks, random crops and flips all 
 after SIGTERM bit for bit, the same under torchrun with 2 ranks, and per-subject losses logged;
 the latent cache (data.latent_cache_dir) changes no loss."""
 
-import hashlib
-import sys
-import types
 
 import pytest
 import test_resume  # as modules: their tests imported by name would be collected (and run) here too
@@ -13,7 +10,6 @@ import test_train_distributed
 import test_train_host_syncs
 import torch
 from PIL import Image
-from safetensors.torch import load, save
 from train_runs import SETUPS, losses, metrics, output, run_setup, train_args
 
 import train
@@ -22,6 +18,7 @@ from minidream.models.pipeline import random_pipeline
 from minidream.training import batches
 from minidream.training.config_file import load_train_config
 from minidream.training.data import load_image
+from minidream.training.latent_cache import LatentCache
 from minidream.training.plan import plan_items
 from minidream.training.step import Item
 from minidream.training.subjects import scan_subject, subjects_of
@@ -61,35 +58,11 @@ def test_per_subject_losses_average_to_the_instance_loss(uninterrupted, training
     assert "bucket 48x80: 2 items" in log and "bucket 64x64: 4 items" in log and "bucket 80x48: 2 items" in log
 
 
-class DiskMoments:
-    """A stand-in for latent_cache.LatentCache (another branch's module) with its API: entries in a
-    folder, written and read back as safetensors, keyed by the file's bytes and the transform."""
-
-    def __init__(self, folder, vae):
-        self.folder = folder
-        self.folder.mkdir(parents=True, exist_ok=True)
-        self.hits = self.misses = 0
-
-    def moments(self, image_path, transform_key, encode):
-        key = hashlib.sha256(image_path.read_bytes() + transform_key.encode()).hexdigest()
-        entry = self.folder / f"{key}.safetensors"
-        if entry.exists():
-            self.hits += 1
-            stored = load(entry.read_bytes())
-            return stored["mean"], stored["std"]
-        self.misses += 1
-        mean, std = encode()
-        entry.write_bytes(save({"mean": mean.contiguous(), "std": std.contiguous()}))
-        return mean, std
-
-
 def test_the_latent_cache_changes_no_loss(tmp_path, training_data, monkeypatch, one_thread):
     """Random crops and flips: each sample's transform is drawn before its moments are looked up, so a
     run filling the cache, and one reading it, lose exactly what a run without it does."""
     caches = []
-    fake = types.ModuleType("minidream.training.latent_cache")
-    fake.LatentCache = lambda folder, vae: caches.append(DiskMoments(folder, vae)) or caches[-1]
-    monkeypatch.setitem(sys.modules, "minidream.training.latent_cache", fake)
+    monkeypatch.setattr(train, "LatentCache", lambda folder, vae: caches.append(LatentCache(folder, vae)) or caches[-1])
     overrides = (*SETUPS["subjects"].overrides, "train.max_steps=4")
     assert train.main(train_args(tmp_path / "plain", training_data, overrides)) == 0
     cached = (*overrides, f"data.latent_cache_dir={tmp_path / 'cache'}")

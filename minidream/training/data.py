@@ -34,6 +34,11 @@ class Example:
     mask: Path | None = None  # photo.mask.png, with data.masks
 
 
+# Part of every latent-cache key: raise it when load_image or Placement.apply change the pixels a
+# file gives (decoding, EXIF, alpha, 16-bit scaling, the resize filter), so old entries miss.
+PREPROCESSING = "pixels-v1"
+
+
 @dataclass(frozen=True)
 class Placement:
     """How an image becomes the VAE's input: resized to `resized`, cropped at (left, top) to `size`, maybe flipped."""
@@ -47,7 +52,7 @@ class Placement:
     @property
     def key(self) -> str:
         """Everything that decides the VAE input besides the file: the latent cache's transform key."""
-        return f"resize={self.resized[0]}x{self.resized[1]} crop={self.left},{self.top},{self.size[0]}x{self.size[1]} flip={int(self.flip)}"
+        return f"{PREPROCESSING} resize={self.resized[0]}x{self.resized[1]} crop={self.left},{self.top},{self.size[0]}x{self.size[1]} flip={int(self.flip)}"
 
     def apply(self, image: Image.Image, resample: Image.Resampling = Image.Resampling.BICUBIC) -> Image.Image:
         image = image.resize(self.resized, resample)  # PIL widens the filter when shrinking: antialiased
