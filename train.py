@@ -304,6 +304,12 @@ def run_setup(cfg: TrainConfig, pipe: Pipeline, trained: dict[str, nn.Module]) -
         setup["ema"] = True
     if cfg.train.fused_backward or cfg.train.optimizer != "adamw":  # another optimizer state format
         setup["optimizer"] = f"{cfg.train.optimizer}{' fused_backward' if cfg.train.fused_backward else ''}"
+    data = cfg.data
+    if data.subjects or data.buckets:  # they decide the data order the checkpoint's cursor points into
+        setup["data"] = {
+            "subjects": [[s.name or Path(s.instance_dir).name, s.repeats] for s in data.subjects],
+            "buckets": [data.resolution, data.bucket_step, data.max_aspect] if data.buckets else None,
+        }
     return setup
 
 

@@ -126,3 +126,14 @@ def test_buckets_subjects_and_masks_make_no_host_read_inside_a_step(tmp_path, tr
                      if o.split("=")[0] not in ("data.caption_dropout", "data.random_flip", "data.center_crop")]
     assert test_train_host_syncs.reads_inside_steps(tmp_path / "run", training_data, monkeypatch, tuple(deterministic)) == 0
     assert "loss/cat" in metrics(tmp_path / "run")[-1] or "loss/dog" in metrics(tmp_path / "run")[-1]
+
+
+def test_resuming_with_other_buckets_or_subjects_is_refused(tmp_path, training_data, capsys, one_thread):
+    """The checkpoint's cursor points into the data order that buckets and subjects decide: a resume
+    that changes them would silently train other samples, so it is refused, naming both settings."""
+    overrides = (*SETUPS["subjects"].overrides, "train.max_steps=2", "checkpoint.every_n_steps=2")
+    assert train.main(train_args(tmp_path / "run", training_data, overrides)) == 0
+    other_buckets = (*overrides, "data.max_aspect=1.75", "train.max_steps=4", "run.resume=latest")
+    assert train.main(train_args(tmp_path / "run", training_data, other_buckets)) == 2
+    error = capsys.readouterr().err
+    assert "data=" in error and "'buckets': [64, 16, 1.75]" in error and "resume with the same setup" in error
