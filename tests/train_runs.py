@@ -30,12 +30,14 @@ class Setup:
 
     nproc: int
     overrides: tuple[str, ...]
+    restarts: int = 0  # torchrun --max-restarts: a failed worker group is started again
 
 
 # tiny.yaml's data: 4 instance and 8 class images, so an epoch is 8 items and divides by 2 ranks.
 # LoRA on the UNet and the text encoder, with EMA of the adapters; lr raised so adapters move in 8 steps.
 LORA = ("lora.rank=4", "lora.text_encoder_rank=2", "lora.targets=all", "train.lr=1e-3", "train.ema_decay=0.9")
 RECIPE = ("train.ema_decay=0.9", "train.snr_gamma=5", "train.noise_offset=0.05", "train.input_perturbation=0.05", "train.loss=huber")
+TEXT_ENCODER_EMA = ("train.train_text_encoder=true", "train.ema_decay=0.9")
 SETUPS = {
     "single": Setup(1, ("train.batch_size=2",)),
     "text-encoder": Setup(1, ("train.batch_size=2", "train.train_text_encoder=true")),
@@ -47,6 +49,18 @@ SETUPS = {
     "fused": Setup(1, ("train.batch_size=2", "train.fused_backward=true", "train.max_grad_norm=null", "train.ema_decay=0.9")),
     "lora": Setup(1, ("train.batch_size=2", *LORA)),
     "torchrun-lora": Setup(2, ("train.batch_size=1", *LORA)),
+    # Issue 19: FSDP against DDP and one process, the text encoder trained, with EMA (tests/test_fsdp.py).
+    "text-encoder-ema": Setup(1, ("train.batch_size=2", *TEXT_ENCODER_EMA)),
+    "torchrun-text-encoder-ema": Setup(2, ("train.batch_size=1", *TEXT_ENCODER_EMA)),
+    "fsdp-text-encoder-ema": Setup(2, ("train.batch_size=1", *TEXT_ENCODER_EMA, "train.sharding=fsdp")),
+    "text-encoder-ema-batch-3": Setup(1, ("train.batch_size=3", *TEXT_ENCODER_EMA)),
+    "torchrun-3-text-encoder-ema": Setup(3, ("train.batch_size=1", *TEXT_ENCODER_EMA)),
+    "fsdp-3-text-encoder-ema": Setup(3, ("train.batch_size=1", *TEXT_ENCODER_EMA, "train.sharding=fsdp")),
+    "fsdp-lora": Setup(2, ("train.batch_size=1", *LORA, "train.sharding=fsdp")),
+    "fsdp-accumulate": Setup(2, ("train.batch_size=1", "train.gradient_accumulation_steps=2", "train.gradient_checkpointing=true",
+                                 "train.sharding=fsdp")),
+    # Elastic (tests/test_elastic.py): the fsdp run above under torchrun --max-restarts=1.
+    "elastic-fsdp": Setup(2, ("train.batch_size=1", *TEXT_ENCODER_EMA, "train.sharding=fsdp"), restarts=1),
 }
 
 
@@ -69,12 +83,13 @@ def train_args(run_dir: Path, data: Path, overrides: tuple[str, ...] = ()) -> li
     ]
 
 
-def train_command(run_dir: Path, data: Path, overrides: tuple[str, ...], nproc: int) -> list[str]:
+def train_command(run_dir: Path, data: Path, overrides: tuple[str, ...], nproc: int, restarts: int = 0) -> list[str]:
     args = [str(TRAIN), *train_args(run_dir, data, overrides)]
     if nproc == 1:
         return [sys.executable, *args]
     # --standalone: a local rendezvous on a free port.
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *args]
+    elastic = [f"--max-restarts={restarts}"] if restarts else []
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *elastic, *args]
 
 
 # One thread per process. The last bits of a result depend on the thread count, so runs compared
@@ -86,7 +101,7 @@ ENVIRONMENT = os.environ | {"OMP_NUM_THREADS": "1"}
 def run_setup(run_dir: Path, data: Path, setup: str, *extra: str) -> subprocess.CompletedProcess:
     chosen = SETUPS[setup]
     return subprocess.run(
-        train_command(run_dir, data, chosen.overrides + extra, chosen.nproc), capture_output=True, text=True,
+        train_command(run_dir, data, chosen.overrides + extra, chosen.nproc, chosen.restarts), capture_output=True, text=True,
         env=ENVIRONMENT, timeout=RUN_TIMEOUT_S,
     )
 
@@ -94,7 +109,7 @@ def run_setup(run_dir: Path, data: Path, setup: str, *extra: str) -> subprocess.
 def start_setup(run_dir: Path, data: Path, setup: str, *extra: str) -> subprocess.Popen:
     chosen = SETUPS[setup]
     return subprocess.Popen(
-        train_command(run_dir, data, chosen.overrides + extra, chosen.nproc), stdout=subprocess.PIPE,
+        train_command(run_dir, data, chosen.overrides + extra, chosen.nproc, chosen.restarts), stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT, text=True, env=ENVIRONMENT,
     )
 
