@@ -48,8 +48,23 @@ def init_distributed(device: str = "auto", timeout_s: float = 600.0) -> Distribu
     if world_size > 1 and not dist.is_initialized():
         dist.init_process_group(
             backend="nccl" if use_cuda else "gloo", device_id=own_device if use_cuda else None, timeout=timedelta(seconds=timeout_s),
+            store=attempt_store("process-group", rank == 0), rank=rank, world_size=world_size,
         )
     return Distributed(rank, world_size, local_rank, own_device)
+
+
+def attempt_store(name: str, host: bool = False) -> dist.Store:
+    """The rendezvous store at MASTER_ADDR:MASTER_PORT under a prefix of its own for this launch attempt.
+
+    torchrun's agent hosts the store and keeps it across restarts, so a restarted worker group
+    (--max-restarts) would read the previous attempt's keys — gloo then dials the dead workers'
+    addresses and fails — unless every attempt uses fresh keys: TORCHELASTIC_RESTART_COUNT is in
+    the prefix. Without torchrun's agent, rank 0 (`host`) serves the store, as env:// does.
+    """
+    agent_hosts = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), int(os.environ["WORLD_SIZE"]),
+                          is_master=host and not agent_hosts, timeout=timedelta(seconds=300))
+    return dist.PrefixStore(f"minidream/{name}/attempt-{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
 
 
 def restart_resume(resume: str) -> str:
@@ -77,16 +92,9 @@ class Heartbeat:
         self.env = env
         self.interval = max(0.5, min(10.0, timeout_s / 10))
         self.stopped = threading.Event()
-        self.store = self._store()
+        self.store = attempt_store("heartbeat")
         self.thread = threading.Thread(target=self._beat, name="minidream-heartbeat", daemon=True)
         self.thread.start()
-
-    @staticmethod
-    def _store() -> dist.Store:
-        # torchrun's agent (or rank 0) hosts the store at MASTER_ADDR:MASTER_PORT; a fresh prefix per restart.
-        client = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
-                               timeout=timedelta(seconds=30))
-        return dist.PrefixStore(f"minidream-heartbeat-{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", client)
 
     def _beat(self) -> None:
         while not self.stopped.is_set():
@@ -95,7 +103,7 @@ class Heartbeat:
 
     def silent_ranks(self) -> dict[int, float]:
         """Ranks whose last beat is older than three intervals: rank -> seconds since it (inf: never beat)."""
-        store, now, silent = self._store(), time.time(), {}
+        store, now, silent = attempt_store("heartbeat"), time.time(), {}  # a client of its own: the thread uses the other
         for rank in range(self.env.world_size):
             key = f"rank-{rank}"
             age = now - float(store.get(key)) if store.check([key]) else float("inf")
