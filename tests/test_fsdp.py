@@ -65,3 +65,15 @@ def test_what_fsdp_cannot_run_is_refused_in_one_line(override, refused, tmp_path
     result = run_setup(tmp_path / "run", training_data, "text-encoder-ema", "train.sharding=fsdp", override)
     assert result.returncode == 2 and refused in output(result)
     assert not (tmp_path / "run" / "config.yaml").exists()
+
+
+def test_the_memory_bench_measures_16_bytes_per_parameter_over_n(capsys):
+    """bench/fsdp_memory.py at tiny shapes: rank 0 of 4 holds a quarter of the weights, gradients
+    and moments — measured on its real shard tensors — as the arithmetic says (rank 0 gets the
+    larger part of a shard split unevenly, so a little more than the quarter)."""
+    from bench import fsdp_memory
+
+    measured = fsdp_memory.main(["--ranks", "4", "--config", "tiny"])
+    assert measured["expected"] <= measured["training_state"] <= 1.01 * measured["expected"]
+    assert measured["gradients"] == measured["weights"] and measured["moments"] == 2 * measured["weights"]
+    assert "| **training state** |" in capsys.readouterr().out
