@@ -6,7 +6,7 @@ drawn example subject without prior preservation), timed by the loop itself: `sa
 in metrics.jsonl, per metrics window. The first window (start-up) is dropped and the median of
 the rest is taken; the variants run in turns, the order reversed every round.
 
-    python -m bench.fsdp_step [--nproc 2] [--steps 24] [--rounds 2] [--config tiny] [override ...]
+    python -m bench.fsdp_step [--nproc 2] [--steps 24] [--rounds 2] [--resolution 64] [override ...]
 """
 
 import argparse
@@ -34,7 +34,7 @@ def run(folder: Path, sharding: str, args, subject: Path) -> float:
     overrides = [
         f"run.output_dir={run_dir}", f"data.instance_dir={subject}", "data.example_subject=false", "data.class_dir=null",
         f"train.max_steps={args.steps}", "validation.prompts=[]", f"run.log_every_n_steps={LOG_EVERY}",
-        f"checkpoint.every_n_steps={args.steps}", f"train.sharding={sharding}", *args.overrides,
+        f"checkpoint.every_n_steps={args.steps}", f"train.sharding={sharding}", f"data.resolution={args.resolution}", *args.overrides,
     ]
     launched = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.nproc}", str(TRAIN),
@@ -55,13 +55,14 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     parser.add_argument("--rounds", type=int, default=2, help="ddp/fsdp pairs, order reversed each round")
     parser.add_argument("--config", type=Path, default=TINY, help="train.py preset (default: configs/tiny.yaml)")
     parser.add_argument("--threads", type=int, default=1, help="OMP_NUM_THREADS per rank")
+    parser.add_argument("--resolution", type=int, default=64, help="data.resolution (and the drawn images' size)")
     parser.add_argument("overrides", nargs="*", help="extra train.py overrides, e.g. train.train_text_encoder=true")
     args = parser.parse_args(argv)
     rates: dict[str, list[float]] = {"ddp": [], "fsdp": []}
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         subject = folder / "subject"
-        write_example_subject(subject, count=4, size=64)
+        write_example_subject(subject, count=4, size=args.resolution)
         for round_index in range(args.rounds):
             for sharding in ("ddp", "fsdp") if round_index % 2 == 0 else ("fsdp", "ddp"):
                 rates[sharding].append(run(folder / f"round-{round_index}", sharding, args, subject))
