@@ -20,6 +20,8 @@ from train_runs import (
     worker_pid,
 )
 
+from minidream.training.distributed import restart_resume
+
 
 def logged(run_dir, step: int) -> bool:
     path = run_dir / "metrics.jsonl"
@@ -72,3 +74,16 @@ def test_a_rank_that_stops_answering_ends_the_job_within_the_timeout_naming_it(t
     assert process.returncode != 0
     assert f"error (rank 0): a collective waited more than train.collective_timeout_s={timeout_s} s: rank 1 (last heard" in log, log
     assert "stopped answering" in log and time.monotonic() - started < timeout_s + 60
+
+
+def test_only_a_restarted_worker_group_resumes_by_itself(monkeypatch):
+    """A first launch keeps run.resume (resume=none still refuses a run directory holding
+    checkpoints: a finished or foreign run is not continued by accident); a group torchrun
+    restarted resumes its own checkpoints."""
+    monkeypatch.delenv("TORCHELASTIC_RESTART_COUNT", raising=False)
+    assert restart_resume("none") == "none"
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "0")
+    assert restart_resume("none") == "none"
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "1")
+    assert [restart_resume(r) for r in ("none", "latest", "auto", "runs/x/checkpoints/step-00000002")] == [
+        "auto", "latest", "auto", "runs/x/checkpoints/step-00000002"]
