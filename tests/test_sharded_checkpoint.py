@@ -17,7 +17,6 @@ from train_runs import (
     max_difference,
     output,
     run_setup,
-    same_tensors,
 )
 
 from minidream.training.step import Cursor, take_items
@@ -55,16 +54,13 @@ def test_the_global_cursor_takes_the_same_samples_on_any_world_size(per_rank, wo
     assert switched + more == alone
 
 
-def resume_and_compare(run_dir, data, setup, extra, never_stopped, exact=False):
+def resume_and_compare(run_dir, data, setup, extra, never_stopped):
     resumed = run_setup(run_dir, data, setup, *extra, "run.resume=latest")
     log = output(resumed)
     assert resumed.returncode == 0, log
     assert re.search(rf"resumed from \S+step-{HALF:08d} at step {HALF}", log)
     mine, theirs = losses(run_dir), losses(never_stopped)
     assert sorted(mine) == sorted(theirs) == list(range(1, STEPS + 1))
-    if exact:
-        assert mine == theirs and same_tensors(exported_weights(run_dir), exported_weights(never_stopped))
-        return
     assert all(abs(mine[s] - theirs[s]) <= LOG_TOLERANCE * abs(theirs[s]) for s in theirs)
     reference = exported_weights(never_stopped)
     tolerance = WEIGHT_TOLERANCE * max(v.abs().max().item() for v in reference.values())
@@ -89,18 +85,17 @@ def half_runs(tmp_path_factory, training_data):
     return copy
 
 
-@pytest.mark.parametrize("saved_by, resumed_by, reference, exact", [
-    (("fsdp-text-encoder-ema",), ONE_PROCESS_FSDP, "text-encoder-ema", False),
-    (ONE_PROCESS_FSDP, ("fsdp-text-encoder-ema",), "fsdp-text-encoder-ema", False),
-    (("fsdp-text-encoder-ema",), ("fsdp-text-encoder-ema",), "fsdp-text-encoder-ema", True),
-    (("torchrun-text-encoder-ema",), ("fsdp-text-encoder-ema",), "fsdp-text-encoder-ema", False),
-    (("fsdp-text-encoder-ema",), ("torchrun-text-encoder-ema",), "torchrun-text-encoder-ema", False),
-], ids=["fsdp 2 ranks -> 1 process", "1 process -> fsdp 2 ranks", "fsdp 2 -> fsdp 2 (bit-identical)",
-        "ddp checkpoint -> fsdp", "fsdp checkpoint -> ddp"])
-def test_a_checkpoint_resumes_on_another_world_size_and_sharding(saved_by, resumed_by, reference, exact, half_runs,
+@pytest.mark.parametrize("saved_by, resumed_by, reference", [
+    (("fsdp-text-encoder-ema",), ONE_PROCESS_FSDP, "text-encoder-ema"),
+    (ONE_PROCESS_FSDP, ("fsdp-text-encoder-ema",), "fsdp-text-encoder-ema"),
+    (("torchrun-text-encoder-ema",), ("fsdp-text-encoder-ema",), "fsdp-text-encoder-ema"),
+    (("fsdp-text-encoder-ema",), ("torchrun-text-encoder-ema",), "torchrun-text-encoder-ema"),
+], ids=["fsdp 2 ranks -> 1 process", "1 process -> fsdp 2 ranks", "ddp checkpoint -> fsdp", "fsdp checkpoint -> ddp"])
+def test_a_checkpoint_resumes_on_another_world_size_and_sharding(saved_by, resumed_by, reference, half_runs,
                                                                 training_data, uninterrupted):
+    """(On the same world size a resume is bit for bit: tests/test_elastic.py's restarted runs show it.)"""
     run_dir = half_runs(*saved_by)
-    resume_and_compare(run_dir, training_data, resumed_by[0], resumed_by[1:], uninterrupted(reference), exact)
+    resume_and_compare(run_dir, training_data, resumed_by[0], resumed_by[1:], uninterrupted(reference))
 
 
 def test_a_position_the_ranks_cannot_split_is_refused(half_runs, training_data):
