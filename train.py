@@ -56,7 +56,7 @@ from minidream.io.weights import WeightsError, load_pipeline, save_pipeline
 from minidream.models.lora import add_lora, train_adapters_only
 from minidream.models.pipeline import Pipeline, random_pipeline
 from minidream.models.precision import dtype_named, vae_dtype
-from minidream.training import checkpoint
+from minidream.training import checkpoint, sharded_checkpoint, sharding
 from minidream.training.batches import (
     DreamBoothBatches,
     LatentSource,
@@ -69,11 +69,14 @@ from minidream.training.config_file import load_train_config, save_config
 from minidream.training.data import DataError, find_images
 from minidream.training.distributed import (
     Distributed,
+    Heartbeat,
     any_rank,
     barrier,
     gather_objects,
     init_distributed,
+    restart_resume,
     shutdown,
+    timed_out,
 )
 from minidream.training.ema import EMA
 from minidream.training.example_subject import write_example_subject
@@ -129,16 +132,24 @@ def main(argv: list[str] | None = None) -> int:
         if args.show_config:
             print(yaml.safe_dump(to_dict(cfg), sort_keys=False), end="")
             return 0
-        env = init_distributed(cfg.train.device)
+        env = init_distributed(cfg.train.device, cfg.train.collective_timeout_s)
     except (ConfigError, RuntimeError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    heartbeat = Heartbeat(env, cfg.train.collective_timeout_s) if env.world_size > 1 else None
     try:
         return train(cfg, env, resume_command(argv, env))
     except (ConfigError, DataError, WeightsError, CheckpointError, OptimizerError) as error:
         print(f"error (rank {env.rank}): {error}", file=sys.stderr)
         return 2
+    except RuntimeError as error:  # gloo raises a plain RuntimeError when a collective times out
+        if heartbeat is None or not timed_out(error):
+            raise
+        print(f"error (rank {env.rank}): {heartbeat.explain(cfg.train.collective_timeout_s)}", file=sys.stderr)
+        return 3
     finally:
+        if heartbeat is not None:
+            heartbeat.stop()
         shutdown()
 
 
@@ -207,9 +218,11 @@ def validation_prompts(cfg: TrainConfig, subjects: list[Subject]) -> list[str]:
 
 
 def save_validation_grid(
-    cfg: TrainConfig, pipe: Pipeline, run_dir: Path, step: int, amp, prompts: list[str], sizes: list[tuple[int, int]]
+    cfg: TrainConfig, pipe: Pipeline, run_dir: Path, step: int, amp, prompts: list[str], sizes: list[tuple[int, int]],
+    write: bool = True,
 ) -> None:
-    """One grid of the prompts per training size (each bucket that trains; the square resolution without buckets)."""
+    """One grid of the prompts per training size (each bucket that trains; the square resolution
+    without buckets). `write`: save the grids (the main rank; under fsdp every rank samples)."""
     val = cfg.validation
     pipe.unet.eval()
     for width, height in sizes:
@@ -220,8 +233,9 @@ def save_validation_grid(
                 height=height, width=width,
             )
         name = f"step-{step:08d}.png" if len(sizes) == 1 else f"step-{step:08d}-{width}x{height}.png"
-        with atomic_file(run_dir / "samples" / name) as tmp:
-            image_grid(images, columns=min(4, len(images))).save(tmp, format="PNG")
+        if write:
+            with atomic_file(run_dir / "samples" / name) as tmp:
+                image_grid(images, columns=min(4, len(images))).save(tmp, format="PNG")
     pipe.unet.train()
 
 
@@ -343,6 +357,27 @@ def export_model(cfg: TrainConfig, pipe: Pipeline, ema: EMA | None, run_dir: Pat
     return lora_file or run_dir / "model.safetensors"
 
 
+def export_sharded(cfg: TrainConfig, env: Distributed, pipe: Pipeline, trained: dict[str, nn.Module], ema, run_dir: Path) -> Path:
+    """export_model for FSDP-sharded modules (all ranks call): the weights run.export_ema picks are
+    gathered one tensor at a time to the main rank, which writes them from unsharded twins."""
+    shadow = ema.sharded_shadow() if ema is not None else {}
+    twins = {}
+    for name, module in trained.items():
+        weights = {f"{name}.{key}": value for key, value in module.state_dict().items()}
+        if cfg.run.export_ema == "ema":  # the EMA's tensors in place of the raw weights they average
+            weights |= {key: value for key, value in shadow.items() if key.startswith(f"{name}.")}
+        full = sharding.gathered(weights, env.is_main)
+        twins[name] = sharding.plain_twin(module, {k.removeprefix(f"{name}."): v for k, v in full.items()}) if env.is_main else None
+    unet_ema = None
+    if cfg.run.export_ema == "both" and shadow:
+        unet_ema = sharding.gathered({k.removeprefix("unet."): v for k, v in shadow.items() if k.startswith("unet.")}, env.is_main)
+    path = run_dir / "model.safetensors"
+    if env.is_main:
+        exported = dataclasses.replace(pipe, unet=twins["unet"], text_encoder=twins.get("text_encoder", pipe.text_encoder))
+        save_pipeline(exported, path, dtype=dtype_named(cfg.run.export_dtype), unet_ema=unet_ema)
+    return path
+
+
 def evaluation_prompts(cfg: TrainConfig) -> list[str]:
     """eval.prompts, or the first eval.num_prompts of the paper's list for the class noun."""
     ev = cfg.eval
@@ -380,15 +415,28 @@ def exported_ema(cfg: TrainConfig, ema: EMA | None):
     return ema.swapped_in() if ema is not None and cfg.run.export_ema == "ema" else contextlib.nullcontext()
 
 
-def save_checkpoint_all_ranks(env: Distributed, run_dir: Path, state: TrainerState, keep_last: int) -> Path | None:
-    """Every rank hands over its RNG states; the main rank writes the checkpoint (its folder is returned there)."""
+def save_checkpoint_all_ranks(env: Distributed, run_dir: Path, state: TrainerState, keep_last: int, sharded: bool) -> Path | None:
+    """Every rank hands over its RNG states; the main rank writes the checkpoint (its folder is
+    returned there) — or, `sharded`, every rank writes its shards into it (DCP)."""
     rng = gather_objects(checkpoint.capture_rng())
+    if sharded:
+        return sharded_checkpoint.save_sharded(run_dir, state, rng, env.is_main, keep_last)
     saved = None
     if env.is_main:
         saved = checkpoint.save_checkpoint(run_dir, state, rng)
         checkpoint.rotate(run_dir, keep_last)
     barrier()
     return saved
+
+
+def resume_checkpoint(path: Path, state: TrainerState, env: Distributed, fsdp: bool) -> None:
+    """Load a checkpoint of either format into this run's layout (DCP reshards; a DDP checkpoint is split into shards)."""
+    if sharded_checkpoint.is_sharded_checkpoint(path):
+        sharded_checkpoint.load_sharded(path, state, env.rank, env.world_size)
+    elif fsdp:
+        sharded_checkpoint.load_whole_into_sharded(path, state, env.rank, env.world_size)
+    else:
+        checkpoint.load_checkpoint(path, state, env.rank, env.world_size)
 
 
 def train(cfg: TrainConfig, env: Distributed, resume_hint: str) -> int:
@@ -402,6 +450,10 @@ def train(cfg: TrainConfig, env: Distributed, resume_hint: str) -> int:
     # 1. Data and setting problems surface before any model is loaded.
     if tcfg.fused_backward and env.world_size > 1:
         raise ConfigError("train.fused_backward steps each weight before DDP has averaged its gradient: run it in one process")
+    sharding.refuse_unsupported(cfg)
+    sharded = sharding.uses_fsdp(cfg)  # checkpoints written with DCP; with 2+ ranks the trained weights FSDP-sharded
+    fsdp = sharded and env.world_size > 1
+    resume = restart_resume(cfg.run.resume)
     subjects = subjects_of(cfg)
     if data.example_subject and not data.subjects and env.is_main:  # config_file.with_instance_dir: its own folder in the run directory
         write_example_subject(Path(data.instance_dir), count=4, size=max(data.resolution, 64))
@@ -426,7 +478,7 @@ def train(cfg: TrainConfig, env: Distributed, resume_hint: str) -> int:
             raise ConfigError(f"eval.{flag}={getattr(cfg.eval, flag)}: no such file or folder (see the README, Evaluate a run)")
     if data.latent_cache_dir is not None:
         check_writable_folder(Path(data.latent_cache_dir))
-    if cfg.run.resume == "none" and checkpoint.list_checkpoints(run_dir):
+    if resume == "none" and checkpoint.list_checkpoints(run_dir):
         raise CheckpointError(
             f"{run_dir} already holds checkpoints of an earlier run; continue it with run.resume=latest "
             "or start afresh in another run.output_dir"
@@ -452,13 +504,15 @@ def train(cfg: TrainConfig, env: Distributed, resume_hint: str) -> int:
     text_encoder_trains = "text_encoder" in trained
 
     def wrap(module):
-        if env.world_size == 1:
+        if env.world_size == 1 or sharded:
             return module
         return DistributedDataParallel(module, device_ids=[env.local_rank] if env.device.type == "cuda" else None)
 
+    if fsdp:  # in place: the modules become FSDP modules of DTensor parameters
+        groups = sharding.shard(trained, groups, amp_dtype, env.device, env.world_size)
     unet = wrap(pipe.unet)
     text_encoder = wrap(pipe.text_encoder) if text_encoder_trains else pipe.text_encoder
-    ddp_modules = [m for m in (unet, text_encoder) if isinstance(m, DistributedDataParallel)]
+    synced_modules = [unet, text_encoder] if text_encoder_trains else [unet]  # gradients reduced across ranks
 
     store = moments_store(cfg, pipe)
     latents = LatentSource(pipe.vae, data.center_crop, data.random_flip, pipe.config.vae.scaling_factor, store)
@@ -482,16 +536,17 @@ def train(cfg: TrainConfig, env: Distributed, resume_hint: str) -> int:
     scaler = torch.amp.GradScaler(env.device.type, enabled=tcfg.mixed_precision == "fp16")
     params = [p for group in groups for p in group["params"]]
     named = [(f"{name}.{key}", p) for name, module in trained.items() for key, p in module.named_parameters() if p.requires_grad]
-    ema = EMA(named, tcfg.ema_decay, tcfg.ema_warmup) if tcfg.ema_decay is not None else None
+    ema_class = sharding.ShardedEMA if fsdp else EMA  # sharded: the EMA of the local shards
+    ema = ema_class(named, tcfg.ema_decay, tcfg.ema_warmup) if tcfg.ema_decay is not None else None
 
     # 4. The trainer state, saved and restored whole; resume puts everything back as it was.
     state = TrainerState(
         modules=trained, optimizer=optimizer, lr_schedule=lr_schedule, scaler=scaler, setup=run_setup(cfg, pipe, trained),
         adapters_only=cfg.lora.rank > 0, ema=ema,
     )
-    resume_from = checkpoint.resolve_resume(run_dir, cfg.run.resume)
+    resume_from = checkpoint.resolve_resume(run_dir, resume)
     if resume_from is not None:
-        checkpoint.load_checkpoint(resume_from, state, env.rank)
+        resume_checkpoint(resume_from, state, env, fsdp)
         log(env, f"resumed from {resume_from} at step {state.step}")
     metrics = MetricsLog(run_dir, cfg.run.tensorboard) if env.is_main else None
     subject_names = plan.subjects if data.subjects else ()
@@ -522,12 +577,8 @@ def train(cfg: TrainConfig, env: Distributed, resume_hint: str) -> int:
             masks = to_device(masks, env.device) if masks is not None else None
             input_noise = to_device(input_noise, env.device) if perturbed else noise
             noisy, target = noisy_latents_and_target(latents, noise, input_noise, t, alphas_cumprod, recipe)
-            # Gradients are all-reduced only on the last micro-step of the accumulation.
-            syncing = contextlib.ExitStack()
-            if micro < accum - 1:
-                for module in ddp_modules:
-                    syncing.enter_context(module.no_sync())
-            with syncing:
+            # Gradients are reduced across ranks only on the last micro-step of the accumulation.
+            with sharding.gradient_sync(synced_modules if env.world_size > 1 else [], micro == accum - 1):
                 with amp():
                     context = encode_prompts(prompts, env.device)
                     prediction = unet(noisy, t, context)
@@ -550,7 +601,8 @@ def train(cfg: TrainConfig, env: Distributed, resume_hint: str) -> int:
         else:
             scaler.unscale_(optimizer)
             grad_norm = torch.nn.utils.clip_grad_norm_(params, tcfg.max_grad_norm or float("inf"))  # inf: measure only
-            # The same on every rank: DDP has averaged the gradients, and a NaN loss anywhere makes them NaN.
+            grad_norm = sharding.local(grad_norm)  # of sharded gradients: the global norm, replicated
+            # The same on every rank: DDP has averaged the gradients (FSDP summed the shards' norms), and a NaN loss anywhere makes them NaN.
             skip = ~torch.isfinite(grad_norm)
             step_unless(optimizer, skip)
             scaler.update()
@@ -586,13 +638,13 @@ def train(cfg: TrainConfig, env: Distributed, resume_hint: str) -> int:
                 break
             stop_now = any_rank(stop.requested, env.device)
             if stop_now or step % cfg.checkpoint.every_n_steps == 0 or step == tcfg.max_steps:
-                saved = save_checkpoint_all_ranks(env, run_dir, state, cfg.checkpoint.keep_last)
+                saved = save_checkpoint_all_ranks(env, run_dir, state, cfg.checkpoint.keep_last, sharded)
                 if env.is_main:
                     bar.write(f"checkpoint: {saved}")
             window_started = time.perf_counter()  # checkpoints are not training time
-        if env.is_main and val_prompts and step % cfg.validation.every_n_steps == 0:
+        if (env.is_main or fsdp) and val_prompts and step % cfg.validation.every_n_steps == 0:
             with weights_as_exported(cfg, pipe, ema, run_dir, len(plan.instances), len(plan.classes)):
-                save_validation_grid(cfg, pipe, run_dir, step, amp, val_prompts, val_sizes)
+                save_validation_grid(cfg, pipe, run_dir, step, amp, val_prompts, val_sizes, write=env.is_main)
             window_started = time.perf_counter()
         if stop_now:
             break
@@ -610,8 +662,11 @@ def train(cfg: TrainConfig, env: Distributed, resume_hint: str) -> int:
     if state.step < tcfg.max_steps:  # stopped by a signal
         log(env, f"stopped at step {state.step}; to continue: {resume_hint}")
         return 0
-    if env.is_main:
+    if fsdp:
+        export = export_sharded(cfg, env, pipe, trained, ema, run_dir)
+    elif env.is_main:
         export = export_model(cfg, pipe, ema, run_dir, len(plan.instances), len(plan.classes))
+    if env.is_main:
         weights = f"--weights {cfg.model.weights} --lora {export}" if cfg.lora.rank and cfg.model.weights else f"--weights {run_dir / 'model.safetensors'}"
         log(env, f"done: {tcfg.max_steps} steps. Fine-tuned {'LoRA' if cfg.lora.rank else 'model'}: {export}\n"
             f"  metrics: {metrics.path}\n  samples: {run_dir / 'samples'}\n"

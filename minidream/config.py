@@ -236,6 +236,8 @@ class TrainSection:
     prediction_type: str | None = None  # None = the model's; "v_prediction" trains (and exports) a v-prediction model
     optimizer: str = "adamw"  # "adamw" (fused) | "adamw8bit" (needs bitsandbytes)
     fused_backward: bool = False  # step each weight inside backward and free its gradient (one process, no clipping/accumulation)
+    sharding: str = "ddp"  # "ddp" (every rank holds all trained weights) | "fsdp" (FSDP2: each rank holds 1/N of them, sharded checkpoints)
+    collective_timeout_s: float = 600.0  # a collective waiting longer (a rank stopped answering) ends the job, naming the rank
 
 
 @dataclass(frozen=True)
@@ -259,7 +261,7 @@ class CheckpointSection:
 @dataclass(frozen=True)
 class RunSection:
     output_dir: str = "runs/dreambooth"
-    resume: str = "none"  # "none" | "latest" | a checkpoint folder
+    resume: str = "none"  # "none" | "latest" or "auto" (the newest complete checkpoint if any, else start) | a checkpoint folder
     tensorboard: bool = False
     log_every_n_steps: int = 10  # how often the host reads losses back from the GPU (metrics keep every step)
     export_dtype: str = "fp16"  # dtype of the exported model.safetensors: "fp16" | "fp32"

@@ -31,6 +31,7 @@ class Setup:
 
     nproc: int
     overrides: tuple[str, ...]
+    restarts: int = 0  # torchrun --max-restarts: a failed worker group is started again
 
 
 # tiny.yaml's data: 4 instance and 8 class images, so an epoch is 8 items and divides by 2 ranks.
@@ -43,6 +44,7 @@ SUBJECTS = (
     *BUCKET_OPTIONS, subjects_override("<data>"), "data.caption_template=a photo of {identifier} {class}",
     "data.caption_dropout=0.5", "data.masks=true", "data.random_flip=true", "data.center_crop=false",
 )
+TEXT_ENCODER_EMA = ("train.train_text_encoder=true", "train.ema_decay=0.9")
 SETUPS = {
     "single": Setup(1, ("train.batch_size=2",)),
     "text-encoder": Setup(1, ("train.batch_size=2", "train.train_text_encoder=true")),
@@ -56,6 +58,18 @@ SETUPS = {
     "torchrun-lora": Setup(2, ("train.batch_size=1", *LORA)),
     "subjects": Setup(1, ("train.batch_size=2", *SUBJECTS)),
     "torchrun-subjects": Setup(2, ("train.batch_size=1", *SUBJECTS)),
+    # Issue 19: FSDP against DDP and one process, the text encoder trained, with EMA (tests/test_fsdp.py).
+    "text-encoder-ema": Setup(1, ("train.batch_size=2", *TEXT_ENCODER_EMA)),
+    "torchrun-text-encoder-ema": Setup(2, ("train.batch_size=1", *TEXT_ENCODER_EMA)),
+    "fsdp-text-encoder-ema": Setup(2, ("train.batch_size=1", *TEXT_ENCODER_EMA, "train.sharding=fsdp")),
+    "text-encoder-ema-batch-3": Setup(1, ("train.batch_size=3", *TEXT_ENCODER_EMA)),
+    "torchrun-3-text-encoder-ema": Setup(3, ("train.batch_size=1", *TEXT_ENCODER_EMA)),
+    "fsdp-3-text-encoder-ema": Setup(3, ("train.batch_size=1", *TEXT_ENCODER_EMA, "train.sharding=fsdp")),
+    "fsdp-lora": Setup(2, ("train.batch_size=1", *LORA, "train.sharding=fsdp")),
+    "fsdp-accumulate": Setup(2, ("train.batch_size=1", "train.gradient_accumulation_steps=2", "train.gradient_checkpointing=true",
+                                 "train.sharding=fsdp")),
+    # Elastic (tests/test_elastic.py): the fsdp run above under torchrun --max-restarts=1.
+    "elastic-fsdp": Setup(2, ("train.batch_size=1", *TEXT_ENCODER_EMA, "train.sharding=fsdp"), restarts=1),
 }
 
 
@@ -81,12 +95,13 @@ def train_args(run_dir: Path, data: Path, overrides: tuple[str, ...] = ()) -> li
     ]
 
 
-def train_command(run_dir: Path, data: Path, overrides: tuple[str, ...], nproc: int) -> list[str]:
+def train_command(run_dir: Path, data: Path, overrides: tuple[str, ...], nproc: int, restarts: int = 0) -> list[str]:
     args = [str(TRAIN), *train_args(run_dir, data, overrides)]
     if nproc == 1:
         return [sys.executable, *args]
     # --standalone: a local rendezvous on a free port.
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *args]
+    elastic = [f"--max-restarts={restarts}"] if restarts else []
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *elastic, *args]
 
 
 # One thread per process. The last bits of a result depend on the thread count, so runs compared
@@ -98,7 +113,7 @@ ENVIRONMENT = os.environ | {"OMP_NUM_THREADS": "1"}
 def run_setup(run_dir: Path, data: Path, setup: str, *extra: str) -> subprocess.CompletedProcess:
     chosen = SETUPS[setup]
     return subprocess.run(
-        train_command(run_dir, data, chosen.overrides + extra, chosen.nproc), capture_output=True, text=True,
+        train_command(run_dir, data, chosen.overrides + extra, chosen.nproc, chosen.restarts), capture_output=True, text=True,
         env=ENVIRONMENT, timeout=RUN_TIMEOUT_S,
     )
 
@@ -106,7 +121,7 @@ def run_setup(run_dir: Path, data: Path, setup: str, *extra: str) -> subprocess.
 def start_setup(run_dir: Path, data: Path, setup: str, *extra: str) -> subprocess.Popen:
     chosen = SETUPS[setup]
     return subprocess.Popen(
-        train_command(run_dir, data, chosen.overrides + extra, chosen.nproc), stdout=subprocess.PIPE,
+        train_command(run_dir, data, chosen.overrides + extra, chosen.nproc, chosen.restarts), stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT, text=True, env=ENVIRONMENT,
     )
 

@@ -78,13 +78,13 @@ class TrainerState:
     adapters_only: bool = False  # LoRA: only the adapters train, so only they are saved (megabytes)
     ema: EMA | None = None  # the averaged weights, when train.ema_decay is set
     step: int = 0  # optimizer steps done
-    cursor: Cursor = field(default_factory=Cursor)  # this rank's place in the data
+    cursor: Cursor = field(default_factory=Cursor)  # the run's place in the data (global: the same on every rank)
     nonfinite_run: int = 0  # consecutive non-finite losses so far
 
     def counters(self, rng: list[dict]) -> dict:
         """trainer.pt: numbers and tensors only (read back with weights_only=True)."""
         return {
-            "step": self.step, "epoch": self.cursor.epoch, "position": self.cursor.position,
+            "step": self.step, "epoch": self.cursor.epoch, "position": self.cursor.position, "global_position": True,
             "nonfinite_run": self.nonfinite_run,
             "lr_schedule": self.lr_schedule.state_dict() if self.lr_schedule is not None else None,
             "scaler": self.scaler.state_dict(), "rng": rng, "setup": self.setup,
@@ -114,11 +114,16 @@ def save_checkpoint(run_dir: Path, state: TrainerState, rng: list[dict]) -> Path
             torch.save(state.optimizer.state_dict(), folder / "optimizer.pt")
             torch.save(state.counters(rng), folder / "trainer.pt")
     except OSError as error:
-        raise CheckpointError(
-            f"could not write checkpoint {final} ({error.strerror or error}); the previous checkpoint is intact — "
-            "free disk space or fix permissions, then resume with run.resume=latest"
-        ) from None
+        raise write_failed(final, error) from None
     return final
+
+
+def write_failed(final: Path, error: OSError) -> CheckpointError:
+    """The one line for a checkpoint write that failed (disk full, permissions)."""
+    return CheckpointError(
+        f"could not write checkpoint {final} ({error.strerror or error}); the previous checkpoint is intact — "
+        "free disk space or fix permissions, then resume with run.resume=latest"
+    )
 
 
 def list_checkpoints(run_dir: Path) -> list[Path]:
@@ -141,10 +146,10 @@ def rotate(run_dir: Path, keep_last: int) -> None:
 
 
 def resolve_resume(run_dir: Path, resume: str) -> Path | None:
-    """`run.resume`: "none", "latest" (newest complete checkpoint, if any), or a folder."""
+    """`run.resume`: "none", "latest" or "auto" (newest complete checkpoint, if any), or a folder."""
     if resume == "none":
         return None
-    if resume == "latest":
+    if resume in ("latest", "auto"):
         found = list_checkpoints(run_dir)
         return found[-1] if found else None
     path = Path(resume)
@@ -153,19 +158,13 @@ def resolve_resume(run_dir: Path, resume: str) -> Path | None:
     return path
 
 
-def load_checkpoint(path: Path, state: TrainerState, rank: int) -> None:
+def load_checkpoint(path: Path, state: TrainerState, rank: int, world_size: int = 1) -> None:
     """Restore `state` in place from the checkpoint folder `path`, and this rank's RNG states.
 
     The checkpoint's setup must equal `state.setup` (architecture, trainable modules); a
     mismatch is refused with both values named, before anything is loaded.
     """
-    saved = torch.load(path / "trainer.pt", weights_only=True)
-    for key in sorted(state.setup.keys() | saved["setup"].keys()):  # a key absent on one side is None there
-        if saved["setup"].get(key) != state.setup.get(key):
-            raise CheckpointError(
-                f"{path} was written with {key}={saved['setup'].get(key)!r} but this run has {key}={state.setup.get(key)!r}; "
-                "resume with the same setup or start a new run.output_dir"
-            )
+    saved = read_counters(path, state.setup, world_size)
     for name, module in state.modules.items():
         tensors = load_file(path / f"{name}.safetensors", device=str(next(module.parameters()).device))
         if state.adapters_only:
@@ -176,11 +175,36 @@ def load_checkpoint(path: Path, state: TrainerState, rank: int) -> None:
         else:
             module.load_state_dict(tensors)
     state.optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
-    if state.lr_schedule is not None:
-        state.lr_schedule.load_state_dict(saved["lr_schedule"])
     if state.ema is not None:
         shadow = load_file(path / EMA_FILE, device=str(state.ema.updates.device))
         state.ema.load_state_dict({"shadow": shadow, "updates": saved["ema_updates"]})
+    restore_counters(saved, state, rank)
+
+
+def read_counters(path: Path, setup: dict, world_size: int) -> dict:
+    """trainer.pt of the checkpoint `path`, refused (both values named) when its setup is not
+    `setup` or its data position cannot be split over `world_size` ranks."""
+    saved = torch.load(path / "trainer.pt", weights_only=True)
+    for key in sorted(setup.keys() | saved["setup"].keys()):  # a key absent on one side is None there
+        if saved["setup"].get(key) != setup.get(key):
+            raise CheckpointError(
+                f"{path} was written with {key}={saved['setup'].get(key)!r} but this run has {key}={setup.get(key)!r}; "
+                "resume with the same setup or start a new run.output_dir"
+            )
+    if not saved.get("global_position"):  # written before the cursor was global: a per-rank count, same world size
+        saved["position"] *= world_size
+    if saved["position"] % world_size:
+        raise CheckpointError(
+            f"{path} stopped {saved['position']} items into epoch {saved['epoch']}, which {world_size} ranks cannot split "
+            "evenly; resume on a number of ranks that divides it (the global batch must stay the same)"
+        )
+    return saved
+
+
+def restore_counters(saved: dict, state: TrainerState, rank: int) -> None:
+    """Everything of trainer.pt into `state`: LR schedule, EMA count, scaler, counters, cursor, RNG."""
+    if state.lr_schedule is not None:
+        state.lr_schedule.load_state_dict(saved["lr_schedule"])
     state.scaler.load_state_dict(saved["scaler"])
     state.step, state.nonfinite_run = saved["step"], saved["nonfinite_run"]
     state.cursor = Cursor(saved["epoch"], saved["position"])

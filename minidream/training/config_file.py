@@ -42,6 +42,7 @@ CHOICES = {
     "train.loss": LOSSES,
     "train.huber_schedule": HUBER_SCHEDULES,
     "train.optimizer": OPTIMIZERS,
+    "train.sharding": ("ddp", "fsdp"),
     "lora.targets": UNET_TARGETS,
 }
 # (key, lowest, highest, whether the ends are allowed): numbers outside them are refused by name.
@@ -59,6 +60,7 @@ RANGES = (
     ("eval.every_n_steps", 0, float("inf"), True),  # 0 = off
     ("data.caption_dropout", 0, 1, True),
     ("data.max_aspect", 1, float("inf"), True),
+    ("train.collective_timeout_s", 0, float("inf"), False),
 )
 EXAMPLE_SUBJECT_DIR = "example-subject"  # inside run.output_dir: never a folder the user named
 # Counts and intervals: zero or less would divide by zero or train nothing.

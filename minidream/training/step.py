@@ -26,7 +26,9 @@ def sample_generator(seed: int, epoch: int, position: int, part: int) -> torch.G
 
 @dataclass(frozen=True)
 class Cursor:
-    """Where this rank is in the data: the epoch, and how many of its shard it has used."""
+    """Where the run is in the data: the epoch, and how many items of its global shuffled order
+    all ranks together have used. The same on every rank and for any world size, so a checkpoint
+    resumes on another number of ranks (with a global batch that divides it) at the same samples."""
 
     epoch: int = 0
     position: int = 0
@@ -45,12 +47,16 @@ def take_items(
     cursor: Cursor, count: int, length: int, seed: int, rank: int, world_size: int,
     shard: Callable[[int], list[int]] | None = None,
 ) -> tuple[list[Item], Cursor]:
-    """The next `count` items of this rank's shard, moving to the next epoch when it runs out.
+    """This rank's `count` items of the next global batch (count x world_size items), moving to
+    the next epoch when the epoch's usable items run out; returns them and the run's new cursor.
 
     Rank r's shard of an epoch is positions r, r + W, r + 2W, ... of the shuffled order
-    (`epoch_order`, or `shard(epoch)`: this rank's part of another order of `length` items,
-    e.g. plan.DataPlan's one-bucket batches), so in lockstep the ranks take consecutive runs of
-    the global order.
+    (`epoch_order`, or `shard(epoch)`: this rank's every-W-th of another global order of up to
+    `length` items, e.g. plan.DataPlan's one-bucket batches), so in lockstep the ranks take
+    consecutive runs of the global order: the
+    global batch starting at position P holds positions P .. P + count * W - 1 whatever W is.
+    (The epoch ends at the first batch that would pass length // W * W; for any W dividing the
+    global batch that is the same batch as for one process, so the order never depends on W.)
     """
     shard_length = length // world_size
     if shard_length < count:
@@ -58,13 +64,14 @@ def take_items(
             f"{length} training items cannot give {world_size} process(es) {count} item(s) each per step; "
             "add images, or lower train.batch_size or the number of processes"
         )
-    if cursor.position + count > shard_length:
+    if cursor.position % world_size:
+        raise ValueError(f"data position {cursor.position} cannot be split evenly over {world_size} processes")
+    if cursor.position + count * world_size > shard_length * world_size:
         cursor = Cursor(cursor.epoch + 1, 0)
     order = epoch_order(length, cursor.epoch, seed, rank, world_size) if shard is None else shard(cursor.epoch)
-    items = [
-        Item(order[j], cursor.epoch, rank + j * world_size) for j in range(cursor.position, cursor.position + count)
-    ]
-    return items, Cursor(cursor.epoch, cursor.position + count)
+    first = cursor.position // world_size
+    items = [Item(order[j], cursor.epoch, rank + j * world_size) for j in range(first, first + count)]
+    return items, Cursor(cursor.epoch, cursor.position + count * world_size)
 
 
 def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:

@@ -1,0 +1,108 @@
+"""Training state per rank under train.sharding=fsdp: the bytes of the local weight, gradient and
+AdamW-moment shards one rank holds, and that process's resident memory, at SD 1.5 shapes.
+
+One process plays rank 0 of N: it joins a "fake" process group of N ranks (torch's testing
+backend, whose collectives return without exchanging anything), so it shards, allocates and
+steps exactly what rank 0 of a real N-rank job holds — real tensors, measured by their bytes
+and by the process's RSS — without the other N - 1 processes' memory (a real 4-rank SD 1.5 job
+needs 16 GB in all, more than the machine these figures were measured on can spare). The
+numbers the collectives carry are garbage; their sizes are not, and only sizes are measured.
+
+    python -m bench.fsdp_memory --ranks 4 [--config sd15] [--frozen-dtype bf16]
+
+Checked against the arithmetic: 4 (fp32 weight) + 4 (gradient) + 8 (two moments) = 16 bytes per
+trained parameter, / N, plus the replicated frozen VAE in the AMP dtype.
+"""
+
+import argparse
+import resource
+import sys
+
+import torch
+import torch.distributed as dist
+from torch.testing._internal.distributed.fake_pg import FakeStore
+
+from bench.common import command, machine, versions
+from minidream.config import ARCHITECTURES
+from minidream.models.pipeline import text_encoder_class
+from minidream.models.precision import DTYPES
+from minidream.models.unet import UNet
+from minidream.models.vae import AutoencoderKL
+from minidream.training.sharding import shard, units
+
+GB = 1e9
+
+
+def local_bytes(tensors) -> int:
+    return sum(t.to_local().numel() * t.element_size() if hasattr(t, "to_local") else t.numel() * t.element_size()
+               for t in tensors)
+
+
+def rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * resource.getpagesize()
+
+
+def measure(ranks: int, config_name: str, frozen_dtype: torch.dtype, latent: int) -> dict:
+    dist.init_process_group("fake", rank=0, world_size=ranks, store=FakeStore())
+    cfg = ARCHITECTURES[config_name]
+    before = rss_bytes()
+    with torch.device("meta"):  # nothing is allocated whole: each rank allocates its shards only
+        trained = {"unet": UNet(cfg.unet), "text_encoder": text_encoder_class(cfg.text_encoder)(cfg.text_encoder)}
+    params = sum(p.numel() for m in trained.values() for p in m.parameters())
+    groups = shard(trained, [{"params": [p for m in trained.values() for p in m.parameters()]}], torch.float32,
+                   torch.device("cpu"), ranks)
+    generator = torch.Generator().manual_seed(0)
+    for module in trained.values():
+        module.to_empty(device="cpu")
+        for p in module.parameters():
+            p.detach().to_local().normal_(0, 0.02, generator=generator)
+    vae = AutoencoderKL(cfg.vae).to(frozen_dtype).requires_grad_(False)  # replicated, as train.py keeps it
+    optimizer = torch.optim.AdamW(groups, lr=1e-6, fused=True)
+    # One real step at a small latent, so FSDP itself makes the gradient shards and AdamW its moments.
+    tokens = torch.zeros(1, cfg.text_encoder.context_length, dtype=torch.long)
+    context = trained["text_encoder"](tokens)
+    latents = torch.randn(1, cfg.unet.in_channels, latent, latent, generator=generator)
+    trained["unet"](latents, torch.tensor([500]), context).float().pow(2).mean().backward()
+    optimizer.step()
+    weights = [p for g in groups for p in g["params"]]
+    measured = {
+        "weights": local_bytes(weights),
+        "gradients": local_bytes(p.grad for p in weights),
+        "moments": local_bytes(t for state in optimizer.state.values() for k, t in state.items() if k != "step"),
+        "frozen": sum(t.numel() * t.element_size() for t in vae.state_dict().values()),
+    }
+    measured["training_state"] = measured["weights"] + measured["gradients"] + measured["moments"]
+    measured |= {
+        "params": params, "units": sum(len(units(m)) + 1 for m in trained.values()),
+        "expected": 16 * params / ranks, "rss": rss_bytes() - before,
+        "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+    }
+    dist.destroy_process_group()
+    return measured
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--ranks", type=int, default=4, help="N: the world size rank 0 plays in (default %(default)s)")
+    parser.add_argument("--config", choices=ARCHITECTURES, default="sd15")
+    parser.add_argument("--frozen-dtype", choices=DTYPES, default="bf16", help="the frozen VAE's (AMP) dtype")
+    parser.add_argument("--latent", type=int, default=8, help="latent side of the one measured step (small: activations are not measured)")
+    args = parser.parse_args(argv)
+    m = measure(args.ranks, args.config, DTYPES[args.frozen_dtype], args.latent)
+    print(f"Command: `{command('bench.fsdp_memory', argv if argv is not None else sys.argv[1:])}`  \nMachine: {machine(torch.device('cpu'))}  \n{versions()}\n")
+    print(f"{args.config}: UNet + text encoder trained, {m['params'] / 1e6:.0f}M parameters in {m['units']} FSDP units; "
+          f"rank 0 of {args.ranks}\n")
+    print("| per rank | measured GB | arithmetic GB |")
+    print("|---|---|---|")
+    print(f"| fp32 weight shards | {m['weights'] / GB:.3f} | {4 * m['params'] / args.ranks / GB:.3f} |")
+    print(f"| gradient shards | {m['gradients'] / GB:.3f} | {4 * m['params'] / args.ranks / GB:.3f} |")
+    print(f"| AdamW moments | {m['moments'] / GB:.3f} | {8 * m['params'] / args.ranks / GB:.3f} |")
+    print(f"| **training state** | **{m['training_state'] / GB:.3f}** | **{m['expected'] / GB:.3f}** (16 B x params / N) |")
+    print(f"| frozen VAE ({args.frozen_dtype}, replicated) | {m['frozen'] / GB:.3f} | |")
+    print(f"| process RSS after the step (growth) / peak RSS | {m['rss'] / GB:.3f} / {m['peak_rss'] / GB:.3f} | |")
+    return m
+
+
+if __name__ == "__main__":
+    main()

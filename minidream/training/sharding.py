@@ -1,0 +1,165 @@
+"""train.sharding=fsdp: the trained modules sharded with FSDP2 (`torch.distributed.fsdp.fully_shard`).
+
+Each rank keeps 1/N of every trained weight, its gradient and its AdamW moments (DTensors of
+one Shard(0) placement). One FSDP unit per UNet block (input, middle, output) and per
+text-encoder layer, then the module itself for what is left (embeddings, norms, conv_in/out):
+a unit's weights are all-gathered just before its forward and freed after it, so a rank holds
+one block's full weights at a time, not the model's.
+
+What stays replicated: the frozen VAE and text encoder (in the AMP dtype, as under DDP), and
+LoRA adapters — a LoRA run under fsdp is wrapped in DDP instead (see `uses_fsdp`).
+"""
+
+import contextlib
+from collections.abc import Iterable, Iterator
+
+import torch
+from torch import nn
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import DTensor
+
+from minidream.config import ConfigError, TrainConfig
+from minidream.models.unet import UNet
+from minidream.training.ema import EMA
+
+
+def uses_fsdp(cfg: TrainConfig) -> bool:
+    """Whether this run's trained weights are FSDP-sharded (and checkpointed with DCP).
+
+    LoRA adapters are replicated even under train.sharding=fsdp: they are ~1% of the UNet
+    (megabytes), so sharding saves almost nothing, while FSDP would add an all-gather and a
+    reduce-scatter per block of tensors too small to fill the link; DDP all-reduces them in
+    one bucket (bench/fsdp_step.py measures both).
+    """
+    return cfg.train.sharding == "fsdp" and not cfg.lora.rank
+
+
+def refuse_unsupported(cfg: TrainConfig) -> None:
+    """Options that cannot run sharded, refused by name before anything loads."""
+    if not uses_fsdp(cfg):
+        return
+    train = cfg.train
+    if train.compile:
+        raise ConfigError("train.compile with train.sharding=fsdp is not supported: the UNet compiles with fullgraph=True, and "
+                          "FSDP2's per-block all-gather hooks break the graph; set train.compile=false or train.sharding=ddp")
+    if train.mixed_precision == "fp16":
+        raise ConfigError("train.sharding=fsdp with train.mixed_precision=fp16: the loss scaler would check only this rank's "
+                          "gradient shards for overflow; use train.mixed_precision=bf16 (or no)")
+    if train.optimizer != "adamw":
+        raise ConfigError(f"train.optimizer={train.optimizer} cannot step sharded weights; use train.optimizer=adamw with train.sharding=fsdp")
+    if cfg.eval.every_n_steps:
+        raise ConfigError("eval.every_n_steps with train.sharding=fsdp: the ranks split the prompts, but every sharded forward "
+                          "needs all ranks; evaluate the exported model with python -m minidream.evaluate instead")
+
+
+def units(module: nn.Module) -> list[nn.Module]:
+    """The FSDP units of a trained module: the UNet's blocks, or a text encoder's layers (the
+    entries of its ModuleLists, outermost ones only)."""
+    if isinstance(module, UNet):
+        return [*module.input_blocks, module.middle_block, *module.output_blocks]
+    found, inside = [], set()
+    for child in module.modules():
+        if id(child) in inside:
+            continue
+        if isinstance(child, nn.ModuleList):
+            found += list(child)
+            inside |= {id(m) for entry in child for m in entry.modules()}
+    return found
+
+
+def shard(trained: dict[str, nn.Module], groups: list[dict], amp_dtype: torch.dtype, device: torch.device,
+          world_size: int) -> list[dict]:
+    """fully_shard every trained module in place (its units, then itself) on all `world_size`
+    ranks; return the optimizer's parameter groups over the new (sharded) parameters.
+
+    Mixed precision: weights are gathered in the AMP dtype and gradients reduced in fp32 (the
+    fp32 shards are the master weights); fp32 runs get no policy.
+    """
+    names = {id(p): f"{name}.{key}" for name, module in trained.items() for key, p in module.named_parameters()}
+    group_names = [[names[id(p)] for p in group["params"]] for group in groups]
+    mesh = init_device_mesh(device.type, (world_size,))
+    policy = MixedPrecisionPolicy() if amp_dtype == torch.float32 else MixedPrecisionPolicy(
+        param_dtype=amp_dtype, reduce_dtype=torch.float32
+    )
+    for module in trained.values():
+        for unit in units(module):
+            fully_shard(unit, mesh=mesh, mp_policy=policy)
+        fully_shard(module, mesh=mesh, mp_policy=policy)
+    sharded = {f"{name}.{key}": p for name, module in trained.items() for key, p in module.named_parameters()}
+    return [{**group, "params": [sharded[n] for n in ns]} for group, ns in zip(groups, group_names)]
+
+
+@contextlib.contextmanager
+def gradient_sync(modules: Iterable[nn.Module], enabled: bool) -> Iterator[None]:
+    """Inside the block, backward reduces gradients across ranks only if `enabled` (the last
+    micro-step of an accumulation): DDP's no_sync(), FSDP2's set_requires_gradient_sync (its
+    unsharded gradients then accumulate locally until the syncing micro-step)."""
+    with contextlib.ExitStack() as stack:
+        for module in modules:
+            if isinstance(module, FSDPModule):
+                module.set_requires_gradient_sync(enabled)
+            elif not enabled:
+                stack.enter_context(module.no_sync())
+        yield
+
+
+def local(tensor: torch.Tensor) -> torch.Tensor:
+    """A DTensor's local part (of a replicated one: its value); a plain tensor as it is."""
+    return tensor.to_local() if isinstance(tensor, DTensor) else tensor
+
+
+def like(local_tensor: torch.Tensor, reference: DTensor) -> DTensor:
+    """`local_tensor` (this rank's shard, same layout as `reference`'s) as a DTensor, sharing its storage."""
+    return DTensor.from_local(
+        local_tensor, reference.device_mesh, reference.placements, run_check=False, shape=reference.shape,
+        stride=reference.stride(),
+    )
+
+
+class ShardedEMA(EMA):
+    """The EMA of FSDP-sharded weights: a shadow of this rank's local shards only (1/N of the
+    weights, like the optimizer moments), updated by the same on-device kernels.
+
+    The parameters it averages are views of the shards' storage, which FSDP owns (it all-gathers
+    from it), so the swap for validation and export copies through a temporary instead of
+    exchanging storages.
+    """
+
+    def __init__(self, named_parameters: Iterable[tuple[str, DTensor]], decay: float, warmup: bool):
+        named = list(named_parameters)
+        self.references = [p for _, p in named]  # the DTensor layout of each shard
+        super().__init__([(name, p.detach().to_local()) for name, p in named], decay, warmup)
+
+    def sharded_shadow(self) -> dict[str, DTensor]:
+        """The shadow as DTensors laid out like the weights (for DCP and for gathering)."""
+        return {name: like(s, ref) for name, s, ref in zip(self.names, self.shadow, self.references)}
+
+    @torch.no_grad()
+    def _swap(self) -> None:
+        for p, s in zip(self.params, self.shadow):
+            held = p.clone()
+            p.copy_(s)
+            s.copy_(held)
+
+
+def gathered(tensors: dict[str, torch.Tensor], keep: bool) -> dict[str, torch.Tensor]:
+    """The full tensors of `tensors` (DTensors are all-gathered one at a time; every rank must
+    call), moved to the host where `keep` (the main rank), dropped elsewhere: the keeping rank
+    never holds more than the one full copy it returns, and the others only one tensor."""
+    out = {}
+    for key, value in tensors.items():
+        full = value.full_tensor() if isinstance(value, DTensor) else value
+        if keep:
+            out[key] = full.detach().cpu()
+    return out
+
+
+def plain_twin(module: nn.Module, state: dict[str, torch.Tensor]) -> nn.Module:
+    """An unsharded module of `module`'s class and config holding `state` (no copy: the tensors are assigned)."""
+    cls = next(c for c in type(module).__mro__ if issubclass(c, nn.Module) and not issubclass(c, FSDPModule))
+    config = module.cfg if isinstance(module, UNet) else module.config
+    with torch.device("meta"):
+        twin = cls(config)
+    twin.load_state_dict(state, assign=True)
+    return twin
