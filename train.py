@@ -378,36 +378,48 @@ def export_sharded(cfg: TrainConfig, env: Distributed, pipe: Pipeline, trained: 
     return path
 
 
-def evaluation_prompts(cfg: TrainConfig) -> list[str]:
-    """eval.prompts, or the first eval.num_prompts of the paper's list for the class noun."""
+def evaluation_prompts(cfg: TrainConfig, subject: Subject) -> list[str]:
+    """eval.prompts, or the first eval.num_prompts of the paper's list for the subject's class noun."""
     ev = cfg.eval
     if ev.prompts:
         return list(ev.prompts)
-    _, templates = read_prompt_templates(None, ev.class_noun)  # the list evaluate picks for the noun
-    return subject_prompts(templates, ev.identifier, ev.class_noun)[: ev.num_prompts]
+    identifier, noun = subject.identifier or ev.identifier, subject.class_noun or ev.class_noun
+    _, templates = read_prompt_templates(None, noun)  # the list evaluate picks for the noun
+    return subject_prompts(templates, identifier, noun)[: ev.num_prompts]
 
 
-def evaluate_subject(cfg: TrainConfig, env: Distributed, pipe: Pipeline, ema: EMA | None, amp, amp_dtype) -> dict:
-    """The DreamBooth paper's DINO, CLIP-I and CLIP-T of the weights as they would be exported.
+def evaluate_subjects(
+    cfg: TrainConfig, env: Distributed, pipe: Pipeline, ema: EMA | None, amp, amp_dtype, subjects: list[Subject]
+) -> dict:
+    """The DreamBooth paper's DINO, CLIP-I and CLIP-T of the weights as they would be exported:
+    `dino`, `clip_i`, `clip_t` over every subject's prompts, and with data.subjects each subject's
+    own as `dino/<name>` etc. (its photos, its identifier, the paper's prompts for its class noun).
 
-    The ranks split the prompts and every rank gets the means; the evaluation models are loaded
-    in the AMP dtype for this call only, so they cost no memory between evaluations.
+    The ranks split each subject's prompts and every rank gets the means; the evaluation models are
+    loaded in the AMP dtype for this call only, so they cost no memory between evaluations.
     """
     ev, resolution = cfg.eval, cfg.data.resolution
-    mine = evaluation_prompts(cfg)[env.rank :: env.world_size]
     models = load_eval_models(ev.clip, ev.dino, device=env.device, dtype=amp_dtype)
-    per_prompt = []
-    if mine:
-        real = embed_images(models, subject_images(cfg.data.instance_dir))
-        sampling = Sampling(steps=ev.steps, guidance=ev.guidance, height=resolution, width=resolution)
-        pipe.unet.eval()
-        with exported_ema(cfg, ema), amp():
-            scores, _ = evaluate(pipe, models, real, mine, ev.identifier, ev.images_per_prompt, ev.seed, sampling)
-        pipe.unet.train()
-        per_prompt = scores.per_prompt
+    sampling = Sampling(steps=ev.steps, guidance=ev.guidance, height=resolution, width=resolution)
+    record, every_prompt = {}, []
+    for subject in subjects:
+        mine = evaluation_prompts(cfg, subject)[env.rank :: env.world_size]
+        per_prompt = []
+        if mine:
+            real = embed_images(models, subject_images(subject.instance_dir))
+            pipe.unet.eval()
+            with exported_ema(cfg, ema), amp():
+                scores, _ = evaluate(pipe, models, real, mine, subject.identifier or ev.identifier, ev.images_per_prompt, ev.seed, sampling)
+            pipe.unet.train()
+            per_prompt = scores.per_prompt
+        gathered = [p for shard in gather_objects(per_prompt) for p in shard]
+        every_prompt += gathered
+        if cfg.data.subjects:
+            own = Scores.of(gathered)
+            record |= {f"dino/{subject.name}": own.dino, f"clip_i/{subject.name}": own.clip_i, f"clip_t/{subject.name}": own.clip_t}
     del models
-    scores = Scores.of([p for shard in gather_objects(per_prompt) for p in shard])
-    return {"dino": scores.dino, "clip_i": scores.clip_i, "clip_t": scores.clip_t}
+    scores = Scores.of(every_prompt)
+    return record | {"dino": scores.dino, "clip_i": scores.clip_i, "clip_t": scores.clip_t}
 
 
 def exported_ema(cfg: TrainConfig, ema: EMA | None):
@@ -473,6 +485,9 @@ def train(cfg: TrainConfig, env: Distributed, resume_hint: str) -> int:
 
     # The items with the class counts the folders will have: bucket problems surface now too.
     plan = plan_of([class_count(s.class_dir, wanted[s.class_dir]) if prior else 0 for s in subjects])
+    if cfg.eval.every_n_steps and cfg.eval.prompts and data.subjects:
+        raise ConfigError("eval.prompts with data.subjects: each subject is evaluated on the paper's prompts for its "
+                          "class_noun with its identifier; leave eval.prompts empty (eval.num_prompts sets how many)")
     for flag in ("clip", "dino") if cfg.eval.every_n_steps else ():
         if not Path(getattr(cfg.eval, flag)).exists():
             raise ConfigError(f"eval.{flag}={getattr(cfg.eval, flag)}: no such file or folder (see the README, Evaluate a run)")
@@ -622,7 +637,7 @@ def train(cfg: TrainConfig, env: Distributed, resume_hint: str) -> int:
             records = pending.read()  # the host waits for the GPU here, and only here
             samples_per_s, window_samples = window_samples / (time.perf_counter() - window_started), 0
             if evaluating:  # the scores join the step's record (and TensorBoard)
-                records[-1].update(evaluate_subject(cfg, env, pipe, ema, amp, amp_dtype))
+                records[-1].update(evaluate_subjects(cfg, env, pipe, ema, amp, amp_dtype, subjects))
             for record in records:
                 # fp16 gradient overflow skips a step too, but only non-finite losses count towards stopping.
                 state.nonfinite_run = 0 if math.isfinite(record["loss"]) else state.nonfinite_run + 1

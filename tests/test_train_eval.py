@@ -7,14 +7,17 @@ import sys
 
 import pytest
 from eval_references import PHOTOS, TINY_CLIP, TINY_DINO, reference_clip, reference_vit
-from train_runs import ENVIRONMENT, TRAIN, metrics, output
+from train_runs import ENVIRONMENT, SETUPS, TRAIN, metrics, output, train_args
 
+import train
 from minidream import load_pipeline
+from minidream.dreambooth_prompts import subject_prompts
 from minidream.evaluate import (
     Sampling,
     embed_images,
     evaluate,
     load_eval_models,
+    read_prompt_templates,
     subject_images,
 )
 
@@ -51,3 +54,34 @@ def test_scores_in_metrics_equal_evaluating_the_exported_model(nproc, eval_model
         assert -1 <= final[name] <= 1
         # 1e-5: the run used one thread, this process two; a pixel a level apart moves a score ~1e-6.
         assert final[name] == pytest.approx(getattr(scores, name), abs=1e-5), name
+
+
+def test_several_subjects_are_each_evaluated_on_their_own_photos_and_prompts(eval_models, training_data, tmp_path, one_thread):
+    """data.subjects: each subject's scores (`dino/<name>` ...) are those of the exported model on its
+    photos, with its identifier and the paper's prompts for its class noun; `dino` etc. cover all."""
+    run_dir = tmp_path / "run"
+    overrides = (*SETUPS["subjects"].overrides, "train.max_steps=2", "checkpoint.every_n_steps=2", "eval.every_n_steps=2",
+                 f"eval.clip={eval_models / 'clip'}", f"eval.dino={eval_models / 'dino'}", "eval.num_prompts=1",
+                 "eval.images_per_prompt=1", "eval.steps=2")
+    assert train.main(train_args(run_dir, training_data, overrides)) == 0
+    final = metrics(run_dir)[-1]
+
+    models = load_eval_models(eval_models / "clip", eval_models / "dino")
+    pipe = load_pipeline(run_dir / "model.safetensors")
+    for name, identifier, noun in (("dog", "sks", "dog"), ("cat", "zwx", "cat")):
+        prompts = subject_prompts(read_prompt_templates(None, noun)[1], identifier, noun)[:1]
+        real = embed_images(models, subject_images(training_data / name))
+        scores, _ = evaluate(pipe, models, real, prompts, identifier, images_per_prompt=1, sampling=Sampling(steps=2, height=64, width=64))
+        for score in ("dino", "clip_i", "clip_t"):
+            assert final[f"{score}/{name}"] == pytest.approx(getattr(scores, score), abs=1e-5), (name, score)
+    for score in ("dino", "clip_i", "clip_t"):  # one prompt and image each: the overall mean is the subjects' mean
+        assert final[score] == pytest.approx((final[f"{score}/dog"] + final[f"{score}/cat"]) / 2, abs=1e-6)
+    assert final["dino/dog"] != final["dino/cat"]  # each on its own photos
+
+
+def test_eval_prompts_with_several_subjects_are_refused_before_any_model_loads(eval_models, training_data, tmp_path, capsys):
+    overrides = (*SETUPS["subjects"].overrides, "eval.every_n_steps=2", f"eval.clip={eval_models / 'clip'}",
+                 f"eval.dino={eval_models / 'dino'}", "eval.prompts=[a sks dog]")
+    assert train.main(train_args(tmp_path / "run", training_data, overrides)) == 2
+    assert "eval.prompts with data.subjects" in capsys.readouterr().err
+    assert not (tmp_path / "run" / "config.yaml").exists()
