@@ -2,7 +2,10 @@
 timing is checked here: speed is shown by BENCHMARKS.md, not by tests."""
 
 import math
+import os
 import re
+import subprocess
+import sys
 
 from bench import (
     memory,
@@ -83,3 +86,14 @@ def test_saved_tensors_splits_weights_copies_and_activations(capsys):
         assert 0.4 * fp32[impl]["weights"] < bf16[impl]["weight copies"] <= 0.5 * fp32[impl]["weights"]
     assert fp32["minidream"] == fp32["diffusers"]  # fp32: the very same tensors are saved
     assert "Command: `python -m bench.saved_tensors " in capsys.readouterr().out
+
+
+def test_collectives_times_each_collective_per_shard_size():
+    run = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "bench.collectives",
+         "--sizes-mb", "0.01", "0.02", "--repeats", "1"],
+        capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
+    rows = [line for line in run.stdout.splitlines() if line.startswith("| 0.0")]
+    assert len(rows) == 2 and all(line.count(" ms") == 3 for line in rows)
