@@ -465,7 +465,7 @@ def train(cfg: TrainConfig, env: Distributed, resume_hint: str) -> int:
     sharding.refuse_unsupported(cfg)
     sharded = sharding.uses_fsdp(cfg)  # checkpoints written with DCP; with 2+ ranks the trained weights FSDP-sharded
     fsdp = sharded and env.world_size > 1
-    resume = restart_resume(cfg.run.resume)
+    resume = restart_resume(cfg.run.resume, bool(checkpoint.list_checkpoints(run_dir)))
     subjects = subjects_of(cfg)
     if data.example_subject and not data.subjects and env.is_main:  # config_file.with_instance_dir: its own folder in the run directory
         write_example_subject(Path(data.instance_dir), count=4, size=max(data.resolution, 64))

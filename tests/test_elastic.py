@@ -81,9 +81,12 @@ def test_only_a_restarted_worker_group_resumes_by_itself(monkeypatch):
     checkpoints: a finished or foreign run is not continued by accident); a group torchrun
     restarted resumes its own checkpoints."""
     monkeypatch.delenv("TORCHELASTIC_RESTART_COUNT", raising=False)
-    assert restart_resume("none") == "none"
+    assert restart_resume("none", True) == "none"
     monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "0")
-    assert restart_resume("none") == "none"
+    assert restart_resume("none", True) == "none"
     monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "1")
-    assert [restart_resume(r) for r in ("none", "latest", "auto", "runs/x/checkpoints/step-00000002")] == [
-        "auto", "latest", "auto", "runs/x/checkpoints/step-00000002"]
+    path = "runs/x/checkpoints/step-00000002"  # a run started from another run's checkpoint
+    # The run has written checkpoints: the newest of them, never back to where it started.
+    assert [restart_resume(r, True) for r in ("none", "latest", "auto", path)] == ["auto"] * 4
+    # It has not yet: start as the first launch did (latest would fail on the empty run).
+    assert [restart_resume(r, False) for r in ("none", "latest", "auto", path)] == ["auto", "auto", "auto", path]

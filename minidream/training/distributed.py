@@ -67,13 +67,18 @@ def attempt_store(name: str, host: bool = False) -> dist.Store:
     return dist.PrefixStore(f"minidream/{name}/attempt-{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
 
 
-def restart_resume(resume: str) -> str:
+def restart_resume(resume: str, run_has_checkpoints: bool) -> str:
     """run.resume as this process applies it. A worker group torchrun restarted (--max-restarts)
-    resumes from the newest complete checkpoint whatever run.resume says: the checkpoints there
-    are this job's own, written before the failure. A first launch keeps run.resume, so re-running
-    a finished or foreign run directory with resume=none is still refused, never continued."""
+    resumes from the run's newest complete checkpoint whatever run.resume says: the checkpoints
+    there are this job's own, written before the failure — going back to a run.resume=PATH it
+    started from would redo every step since. Before the run has written one, a restart starts as
+    the first launch did (from PATH, or afresh: `latest` would fail on an empty run). A first launch
+    keeps run.resume, so re-running a finished or foreign run directory with resume=none is still
+    refused, never continued."""
     restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0)) > 0
-    return "auto" if restarted and resume == "none" else resume
+    if not restarted:
+        return resume
+    return "auto" if run_has_checkpoints or resume in ("none", "latest", "auto") else resume
 
 
 def timed_out(error: BaseException) -> bool:
