@@ -1,6 +1,7 @@
 """Issue 19: train.sharding=fsdp (FSDP2, gloo, CPU) trains what DDP and one process train with the
 same global batch — 2 and 3 ranks, with the text encoder trained and an EMA (sharded like its
-weights), with LoRA (adapters replicated), with accumulation and gradient checkpointing."""
+weights), with LoRA (adapters replicated), with accumulation and gradient checkpointing, and on
+the real photo sets (buckets, two subjects, caption dropout, masks)."""
 
 import pytest
 from train_runs import (
@@ -29,9 +30,11 @@ LOG_TOLERANCE = 1e-6  # relative, for the logged losses and gradient norm
     [("text-encoder-ema", "torchrun-text-encoder-ema", "fsdp-text-encoder-ema"),
      ("text-encoder-ema-batch-3", "torchrun-3-text-encoder-ema", "fsdp-3-text-encoder-ema"),
      ("lora", "torchrun-lora", "fsdp-lora"),
-     ("single-accumulate", "torchrun-accumulate", "fsdp-accumulate")],
+     ("single-accumulate", "torchrun-accumulate", "fsdp-accumulate"),
+     ("subjects", "torchrun-subjects", "fsdp-subjects")],
     ids=["text encoder + EMA: batch 2 vs 2x1", "text encoder + EMA: batch 3 vs 3x1", "lora: batch 2 vs 2x1",
-         "accumulate 2 (+ gradient checkpointing under fsdp): batch 2 vs 2x1"],
+         "accumulate 2 (+ gradient checkpointing under fsdp): batch 2 vs 2x1",
+         "buckets + two subjects + caption dropout + masks: batch 2 vs 2x1"],
 )
 def test_fsdp_trains_what_ddp_and_one_process_train(one_process, ddp, fsdp, uninterrupted):
     single = exported_weights(uninterrupted(one_process))

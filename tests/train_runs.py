@@ -66,6 +66,7 @@ SETUPS = {
     "torchrun-3-text-encoder-ema": Setup(3, ("train.batch_size=1", *TEXT_ENCODER_EMA)),
     "fsdp-3-text-encoder-ema": Setup(3, ("train.batch_size=1", *TEXT_ENCODER_EMA, "train.sharding=fsdp")),
     "fsdp-lora": Setup(2, ("train.batch_size=1", *LORA, "train.sharding=fsdp")),
+    "fsdp-subjects": Setup(2, ("train.batch_size=1", *SUBJECTS, "train.sharding=fsdp")),  # issues 16 + 19 together
     "fsdp-accumulate": Setup(2, ("train.batch_size=1", "train.gradient_accumulation_steps=2", "train.gradient_checkpointing=true",
                                  "train.sharding=fsdp")),
     # Elastic (tests/test_elastic.py): the fsdp run above under torchrun --max-restarts=1.
