@@ -465,7 +465,8 @@ def train(cfg: TrainConfig, env: Distributed, resume_hint: str) -> int:
     sharding.refuse_unsupported(cfg)
     sharded = sharding.uses_fsdp(cfg)  # checkpoints written with DCP; with 2+ ranks the trained weights FSDP-sharded
     fsdp = sharded and env.world_size > 1
-    resume = restart_resume(cfg.run.resume, bool(checkpoint.list_checkpoints(run_dir)))
+    earlier = checkpoint.list_checkpoints(run_dir)  # once: it also warns about interrupted writes
+    resume = restart_resume(cfg.run.resume, bool(earlier))
     subjects = subjects_of(cfg)
     if data.example_subject and not data.subjects and env.is_main:  # config_file.with_instance_dir: its own folder in the run directory
         write_example_subject(Path(data.instance_dir), count=4, size=max(data.resolution, 64))
@@ -493,7 +494,7 @@ def train(cfg: TrainConfig, env: Distributed, resume_hint: str) -> int:
             raise ConfigError(f"eval.{flag}={getattr(cfg.eval, flag)}: no such file or folder (see the README, Evaluate a run)")
     if data.latent_cache_dir is not None:
         check_writable_folder(Path(data.latent_cache_dir))
-    if resume == "none" and checkpoint.list_checkpoints(run_dir):
+    if resume == "none" and earlier:
         raise CheckpointError(
             f"{run_dir} already holds checkpoints of an earlier run; continue it with run.resume=latest "
             "or start afresh in another run.output_dir"
@@ -532,7 +533,8 @@ def train(cfg: TrainConfig, env: Distributed, resume_hint: str) -> int:
     store = moments_store(cfg, pipe)
     latents = LatentSource(pipe.vae, data.center_crop, data.random_flip, pipe.config.vae.scaling_factor, store)
     batches = DreamBoothBatches(plan, latents, tcfg.seed, data.caption_dropout, data.masks)
-    shard = functools.partial(plan.shard, seed=tcfg.seed, rank=env.rank, world_size=env.world_size)
+    shard = functools.lru_cache(maxsize=1)(  # take_items asks every micro-step; the order changes per epoch
+        functools.partial(plan.shard, seed=tcfg.seed, rank=env.rank, world_size=env.world_size))
     val_prompts = validation_prompts(cfg, subjects)
     val_sizes = sorted(plan.bucket_counts())
     encode_prompts = PromptEncoder(pipe.tokenizer, text_encoder, text_encoder_trains, cfg.model.clip_skip)

@@ -25,7 +25,7 @@ from minidream.config import ARCHITECTURES
 from minidream.models.precision import DTYPES
 from minidream.models.vae import AutoencoderKL
 from minidream.training.data import IMAGE_SUFFIXES, image_to_tensor, load_image
-from minidream.training.latent_cache import LatentCache, file_sha256
+from minidream.training.latent_cache import LatentCache, image_sha256
 
 PHOTOS = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "dreambooth"
 
@@ -50,7 +50,7 @@ def median_seconds(call: Callable[[], object], repeats: int, device: torch.devic
 
 def hashing_rows(photos: list[Path], vae: AutoencoderKL, folder: Path, repeats: int, device: torch.device) -> list[Row]:
     megabytes = sum(path.stat().st_size for path in photos) / 1e6
-    files = median_seconds(lambda: [file_sha256(path) for path in photos], repeats, device)
+    files = median_seconds(lambda: [image_sha256(path) for path in photos], repeats, device)
     weights = sum(t.numel() * t.element_size() for t in vae.state_dict().values()) / 1e6
     identity = median_seconds(lambda: LatentCache(folder, vae), repeats, device)
     return [

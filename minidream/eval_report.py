@@ -1,7 +1,6 @@
 """The files of an evaluation: eval.json's hashes, eval.md beside the paper's Table 1, the contact
 sheet, and the side-by-side table of `python -m minidream.evaluate --compare`."""
 
-import hashlib
 import json
 from collections.abc import Sequence
 from pathlib import Path
@@ -9,7 +8,7 @@ from pathlib import Path
 from PIL import Image, PngImagePlugin
 
 from minidream.diffusion.sampling import image_grid
-from minidream.files import atomic_file
+from minidream.files import atomic_file, file_sha256
 from minidream.io.weights import RUN_FOLDER_WEIGHTS
 
 # The paper's Table 1 (Stable Diffusion rows and the real-image bound).
@@ -19,14 +18,6 @@ PAPER_TABLE = (
     ("Textual Inversion, Stable Diffusion (paper)", 0.569, 0.780, 0.255),
 )
 SCORES = ("dino", "clip_i", "clip_t")
-
-
-def sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 24), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def pipeline_files(path: Path) -> list[Path]:
@@ -39,7 +30,7 @@ def pipeline_files(path: Path) -> list[Path]:
 
 
 def file_hashes(paths: Sequence[Path]) -> dict[str, str]:
-    return {str(path): sha256(path) for path in paths}
+    return {str(path): file_sha256(path) for path in paths}
 
 
 def markdown_table(rows: Sequence[tuple[str, float | None, float | None, float | None]]) -> str:

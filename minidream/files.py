@@ -6,6 +6,7 @@ only when complete; whatever is left under the temporary name, by success or fai
 """
 
 import contextlib
+import hashlib
 import os
 import shutil
 import uuid
@@ -67,3 +68,13 @@ def atomic_folder(path: Path, replace: bool = False, temporary: Path | None = No
 def refuse_non_empty_folder(path: Path) -> None:
     if path.exists() and not (path.is_dir() and not any(path.iterdir())):
         raise FileExistsError(f"{path}: already exists; remove it or choose another destination")
+
+
+def file_sha256(path: Path, start: int = 0) -> str:
+    """sha256 of a file's bytes from offset `start`, read in 1 MiB blocks (memory stays flat for any size)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        f.seek(start)
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

@@ -23,7 +23,6 @@ memory; no file layout with them is read.
 """
 
 import contextlib
-import hashlib
 import json
 import re
 from collections.abc import Iterator
@@ -35,6 +34,7 @@ import torch
 from torch import nn
 
 from minidream.config import SD15, ModelConfig, TrainConfig, UNetConfig
+from minidream.files import file_sha256
 from minidream.io import open_clip_layout
 from minidream.io.diffusers_layout import unet_names
 from minidream.io.single_file import LORA_MARKERS
@@ -499,13 +499,11 @@ def lora_hash(path: str | Path) -> str:
     """A1111's short hash of a LoRA file (its "Lora hashes" PNG text, Civitai's lookup key): the first
     12 hex digits of the SHA-256 of a .safetensors file's tensor bytes, after the header (kohya's and
     A1111's `addnet_hash_safetensors`, so editing the metadata keeps the hash); of the whole file otherwise."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        if Path(path).suffix == ".safetensors":
-            f.seek(8 + int.from_bytes(f.read(8), "little"))  # u64 little-endian header length, then the header
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()[:12]
+    start = 0
+    if Path(path).suffix == ".safetensors":
+        with open(path, "rb") as f:
+            start = 8 + int.from_bytes(f.read(8), "little")  # u64 little-endian header length, then the header
+    return file_sha256(path, start)[:12]
 
 
 def apply_lora_file(pipe: Pipeline, path: str | Path, scale: float = 1.0) -> LoRAFile:

@@ -22,13 +22,12 @@ import safetensors
 import torch
 from safetensors.torch import save_file
 
-from minidream.files import atomic_file, temporary_sibling
+from minidream.files import atomic_file, file_sha256, temporary_sibling
 from minidream.models.vae import AutoencoderKL
 from minidream.training.data import DataError
 
 FORMAT_VERSION = "1"  # raise when what an entry holds, or how its key is made, changes
 MOMENTS = ("mean", "std")
-CHUNK = 1 << 20
 
 
 class LatentCache:
@@ -89,7 +88,7 @@ class LatentCache:
         known = self._file_hashes.get(path)
         if known is not None and known[0] == fingerprint:
             return known[1]
-        digest = file_sha256(path)
+        digest = image_sha256(path)
         self._file_hashes[path] = (fingerprint, digest)
         return digest
 
@@ -135,16 +134,12 @@ class LatentCache:
             ) from None
 
 
-def file_sha256(path: Path) -> str:
-    """sha256 of a file's bytes, read in 1 MiB chunks (memory stays flat for any size)."""
-    digest = hashlib.sha256()
+def image_sha256(path: Path) -> str:
+    """files.file_sha256 of an image, its read failure as one DataError line."""
     try:
-        with open(path, "rb") as file:
-            while chunk := file.read(CHUNK):
-                digest.update(chunk)
+        return file_sha256(path)
     except OSError as error:
         raise DataError(f"{path}: cannot read image ({error.strerror or error})") from None
-    return digest.hexdigest()
 
 
 def tensors_sha256(named: Iterable[tuple[str, torch.Tensor]], prefix: bytes = b"") -> str:

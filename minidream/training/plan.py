@@ -10,6 +10,7 @@ none (a class set made before buckets), the k-th of all of them, resized and cro
 Class images may be upscaled for that; instance images never are.
 """
 
+from collections import Counter
 from dataclasses import dataclass, replace
 
 from minidream.training.buckets import (
@@ -56,11 +57,8 @@ class DataPlan:
 
     def bucket_counts(self, subjects: list[int] | None = None) -> dict[Size, int]:
         """Items per bucket (of `subjects` only, when given), the buckets in order."""
-        counts: dict[Size, int] = {}
-        for item in sorted(self.items, key=lambda i: i.bucket):
-            if subjects is None or item.subject in subjects:
-                counts[item.bucket] = counts.get(item.bucket, 0) + 1
-        return counts
+        counts = Counter(item.bucket for item in self.items if subjects is None or item.subject in subjects)
+        return dict(sorted(counts.items()))
 
     def describe(self) -> list[str]:
         """The log lines: each bucket and its items, and the buckets merged away."""
@@ -82,10 +80,7 @@ def plan_items(
         nearest = [nearest_bucket(e.size, buckets) if buckets else (resolution, resolution) for e in examples]
         items += [PlanItem(s, first + k % len(examples), nearest[k % len(examples)])
                   for k in range(max(len(examples) * repeat, n_class))]
-    counts: dict[Size, int] = {}
-    for item in items:
-        counts[item.bucket] = counts.get(item.bucket, 0) + 1
-    merged = merge_small_buckets(counts, group)
+    merged = merge_small_buckets(Counter(item.bucket for item in items), group)
     items = [replace(item, bucket=merged[item.bucket]) for item in items]
     upscaled = sorted({f"{instances[i.instance].path} ({instances[i.instance].size[0]}x{instances[i.instance].size[1]} "
                        f"< bucket {i.bucket[0]}x{i.bucket[1]})"
@@ -98,7 +93,7 @@ def plan_items(
 
 def pair_classes(plan: DataPlan, class_sets: list[list[Example]]) -> DataPlan:
     """The plan with each item's class image (see the module docstring)."""
-    used = sorted(set(plan.bucket_counts()))
+    used = list(plan.bucket_counts())  # sorted
     classes, first = [], []
     for examples in class_sets:
         first.append(len(classes))
