@@ -551,7 +551,6 @@ def train(cfg: TrainConfig, env: Distributed, resume_hint: str) -> int:
         optimizer, lambda s: lr_factor(s, tcfg.lr_schedule, tcfg.warmup_steps, tcfg.max_steps)
     )
     scaler = torch.amp.GradScaler(env.device.type, enabled=tcfg.mixed_precision == "fp16")
-    params = [p for group in groups for p in group["params"]]
     named = [(f"{name}.{key}", p) for name, module in trained.items() for key, p in module.named_parameters() if p.requires_grad]
     ema_class = sharding.ShardedEMA if fsdp else EMA  # sharded: the EMA of the local shards
     ema = ema_class(named, tcfg.ema_decay, tcfg.ema_warmup) if tcfg.ema_decay is not None else None
@@ -617,11 +616,11 @@ def train(cfg: TrainConfig, env: Distributed, resume_hint: str) -> int:
             grad_norm = torch.full((), float("nan"), device=env.device)
         else:
             scaler.unscale_(optimizer)
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, tcfg.max_grad_norm or float("inf"))  # inf: measure only
-            grad_norm = sharding.local(grad_norm)  # of sharded gradients: the global norm, replicated
-            # The same on every rank: DDP has averaged the gradients (FSDP summed the shards' norms), and a NaN loss anywhere makes them NaN.
-            skip = ~torch.isfinite(grad_norm)
-            step_unless(optimizer, skip)
+            with sharding.local_shards(optimizer, fsdp) as stepped:
+                grad_norm = sharding.clip_grad_norm(stepped, tcfg.max_grad_norm or float("inf"), fsdp)  # inf: measure only
+                # The same on every rank: DDP has averaged the gradients (FSDP summed the shards' squares), and a NaN loss anywhere makes them NaN.
+                skip = ~torch.isfinite(grad_norm)
+                step_unless(optimizer, skip)
             scaler.update()
             optimizer.zero_grad(set_to_none=True)
         if ema is not None and (state.step + 1) % tcfg.ema_every == 0:

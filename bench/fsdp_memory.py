@@ -43,13 +43,14 @@ def rss_bytes() -> int:
         return int(f.read().split()[1]) * resource.getpagesize()
 
 
-def measure(ranks: int, config_name: str, frozen_dtype: torch.dtype, latent: int) -> dict:
+def sharded_after_one_step(ranks: int, config_name: str, latent: int):
+    """Rank 0 of `ranks` on the fake process group: the config's UNet and text encoder sharded
+    (allocated as shards only) and stepped once at a small latent, so FSDP itself has made the
+    gradient shards and AdamW its moments. Returns (trained modules, sharded weights, optimizer)."""
     dist.init_process_group("fake", rank=0, world_size=ranks, store=FakeStore())
     cfg = ARCHITECTURES[config_name]
-    before = rss_bytes()
     with torch.device("meta"):  # nothing is allocated whole: each rank allocates its shards only
         trained = {"unet": UNet(cfg.unet), "text_encoder": text_encoder_class(cfg.text_encoder)(cfg.text_encoder)}
-    params = sum(p.numel() for m in trained.values() for p in m.parameters())
     groups = shard(trained, [{"params": [p for m in trained.values() for p in m.parameters()]}], torch.float32,
                    torch.device("cpu"), ranks)
     generator = torch.Generator().manual_seed(0)
@@ -57,15 +58,20 @@ def measure(ranks: int, config_name: str, frozen_dtype: torch.dtype, latent: int
         module.to_empty(device="cpu")
         for p in module.parameters():
             p.detach().to_local().normal_(0, 0.02, generator=generator)
-    vae = AutoencoderKL(cfg.vae).to(frozen_dtype).requires_grad_(False)  # replicated, as train.py keeps it
     optimizer = torch.optim.AdamW(groups, lr=1e-6, fused=True)
-    # One real step at a small latent, so FSDP itself makes the gradient shards and AdamW its moments.
     tokens = torch.zeros(1, cfg.text_encoder.context_length, dtype=torch.long)
     context = trained["text_encoder"](tokens)
     latents = torch.randn(1, cfg.unet.in_channels, latent, latent, generator=generator)
     trained["unet"](latents, torch.tensor([500]), context).float().pow(2).mean().backward()
     optimizer.step()
-    weights = [p for g in groups for p in g["params"]]
+    return trained, [p for g in groups for p in g["params"]], optimizer
+
+
+def measure(ranks: int, config_name: str, frozen_dtype: torch.dtype, latent: int) -> dict:
+    before = rss_bytes()
+    trained, weights, optimizer = sharded_after_one_step(ranks, config_name, latent)
+    params = sum(p.numel() for m in trained.values() for p in m.parameters())
+    vae = AutoencoderKL(ARCHITECTURES[config_name].vae).to(frozen_dtype).requires_grad_(False)  # replicated, as train.py keeps it
     measured = {
         "weights": local_bytes(weights),
         "gradients": local_bytes(p.grad for p in weights),

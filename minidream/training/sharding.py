@@ -14,6 +14,7 @@ import contextlib
 from collections.abc import Iterable, Iterator
 
 import torch
+import torch.distributed as dist
 from torch import nn
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
@@ -102,6 +103,58 @@ def gradient_sync(modules: Iterable[nn.Module], enabled: bool) -> Iterator[None]
             elif not enabled:
                 stack.enter_context(module.no_sync())
         yield
+
+
+@contextlib.contextmanager
+@torch.no_grad()
+def local_shards(optimizer: torch.optim.Optimizer, sharded: bool) -> Iterator[list[torch.Tensor]]:
+    """Inside the block, the optimizer steps this rank's local shards as plain tensors; it yields
+    its parameters, each holding its gradient (the parameters themselves where not `sharded`).
+
+    Why: a DTensor op pays sharding propagation on the host for every tensor of its list, so a
+    fused AdamW or a gradient norm over a few hundred DTensors costs tens of ms per step
+    (pytorch#134191), more than the tiny model's whole step. AdamW is elementwise, so stepping the
+    shards is the same arithmetic. The optimizer keeps its DTensor parameters and state outside
+    the block (what DCP saves and reshards): the state it steps are views of that state's local
+    tensors, and the state it creates on a first step is wrapped back as DTensors on the way out.
+    """
+    if not sharded:
+        yield [p for group in optimizer.param_groups for p in group["params"]]
+        return
+    held = [group["params"] for group in optimizer.param_groups]
+    state = optimizer.state
+    pairs = [(p, p.to_local()) for params in held for p in params]  # under no_grad: the shard itself
+    for p, shard in pairs:
+        shard.grad = local(p.grad) if p.grad is not None else None
+        if p in state:
+            state[shard] = {key: local(value) for key, value in state[p].items()}
+    shards = iter(shard for _, shard in pairs)
+    for group in optimizer.param_groups:
+        group["params"] = [next(shards) for _ in group["params"]]
+    try:
+        yield [shard for _, shard in pairs]
+    finally:
+        for group, params in zip(optimizer.param_groups, held):
+            group["params"] = params
+        for p, shard in pairs:
+            shard.grad = None
+            stepped = state.pop(shard, None)
+            if stepped is not None and p not in state:  # created by this step: the moments are shards of p's layout
+                state[p] = {key: like(value, p) if key != "step" else value for key, value in stepped.items()}
+
+
+def clip_grad_norm(params: list[torch.Tensor], max_norm: float, sharded: bool) -> torch.Tensor:
+    """torch.nn.utils.clip_grad_norm_ over `params`' gradients; where they are `sharded` (each
+    rank holding other parts), the norm is the global one: this rank's sum of squares, summed
+    over ranks in one all-reduce, so every rank clips by the same factor."""
+    grads = [p.grad for p in params if p.grad is not None]
+    norm = torch.nn.utils.get_total_norm(grads)
+    if sharded:
+        norm = norm.square()
+        dist.all_reduce(norm)
+        norm = norm.sqrt()
+    torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm)
+    return norm
 
 
 def local(tensor: torch.Tensor) -> torch.Tensor:
