@@ -69,9 +69,9 @@ def sharded_after_one_step(ranks: int, config_name: str, latent: int):
 
 def measure(ranks: int, config_name: str, frozen_dtype: torch.dtype, latent: int) -> dict:
     before = rss_bytes()
+    vae = AutoencoderKL(ARCHITECTURES[config_name].vae).to(frozen_dtype).requires_grad_(False)  # replicated, as train.py keeps it
     trained, weights, optimizer = sharded_after_one_step(ranks, config_name, latent)
     params = sum(p.numel() for m in trained.values() for p in m.parameters())
-    vae = AutoencoderKL(ARCHITECTURES[config_name].vae).to(frozen_dtype).requires_grad_(False)  # replicated, as train.py keeps it
     measured = {
         "weights": local_bytes(weights),
         "gradients": local_bytes(p.grad for p in weights),

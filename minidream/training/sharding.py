@@ -111,10 +111,9 @@ def local_shards(optimizer: torch.optim.Optimizer, sharded: bool) -> Iterator[li
     """Inside the block, the optimizer steps this rank's local shards as plain tensors; it yields
     its parameters, each holding its gradient (the parameters themselves where not `sharded`).
 
-    Why: a DTensor op pays sharding propagation on the host for every tensor of its list, so a
-    fused AdamW or a gradient norm over a few hundred DTensors costs tens of ms per step
-    (pytorch#134191), more than the tiny model's whole step. AdamW is elementwise, so stepping the
-    shards is the same arithmetic. The optimizer keeps its DTensor parameters and state outside
+    Why: a DTensor op pays sharding propagation on the host for every tensor of its list
+    (pytorch#134191): about 16 us per weight tensor, 14 ms per step at SD 1.5 (bench.sharded_optimizer).
+    AdamW is elementwise, so stepping the shards is the same arithmetic. The optimizer keeps its DTensor parameters and state outside
     the block (what DCP saves and reshards): the state it steps are views of that state's local
     tensors, and the state it creates on a first step is wrapped back as DTensors on the way out.
     """
@@ -123,14 +122,14 @@ def local_shards(optimizer: torch.optim.Optimizer, sharded: bool) -> Iterator[li
         return
     held = [group["params"] for group in optimizer.param_groups]
     state = optimizer.state
-    pairs = [(p, p.to_local()) for params in held for p in params]  # under no_grad: the shard itself
+    views = [[p.to_local() for p in params] for params in held]  # under no_grad: the shards themselves
+    pairs = [(p, shard) for params, shards in zip(held, views) for p, shard in zip(params, shards)]
     for p, shard in pairs:
         shard.grad = local(p.grad) if p.grad is not None else None
         if p in state:
             state[shard] = {key: local(value) for key, value in state[p].items()}
-    shards = iter(shard for _, shard in pairs)
-    for group in optimizer.param_groups:
-        group["params"] = [next(shards) for _ in group["params"]]
+    for group, shards in zip(optimizer.param_groups, views):
+        group["params"] = shards
     try:
         yield [shard for _, shard in pairs]
     finally:
