@@ -1,4 +1,4 @@
-"""Text to image with any supported Stable Diffusion 1.x checkpoint.
+"""Text to image with any supported Stable Diffusion 1.x or 2.x checkpoint.
 
     python sample.py --weights weights/v1-5-pruned-emaonly.safetensors --prompt "a photo of an astronaut"
     python sample.py --weights runs/tiny --prompt "a photo of sks toy" --num-images 4
@@ -24,8 +24,8 @@ from minidream.io.weights import load_pipeline
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description="Generate images from text with a Stable Diffusion 1.x checkpoint.")
-    parser.add_argument("--weights", required=True, help="SD 1.x .safetensors/.ckpt file, diffusers folder, or a train.py run folder")
+    parser = argparse.ArgumentParser(description="Generate images from text with a Stable Diffusion 1.x or 2.x checkpoint.")
+    parser.add_argument("--weights", required=True, help="SD 1.x/2.x .safetensors/.ckpt file, diffusers folder, or a train.py run folder")
     parser.add_argument("--prompt", help="what to draw (or use --from-file)")
     parser.add_argument("--from-file", type=Path, help="a text file with one prompt per line; each line is one image per --num-images")
     parser.add_argument("--num-images", type=int, default=1, help="images per prompt (default: %(default)s)")

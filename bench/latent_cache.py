@@ -24,7 +24,7 @@ from bench.common import command, machine, synchronize, versions
 from minidream.config import ARCHITECTURES
 from minidream.models.precision import DTYPES
 from minidream.models.vae import AutoencoderKL
-from minidream.training.data import IMAGE_SUFFIXES, image_to_tensor, load_image
+from minidream.training.data import IMAGE_SUFFIXES, load_image, pixels_of, place
 from minidream.training.latent_cache import LatentCache, image_sha256
 
 PHOTOS = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "dreambooth"
@@ -67,7 +67,8 @@ def per_image_rows(
 
     @torch.no_grad()
     def encode(path: Path) -> tuple[torch.Tensor, torch.Tensor]:
-        pixels = image_to_tensor(load_image(path), image, center_crop=True, flip=False)[None]
+        photo = load_image(path)
+        pixels = pixels_of(place(photo.size, (image, image), True, False, None).apply(photo))[None]
         posterior = vae.encode(pixels.to(device, dtype))
         return posterior.mean, posterior.std
 

@@ -1,4 +1,4 @@
-"""minidream: DreamBooth on Stable Diffusion 1.x in plain PyTorch."""
+"""minidream: DreamBooth on Stable Diffusion 1.x and 2.x in plain PyTorch."""
 
 __version__ = "0.1.0"
 

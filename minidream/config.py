@@ -9,12 +9,38 @@ import difflib
 import types
 import typing
 from dataclasses import dataclass, field
+from typing import Literal
 
-# The names users choose from, in one place: config checks, CLIs and the code that acts on them read these.
-PREDICTION_TYPES = ("epsilon", "v_prediction")
-TIMESTEP_SPACINGS = ("leading", "trailing", "linspace")
-SAMPLERS = ("ddim", "ddpm", "euler-a", "dpmpp-2m")
-PRECISIONS = ("fp32", "fp16", "bf16")  # torch dtypes by name: minidream.models.precision.DTYPES
+# The names users choose from, in one place. Each is the type of the config fields that take it
+# (`coerce` refuses any other value by name), and a tuple of the same names for CLIs and for the
+# code that acts on them.
+PredictionType = Literal["epsilon", "v_prediction"]
+TimestepSpacing = Literal["leading", "trailing", "linspace"]
+Sampler = Literal["ddim", "ddpm", "euler-a", "dpmpp-2m"]
+Precision = Literal["fp32", "fp16", "bf16"]  # torch dtypes by name: minidream.models.precision.DTYPES
+MixedPrecision = Literal["no", "fp16", "bf16"]  # "no" = fp32 weights and no autocast
+FilePrecision = Literal["fp16", "fp32"]  # what SD files are released in
+Architecture = Literal["sd15", "tiny", "sd21", "sd21-base", "tiny-sd2"]  # the keys of ARCHITECTURES
+LRSchedule = Literal["constant", "linear", "cosine"]
+Device = Literal["auto", "cpu", "cuda"]
+ExportEMA = Literal["ema", "raw", "both"]
+Loss = Literal["mse", "huber", "smooth_l1"]  # computed in diffusion/loss_weighting.py
+HuberSchedule = Literal["constant", "exponential", "snr"]
+Optimizer = Literal["adamw", "adamw8bit"]  # built in training/optimizers.py
+Sharding = Literal["ddp", "fsdp"]
+LoRATargets = Literal["attention", "transformer", "all"]  # UNet layers adapted, models/lora.py
+
+PREDICTION_TYPES = typing.get_args(PredictionType)
+TIMESTEP_SPACINGS = typing.get_args(TimestepSpacing)
+SAMPLERS = typing.get_args(Sampler)
+PRECISIONS = typing.get_args(Precision)
+FILE_PRECISIONS = typing.get_args(FilePrecision)
+LR_SCHEDULES = typing.get_args(LRSchedule)
+DEVICES = typing.get_args(Device)
+LOSSES = typing.get_args(Loss)
+HUBER_SCHEDULES = typing.get_args(HuberSchedule)
+OPTIMIZERS = typing.get_args(Optimizer)
+UNET_TARGETS = typing.get_args(LoRATargets)
 
 
 @dataclass(frozen=True)
@@ -147,7 +173,7 @@ TINY_SD2 = ModelConfig(
 
 @dataclass(frozen=True)
 class ModelSection:
-    architecture: str = "sd15"  # "sd15" | "tiny" | "sd21" | "sd21-base" | "tiny-sd2": the shapes to build when no weights are given
+    architecture: Architecture = "sd15"  # the shapes to build when no weights are given
     weights: str | None = None  # checkpoint file or folder; None = random init (tiny runs, tests)
     use_ema: bool = False  # take model_ema.* weights from single files that carry them
     clip_skip: int = 1  # text-encoder layer the UNet reads: 1 = last, 2 = penultimate (+ final norm), as UIs offer
@@ -183,7 +209,7 @@ class DataSection:
     center_crop: bool = True  # False = random crop
     random_flip: bool = False
     skip_bad_images: bool = False  # True = warn and skip undecodable files instead of stopping
-    class_sampler: str = "ddim"
+    class_sampler: Sampler = "ddim"
     class_steps: int = 50
     class_guidance: float = 7.5
     class_batch_size: int = 4
@@ -204,11 +230,11 @@ class TrainSection:
     batch_size: int = 1  # instance images per optimizer step per rank (class images double it)
     lr: float = 2e-6
     text_encoder_lr: float | None = None  # None = same as lr
-    lr_schedule: str = "constant"  # "constant" | "linear" | "cosine"
+    lr_schedule: LRSchedule = "constant"
     warmup_steps: int = 0
     prior_loss_weight: float = 1.0
     train_text_encoder: bool = False
-    mixed_precision: str = "no"  # "no" | "fp16" | "bf16"
+    mixed_precision: MixedPrecision = "no"
     gradient_accumulation_steps: int = 1
     gradient_checkpointing: bool = False
     max_grad_norm: float | None = 1.0  # clip the global gradient norm to this; null = no clipping
@@ -219,24 +245,24 @@ class TrainSection:
     seed: int = 0
     cache_latents: bool = True  # encode each image once when the transforms are deterministic
     compile: bool = False  # torch.compile the UNet (one graph, no breaks: fullgraph=True)
-    device: str = "auto"  # "auto" (this rank's GPU if any, else CPU) | "cpu" | "cuda"
+    device: Device = "auto"  # "auto": this rank's GPU if any, else the CPU
     max_nonfinite_steps: int = 5  # stop after this many consecutive non-finite losses
     # The training recipe (diffusion/loss_weighting.py); every option is off by default.
     snr_gamma: float | None = None  # min-SNR-gamma loss weighting (Hang et al. 2023), e.g. 5; None = off
     noise_offset: float = 0.0  # offset noise (Guttenberg 2023), e.g. 0.05; 0 = off
     input_perturbation: float = 0.0  # input perturbation (Ning et al. 2023), e.g. 0.1; 0 = off
-    loss: str = "mse"  # "mse" | "huber" (pseudo-Huber) | "smooth_l1"
+    loss: Loss = "mse"  # "huber" is the pseudo-Huber loss
     huber_c: float = 0.1  # the Huber / smooth-L1 parameter c (at the most noisy step, when scheduled)
-    huber_schedule: str = "snr"  # "snr" | "exponential" | "constant": c over timesteps (kohya's scheduled pseudo-Huber)
+    huber_schedule: HuberSchedule = "snr"  # c over timesteps (kohya's scheduled pseudo-Huber)
     min_timestep: int = 0  # training timesteps are drawn uniformly from [min_timestep, max_timestep)
     max_timestep: int | None = None  # None = num_train_timesteps
     ema_decay: float | None = None  # keep an EMA of the trained weights, e.g. 0.9999; None = off
     ema_warmup: bool = True  # decay min(ema_decay, (1 + n) / (10 + n)) after n updates
     ema_every: int = 1  # update the EMA every this many optimizer steps
-    prediction_type: str | None = None  # None = the model's; "v_prediction" trains (and exports) a v-prediction model
-    optimizer: str = "adamw"  # "adamw" (fused) | "adamw8bit" (needs bitsandbytes)
+    prediction_type: PredictionType | None = None  # None = the model's; "v_prediction" trains (and exports) a v-prediction model
+    optimizer: Optimizer = "adamw"  # "adamw": torch's fused AdamW; "adamw8bit" needs bitsandbytes
     fused_backward: bool = False  # step each weight inside backward and free its gradient (one process, no clipping/accumulation)
-    sharding: str = "ddp"  # "ddp" (every rank holds all trained weights) | "fsdp" (FSDP2: each rank holds 1/N of them, sharded checkpoints)
+    sharding: Sharding = "ddp"  # "ddp": each rank holds all trained weights; "fsdp" (FSDP2): 1/N of them, sharded checkpoints
     collective_timeout_s: float = 600.0  # a collective waiting longer (a rank stopped answering) ends the job, naming the rank
 
 
@@ -246,7 +272,7 @@ class LoRASection:
 
     rank: int = 0  # 0 = train the full weights; e.g. 4-32 trains adapters only
     alpha: float | None = None  # None = rank (scale 1)
-    targets: str = "transformer"  # UNet layers: "attention" | "transformer" (kohya's default) | "all" (+ ResBlock convs)
+    targets: LoRATargets = "transformer"  # UNet layers: "transformer" is kohya's default; "all" adds the ResBlock convs
     text_encoder_rank: int = 0  # 0 = text encoder frozen; > 0 adds adapters to its attention and MLP layers
     dropout: float = 0.0  # on each adapter's input, during training only
     init_seed: int = 0  # the adapters' initialisation (the text encoder's uses init_seed + 1)
@@ -264,8 +290,8 @@ class RunSection:
     resume: str = "none"  # "none" | "latest" or "auto" (the newest complete checkpoint if any, else start) | a checkpoint folder
     tensorboard: bool = False
     log_every_n_steps: int = 10  # how often the host reads losses back from the GPU (metrics keep every step)
-    export_dtype: str = "fp16"  # dtype of the exported model.safetensors: "fp16" | "fp32"
-    export_ema: str = "ema"  # with train.ema_decay: "ema" (the export is the EMA) | "raw" | "both" (raw + the UNet's EMA as model_ema.*)
+    export_dtype: FilePrecision = "fp16"  # dtype of the exported model.safetensors
+    export_ema: ExportEMA = "ema"  # with train.ema_decay: "ema" exports the EMA; "both": raw + the UNet's EMA as model_ema.*
     export_merged: bool = False  # with lora.rank: also write model.safetensors, the LoRA merged into the base
 
 
@@ -389,8 +415,10 @@ class ConfigError(ValueError):
     """A config file or override that does not fit the dataclasses."""
 
 
-def from_dict(cls: type, data: dict, where: str):
-    """Build dataclass `cls` from a (nested) mapping, checking every key and type."""
+def from_dict(cls: type, data: dict, where: str, sep: str = ": "):
+    """Build dataclass `cls` from a (nested) mapping, checking every key and type.
+
+    Errors name the key as `where`, `sep`, key: "c.yaml: train", then "c.yaml: train.lr" inside it."""
     if not isinstance(data, dict):
         raise ConfigError(f"{where}: expected a mapping, got {data!r}")
     fields = {f.name: f for f in dataclasses.fields(cls)}
@@ -399,7 +427,7 @@ def from_dict(cls: type, data: dict, where: str):
     for key, value in data.items():
         if key not in fields:
             raise ConfigError(f"{where}: unknown key {key!r}{suggestion(key, fields)}")
-        values[key] = coerce(value, hints[key], f"{where}: {key}")
+        values[key] = coerce(value, hints[key], f"{where}{sep}{key}")
     return cls(**values)
 
 
@@ -418,12 +446,18 @@ def to_dict(config) -> dict:
 
 def members(hint) -> tuple:
     """The alternatives of a `X | Y` annotation, or (hint,) for a plain one."""
-    return typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
+    return typing.get_args(hint) if typing.get_origin(hint) in (types.UnionType, typing.Union) else (hint,)
+
+
+def takes_text(hint) -> bool:
+    """Whether a field of this type holds text: a str, or one of a Literal's names."""
+    return any(member is str or typing.get_origin(member) is Literal for member in members(hint))
 
 
 def coerce(value, hint, where: str):
+    """`value` (as YAML read it) as a `hint`; ConfigError naming `where` when it is not one."""
     if dataclasses.is_dataclass(hint):
-        return from_dict(hint, value, where)
+        return from_dict(hint, value, where, sep=".")
     alternatives = members(hint)
     if value is None:
         if type(None) in alternatives:
@@ -443,6 +477,11 @@ def coerce(value, hint, where: str):
                 pass
         if member is str and isinstance(value, str):
             return value
+        if typing.get_origin(member) is Literal and isinstance(value, str):
+            choices = typing.get_args(member)
+            if value not in choices:
+                raise ConfigError(f"{where}={value!r} is not one of {', '.join(choices)}")
+            return value
         if typing.get_origin(member) is tuple and isinstance(value, list):
             (item,) = {a for a in typing.get_args(member) if a is not Ellipsis}
             return tuple(coerce(v, item, f"{where}[{i}]") for i, v in enumerate(value))
@@ -454,6 +493,8 @@ def coerce(value, hint, where: str):
 def _type_name(hint) -> str:
     if typing.get_origin(hint) is tuple:
         return "a list"
+    if typing.get_origin(hint) is Literal:
+        return "str"  # one of its names
     return "null" if hint is type(None) else hint.__name__
 
 

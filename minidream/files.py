@@ -65,6 +65,15 @@ def atomic_folder(path: Path, replace: bool = False, temporary: Path | None = No
         os.replace(folder, path)
 
 
+def prove_writable(folder: Path) -> None:
+    """Create `folder` (and its parents) and write a file there now, so a folder that cannot be
+    written fails at the start, not at the first real write. Raises OSError."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    with temporary_sibling(folder / "write-test") as probe:
+        probe.write_bytes(b"")
+
+
 def refuse_non_empty_folder(path: Path) -> None:
     if path.exists() and not (path.is_dir() and not any(path.iterdir())):
         raise FileExistsError(f"{path}: already exists; remove it or choose another destination")

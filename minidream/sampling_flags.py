@@ -55,12 +55,11 @@ def check_sampling_flags(parser: argparse.ArgumentParser, args: argparse.Namespa
             parser.error(f"--{name.replace('_', '-')} must be at least 1")
     try:
         check_sampler_options(args.sampler, args.eta, args.karras)
+        check_clip_skip(args.clip_skip)
     except ValueError as error:
         parser.error(str(error))
     if not 0 <= args.guidance_rescale <= 1:
         parser.error(f"--guidance-rescale must be in [0, 1], got {args.guidance_rescale}")
-    if args.clip_skip is not None and args.clip_skip < 1:
-        parser.error(f"--clip-skip must be at least 1, got {args.clip_skip}")
     for path, scale in args.lora:
         if not math.isfinite(scale):
             parser.error(f"--lora {path}:{scale}: the strength must be a finite number")
@@ -75,9 +74,16 @@ def check_flags_fit(args: argparse.Namespace, pipe: Pipeline) -> None:
     with, a clip skip deeper than its text encoder): refused before any image, not as a
     traceback from the first."""
     make_sampler(args.sampler, pipe.config.schedule, args.steps, args.eta, args.karras)
-    layers = pipe.config.text_encoder.conditioning_layers
-    if args.clip_skip is not None and args.clip_skip > layers:
-        raise ValueError(f"--clip-skip {args.clip_skip}: the text encoder has {layers} layers")
+    check_clip_skip(args.clip_skip, pipe.config.text_encoder.conditioning_layers)
+
+
+def check_clip_skip(clip_skip: int | None, layers: int | None = None) -> None:
+    """ValueError unless --clip-skip (None: the model's) is at least 1 and, once the text encoder
+    is known, at most its `layers` (TextEncoderConfig.conditioning_layers)."""
+    if clip_skip is not None and clip_skip < 1:
+        raise ValueError(f"--clip-skip must be at least 1, got {clip_skip}")
+    if clip_skip is not None and layers is not None and clip_skip > layers:
+        raise ValueError(f"--clip-skip {clip_skip}: the text encoder has {layers} layers")
 
 
 def device_and_dtype(args: argparse.Namespace) -> tuple[torch.device, torch.dtype]:

@@ -3,7 +3,10 @@
 
 from pathlib import Path
 
+import torch
 from PIL import Image, ImageDraw
+
+from minidream.training.data import pixels_of, place
 
 PHOTOS = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "dreambooth"
 
@@ -12,6 +15,14 @@ PHOTOS = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "dreamboo
 # each a little larger than its bucket (never upscaled).
 LANDSCAPE, SQUARE, PORTRAIT = (100, 60), (72, 72), (60, 100)
 BUCKET_OPTIONS = ("data.resolution=64", "data.buckets=true", "data.bucket_step=16")
+
+
+def square_pixels(
+    image: Image.Image, resolution: int, center_crop: bool, flip: bool, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """The training transform without buckets: cover a resolution x resolution square, crop it
+    (centred, or at offsets drawn from `generator`), maybe flip; 3 x resolution x resolution in [-1, 1]."""
+    return pixels_of(place(image.size, (resolution, resolution), center_crop, flip, generator).apply(image))
 
 
 def crop_photo(source: Path, size: tuple[int, int]) -> Image.Image:

@@ -16,9 +16,7 @@ from minidream.models.pipeline import random_pipeline
 from minidream.training.batches import DreamBoothBatches, LatentSource
 from minidream.training.buckets import (
     bucket_sizes,
-    bucketed_order,
     cover_scale,
-    epoch_length,
     merge_small_buckets,
     nearest_bucket,
     proportional_sizes,
@@ -26,7 +24,7 @@ from minidream.training.buckets import (
 from minidream.training.data import DataError, Example, place, scan_images
 from minidream.training.plan import pair_classes, plan_items
 from minidream.training.prior import class_image_path, generate_class_images
-from minidream.training.step import Cursor, take_items
+from minidream.training.order import Cursor, RankOrder, bucketed_order, epoch_generator
 
 TINY_BUCKETS = [(48, 80), (64, 64), (80, 48)]  # resolution 64, step 16, max aspect 2
 
@@ -90,13 +88,16 @@ def test_an_image_that_would_be_upscaled_into_its_bucket_is_refused_with_its_nam
 def test_the_bucketed_order_gives_one_bucket_per_global_batch_and_ranks_their_slices():
     buckets = [(48, 80)] * 5 + [(64, 64)] * 7 + [(80, 48)] * 3
     group = 2  # batch 1 x 2 ranks
-    order = bucketed_order(buckets, group, epoch=3, seed=5)
-    assert len(order) == epoch_length(buckets, group) == 4 + 6 + 2 and len(set(order)) == len(order)
+    def bucketed(epoch, seed):
+        return bucketed_order(buckets, group, epoch_generator(seed, epoch))
+
+    order = bucketed(3, 5)
+    assert len(order) == 4 + 6 + 2 and len(set(order)) == len(order)
     runs = [order[i : i + group] for i in range(0, len(order), group)]
     assert all(len({buckets[i] for i in run}) == 1 for run in runs)
-    assert bucketed_order(buckets, group, 3, 5) == order and bucketed_order(buckets, group, 4, 5) != order
+    assert bucketed(3, 5) == order and bucketed(4, 5) != order
     # A bucket's incomplete tail sits out an epoch; the shuffle rotates which items do.
-    assert len(set().union(*(bucketed_order(buckets, group, e, 5) for e in range(6)))) == len(buckets)
+    assert len(set().union(*(bucketed(e, 5) for e in range(6)))) == len(buckets)
     # Rank r takes position r of each global batch: the two ranks' items of a step form one batch.
     shards = [order[r::2] for r in range(2)]
     assert all(sorted([shards[0][j], shards[1][j]]) == sorted(runs[j]) for j in range(len(runs)))
@@ -138,9 +139,10 @@ def test_every_batch_of_an_epoch_is_one_shape_and_class_images_share_their_insta
         assert plan.classes[item.klass].path.parent.name == f"class-{plan.subjects[item.subject]}"
     vae = random_pipeline(TINY, seed=0).vae
     batches = DreamBoothBatches(plan, LatentSource(vae, False, True, 0.18215, None), seed=0, caption_dropout=0.0, masks=False)
-    cursor, shapes = Cursor(), set()
-    for _ in range(2 * len(batches) // 2):  # two epochs of batches of 2
-        items, cursor = take_items(cursor, 2, len(batches), 0, 0, 1, lambda epoch: plan.shard(epoch, 0, 0, 1))
+    order, cursor, shapes = RankOrder(plan, seed=0, rank=0, world_size=1), Cursor(), set()
+    assert order.length == 8  # every bucket holds whole global batches
+    for _ in range(2 * order.length // 2):  # two epochs of batches of 2
+        items, cursor = order.take(cursor, 2)
         batch = batches.batch(items)
         assert batch.latents.shape[0] == 4 and len(batch.prompts) == 4
         width, height = plan.items[items[0].index].bucket

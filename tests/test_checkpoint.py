@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from minidream.training import checkpoint
-from minidream.training.step import Cursor
+from minidream.training.checkpointer import list_checkpoints, resolve_resume, rotate
+from minidream.training.order import Cursor
 
 
 def trainer_state(seed=0, trained=("unet",)):
@@ -62,16 +63,16 @@ def test_failed_write_leaves_the_previous_checkpoint_and_no_partial_one(tmp_path
     monkeypatch.setattr(checkpoint.torch, "save", disk_full)
     with pytest.raises(checkpoint.CheckpointError, match=r"step-00000002 \(No space left on device\); the previous checkpoint is intact"):
         save(tmp_path, 2, state)
-    assert checkpoint.list_checkpoints(tmp_path) == [first]
+    assert list_checkpoints(tmp_path) == [first]
     assert not list((tmp_path / "checkpoints").glob("*.tmp"))
-    assert checkpoint.resolve_resume(tmp_path, "latest") == first
+    assert resolve_resume("latest", list_checkpoints(tmp_path)) == first
 
 
 def test_incomplete_checkpoints_are_ignored_with_a_warning(tmp_path):
     good = save(tmp_path, 3, trainer_state())
     (tmp_path / "checkpoints" / "step-00000004.tmp").mkdir()
     with pytest.warns(UserWarning, match="ignoring incomplete checkpoint .*step-00000004.tmp"):
-        assert checkpoint.resolve_resume(tmp_path, "latest") == good
+        assert resolve_resume("latest", list_checkpoints(tmp_path)) == good
 
 
 def test_rotation_keeps_the_newest_and_clears_partial_writes(tmp_path):
@@ -79,19 +80,19 @@ def test_rotation_keeps_the_newest_and_clears_partial_writes(tmp_path):
     for step in (1, 2, 3, 4):
         save(tmp_path, step, state)
     (tmp_path / "checkpoints" / "step-00000002.tmp").mkdir()
-    checkpoint.rotate(tmp_path, keep_last=2)
+    rotate(tmp_path, keep_last=2)
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step-00000003", "step-00000004"]
-    checkpoint.rotate(tmp_path, keep_last=0)  # never deletes the newest complete checkpoint
-    assert [p.name for p in checkpoint.list_checkpoints(tmp_path)] == ["step-00000004"]
+    rotate(tmp_path, keep_last=0)  # never deletes the newest complete checkpoint
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["step-00000004"]
 
 
 def test_resolve_resume(tmp_path):
-    assert checkpoint.resolve_resume(tmp_path, "none") is None
-    assert checkpoint.resolve_resume(tmp_path, "latest") is None  # nothing yet: start fresh
+    assert resolve_resume("none", []) is None
+    assert resolve_resume("latest", []) is None  # nothing yet: start fresh
     with pytest.raises(checkpoint.CheckpointError, match="not a checkpoint folder"):
-        checkpoint.resolve_resume(tmp_path, str(tmp_path / "nope"))
+        resolve_resume(str(tmp_path / "nope"), [])
     path = save(tmp_path, 7, trainer_state())
-    assert checkpoint.resolve_resume(tmp_path, str(path)) == path
+    assert resolve_resume(str(path), []) == path and resolve_resume("latest", [path]) == path
 
 
 def test_rng_states_round_trip_through_a_checkpoint(tmp_path):

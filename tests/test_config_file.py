@@ -1,17 +1,21 @@
 """YAML presets and `a.b=c` overrides."""
 
 import re
+import typing
 from pathlib import Path
 
 import pytest
 import yaml
 
-from minidream.config import ConfigError, TrainConfig, to_dict
+from minidream.config import ARCHITECTURES, OPTIMIZERS, ConfigError, ModelSection, TrainConfig, TrainSection, to_dict
 from minidream.training.config_file import (
     apply_override,
     load_train_config,
     save_config,
 )
+
+
+EVAL = ["eval.every_n_steps=10", "eval.clip=clip", "eval.dino=dino"]  # eval on (the model paths are checked later)
 
 
 def write(tmp_path, text):
@@ -131,10 +135,48 @@ def test_sampling_options_are_checked_before_anything_loads(override, message):
     (["train.ema_decay=1.0"], "train.ema_decay must be in (0, 1)"),
     (["train.loss=l1"], "train.loss='l1' is not one of mse, huber, smooth_l1"),
     (["lora.targets=everything"], "lora.targets='everything' is not one of attention, transformer, all"),
+    (["train.prediction_type=x0"], "train.prediction_type='x0' is not one of epsilon, v_prediction"),
+    ([*EVAL, "eval.prompts=[a sks dog]", "data.subjects=[{instance_dir: a, instance_prompt: a sks dog}]"],
+     "eval.prompts with data.subjects: each subject is evaluated on the paper's prompts for its class_noun with its "
+     "identifier; leave eval.prompts empty (eval.num_prompts sets how many)"),
+    (["train.sharding=fsdp", "train.compile=true"],
+     "train.compile with train.sharding=fsdp is not supported: the UNet compiles with fullgraph=True, and FSDP2's "
+     "per-block all-gather hooks break the graph; set train.compile=false or train.sharding=ddp"),
+    (["train.sharding=fsdp", "train.mixed_precision=fp16"],
+     "train.sharding=fsdp with train.mixed_precision=fp16: the loss scaler would check only this rank's gradient shards "
+     "for overflow; use train.mixed_precision=bf16 (or no)"),
+    (["train.sharding=fsdp", "train.optimizer=adamw8bit"],
+     "train.optimizer=adamw8bit cannot step sharded weights; use train.optimizer=adamw with train.sharding=fsdp"),
+    (["train.sharding=fsdp", *EVAL],
+     "eval.every_n_steps with train.sharding=fsdp: the ranks split the prompts, but every sharded forward needs all "
+     "ranks; evaluate the exported model with python -m minidream.evaluate instead"),
 ])
 def test_settings_that_cannot_work_together_are_refused_by_name(overrides, message):
     with pytest.raises(ConfigError, match=re.escape(message)):
         load_train_config(None, overrides)
+
+
+@pytest.mark.parametrize("fsdp_only", [["train.compile=true"], ["train.mixed_precision=fp16"], ["train.optimizer=adamw8bit"], EVAL])
+def test_fsdp_limits_leave_ddp_and_lora_alone(fsdp_only):
+    """LoRA adapters are replicated under train.sharding=fsdp (training/sharding.py), so its limits do not apply."""
+    load_train_config(None, fsdp_only)
+    load_train_config(None, ["train.sharding=fsdp", "lora.rank=4", *fsdp_only])
+
+
+def test_every_choice_is_its_fields_literal():
+    """The names a key takes are its field's Literal (config.py): refused by name from an override or
+    a file, and the unquoted YAML booleans get their hint."""
+    hints = typing.get_type_hints(TrainSection)
+    assert typing.get_args(hints["optimizer"]) == OPTIMIZERS
+    assert typing.get_args(typing.get_type_hints(ModelSection)["architecture"]) == tuple(ARCHITECTURES)
+    assert load_train_config(None, ["train.prediction_type=v_prediction", "train.prediction_type=null"]).train.prediction_type is None
+
+
+def test_a_name_outside_its_choices_in_a_file_names_the_file_and_key(tmp_path):
+    with pytest.raises(ConfigError, match=r"c.yaml: train.optimizer='sgd' is not one of adamw, adamw8bit$"):
+        load_train_config(write(tmp_path, "train:\n  optimizer: sgd\n"), [])
+    with pytest.raises(ConfigError, match=r"c.yaml: data.subjects\[0\].repeats: expected int, got 'two'$"):
+        load_train_config(write(tmp_path, "data:\n  subjects:\n  - {instance_dir: a, instance_prompt: b, repeats: two}\n"), [])
 
 
 def test_zero_terminal_snr_without_v_prediction_is_refused_before_training(tmp_path, training_data, capsys):

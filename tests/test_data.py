@@ -1,4 +1,4 @@
-"""Image loading, transforms, folder checks and the data order, on real photos and broken files."""
+"""Image loading, transforms and folder checks, on real photos and broken files."""
 
 import io
 import warnings
@@ -7,12 +7,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from photo_sets import square_pixels
 from PIL import Image
 
 from minidream.training.data import (
     DataError,
-    epoch_order,
-    image_to_tensor,
     load_image,
     scan_images,
 )
@@ -37,7 +36,7 @@ def test_real_photos_scan_and_transform(subject):
     examples = scan_images(PHOTOS / subject, f"a photo of sks {subject}", 512, skip_bad=False, what="instance")
     assert [e.path.name for e in examples] == sorted(p.name for p in (PHOTOS / subject).glob("*.jpg"))
     assert all(e.prompt == f"a photo of sks {subject}" for e in examples)
-    pixels = image_to_tensor(load_image(examples[0].path), 512, center_crop=True, flip=False)
+    pixels = square_pixels(load_image(examples[0].path), 512, center_crop=True, flip=False)
     assert pixels.shape == (3, 512, 512) and pixels.dtype == torch.float32
     assert -1.0 <= pixels.min() < -0.5 and 0.5 < pixels.max() <= 1.0  # real photos span the range
 
@@ -50,9 +49,9 @@ def test_real_photos_smaller_than_resolution_are_reported():
 def test_resize_is_antialiased_and_center_crop_keeps_the_middle():
     # A 1-pixel checkerboard averages to grey when shrunk with antialiasing; nearest would alias.
     board = Image.fromarray(((np.indices((256, 384)).sum(0) % 2) * 255).astype(np.uint8), "L").convert("RGB")
-    pixels = image_to_tensor(board, 64, center_crop=True, flip=False)
+    pixels = square_pixels(board, 64, center_crop=True, flip=False)
     assert pixels.abs().max() < 0.1
-    ramp = image_to_tensor(gradient((200, 100)), 50, center_crop=True, flip=False)
+    ramp = square_pixels(gradient((200, 100)), 50, center_crop=True, flip=False)
     # The middle half of a 0..255 ramp: red runs from about 1/4 to 3/4 of full scale.
     red = (ramp[0, 0] + 1) * 127.5
     assert 55 < red[0] < 75 and 180 < red[-1] < 200
@@ -60,9 +59,9 @@ def test_resize_is_antialiased_and_center_crop_keeps_the_middle():
 
 def test_flip_mirrors_and_random_crop_follows_the_generator():
     image = gradient((120, 60))
-    plain = image_to_tensor(image, 60, center_crop=True, flip=False)
-    assert torch.equal(image_to_tensor(image, 60, center_crop=True, flip=True), plain.flip(-1))
-    crops = [image_to_tensor(image, 60, False, False, torch.Generator().manual_seed(s)) for s in (1, 1, 2)]
+    plain = square_pixels(image, 60, center_crop=True, flip=False)
+    assert torch.equal(square_pixels(image, 60, center_crop=True, flip=True), plain.flip(-1))
+    crops = [square_pixels(image, 60, False, False, torch.Generator().manual_seed(s)) for s in (1, 1, 2)]
     assert torch.equal(crops[0], crops[1]) and not torch.equal(crops[0], crops[2])
 
 
@@ -137,13 +136,3 @@ def test_caption_files_override_the_prompt(tmp_path):
     (tmp_path / "a.txt").write_text("a photo of sks dog on a sofa\n")
     examples = scan_images(tmp_path, "a photo of sks dog", 64, False, "instance")
     assert [e.prompt for e in examples] == ["a photo of sks dog on a sofa", "a photo of sks dog"]
-
-
-def test_epoch_order_shards_cover_each_epoch_once_and_are_reproducible():
-    shards = [epoch_order(10, epoch=3, seed=7, rank=r, world_size=3) for r in range(3)]
-    assert all(len(s) == 3 for s in shards)
-    flat = sum(shards, [])
-    assert len(set(flat)) == 9 and set(flat) <= set(range(10))
-    assert epoch_order(10, 3, 7, 0, 3) == shards[0]
-    assert epoch_order(10, 4, 7, 0, 1) != epoch_order(10, 3, 7, 0, 1)
-    assert sorted(epoch_order(10, 4, 7, 0, 1)) == list(range(10))

@@ -20,7 +20,7 @@ from train_runs import (
     worker_pid,
 )
 
-from minidream.training.distributed import restart_resume
+from minidream.training.checkpointer import restart_resume
 
 
 def logged(run_dir, step: int) -> bool:

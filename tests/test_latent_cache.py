@@ -10,11 +10,12 @@ import numpy as np
 import pytest
 import safetensors
 import torch
+from photo_sets import square_pixels
 from PIL import Image
 
 from minidream.config import TINY
 from minidream.models.vae import AutoencoderKL
-from minidream.training.data import DataError, image_to_tensor, load_image
+from minidream.training.data import DataError, load_image
 from minidream.training.latent_cache import LatentCache, check_writable_folder
 
 SIZE = 32  # pixels: 4 x 4 latents with TINY's VAE
@@ -40,7 +41,7 @@ def write_images(folder: Path, count: int) -> list[Path]:
 
 @torch.no_grad()
 def fresh_encode(vae: AutoencoderKL, path: Path, flip: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    posterior = vae.encode(image_to_tensor(load_image(path), SIZE, center_crop=True, flip=flip)[None])
+    posterior = vae.encode(square_pixels(load_image(path), SIZE, center_crop=True, flip=flip)[None])
     return posterior.mean, posterior.std
 
 

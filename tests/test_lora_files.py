@@ -26,13 +26,14 @@ from test_clip import build_pair
 from test_lora import adapted_with_random_up
 from transformers import CLIPTokenizer as TransformersCLIPTokenizer
 
-from minidream.config import TINY, ModelConfig, TrainConfig
+from minidream.config import OPTIMIZERS, TINY, ModelConfig, TrainConfig
 from minidream.io.diffusers_layout import (
     unet_config_to_diffusers,
     unet_from_diffusers,
     vae_config_to_diffusers,
 )
 from minidream.io.lora_files import (
+    KOHYA_OPTIMIZERS,
     LoRAFile,
     apply_lora_file,
     convert_lora_file,
@@ -49,6 +50,8 @@ from minidream.models import lora
 from minidream.models.pipeline import Pipeline, random_pipeline
 from minidream.models.tokenizer import CLIPTokenizer
 from minidream.models.unet import UNet
+from minidream.training.config_file import load_train_config
+from minidream.training.subjects import subjects_of
 
 TOL = 1e-5
 PROMPTS = ["a photo of sks dog", "a castle on a hill"]
@@ -182,12 +185,25 @@ def test_kohya_file_layout_dtype_and_metadata(tmp_path):
 
 
 def test_kohya_settings_record_the_run_config_as_strings(tmp_path):
-    settings = kohya_settings(TrainConfig(), num_instance_images=5, num_class_images=200)
+    settings = kohya_settings(TrainConfig(), num_instance_images=5, num_class_images=200, instance_prompts=["a photo of sks dog"])
     assert settings["ss_learning_rate"] == "2e-06" and settings["ss_max_train_steps"] == "800"
     assert settings["ss_resolution"] == "(512, 512)" and settings["ss_num_reg_images"] == "200"
     donor = adapt(random_pipeline(TINY))
     save_lora(tmp_path / "lora.safetensors", donor.unet, settings=settings)  # all str -> str: accepted
     assert settings.items() <= read_lora_file(tmp_path / "lora.safetensors", TINY).metadata.items()
+
+
+def test_kohya_settings_record_the_optimizer_and_every_subjects_prompt():
+    """kohya's ss_optimizer names the class that stepped (module.ClassName, as train_network.py
+    writes it), and the comment holds each subject's instance prompt, not data.instance_prompt."""
+    cfg = load_train_config(None, ["train.optimizer=adamw8bit", "data.subjects=[{instance_dir: dog, instance_prompt: "
+                                   "a photo of sks dog}, {instance_dir: cat, instance_prompt: a photo of zwx cat}]"])
+    settings = kohya_settings(cfg, 10, 0, [s.instance_prompt for s in subjects_of(cfg)])
+    assert settings["ss_optimizer"].startswith("bitsandbytes.optim.adamw.AdamW8bit(weight_decay=0.01,")
+    assert settings["ss_training_comment"] == "minidream DreamBooth: 'a photo of sks dog', 'a photo of zwx cat'"
+    adamw = kohya_settings(TrainConfig(), 5, 0, ["a photo of sks dog"])["ss_optimizer"]
+    assert adamw == f"{torch.optim.AdamW.__module__}.AdamW(weight_decay=0.01,betas=(0.9, 0.999),eps=1e-08)"
+    assert set(KOHYA_OPTIMIZERS) == set(OPTIMIZERS)  # every train.optimizer has its record
 
 
 def test_writing_refuses_bad_names_formats_and_metadata(tmp_path):

@@ -13,7 +13,7 @@ from plain_recipe import noise_and_timesteps
 
 from minidream.diffusion import loss_weighting as lw
 from minidream.diffusion import schedule
-from minidream.training.step import sample_generator
+from minidream.training.order import sample_generator
 
 SD15 = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
 ALPHAS_CUMPROD = schedule.alphas_cumprod(schedule.make_betas("scaled_linear", 1000, 0.00085, 0.012))

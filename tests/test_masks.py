@@ -101,7 +101,7 @@ def test_the_masked_loss_is_the_mean_of_mask_times_error_per_sample(recipe):
     prediction, target = torch.randn(4, 4, 6, 10, generator=g), torch.randn(4, 4, 6, 10, generator=g)
     t = torch.randint(0, 1000, (4,), generator=g)
     mask = torch.cat([torch.rand(2, 1, 6, 10, generator=g), torch.ones(2, 1, 6, 10)])  # class samples unmasked
-    total, instance, prior = recipe_loss(prediction, target, t, ALPHAS_CUMPROD, recipe, 2, 0.5, mask)
+    total, instance, prior, _ = recipe_loss(prediction, target, t, ALPHAS_CUMPROD, recipe, 2, 0.5, mask)
 
     diff = prediction - target
     if recipe.loss == "mse":

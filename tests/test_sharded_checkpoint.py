@@ -1,14 +1,13 @@
 """Issue 19: FSDP checkpoints (torch.distributed.checkpoint) resume on another world size, and
 under DDP; DDP checkpoints resume under FSDP. With the same global batch, the continued run
 stays on the uninterrupted one's loss curve and ends at its weights (fp32 tolerance: the ranks
-sum in another order). The data order follows the global cursor, whatever the world size."""
+sum in another order). That the data order follows the global cursor on any world size is
+tests/test_order.py's."""
 
 import re
 import shutil
 
 import pytest
-from hypothesis import given
-from hypothesis import strategies as st
 from test_fsdp import LOG_TOLERANCE, WEIGHT_TOLERANCE
 from train_runs import (
     STEPS,
@@ -19,39 +18,9 @@ from train_runs import (
     run_setup,
 )
 
-from minidream.training.step import Cursor, take_items
-
 HALF = STEPS // 2
 # A one-process run of the 2-rank setups' global batch, writing DCP checkpoints.
 ONE_PROCESS_FSDP = ("text-encoder-ema", "train.sharding=fsdp")
-
-
-@given(st.integers(1, 3), st.sampled_from([(1, 2), (2, 1), (2, 4), (4, 2), (1, 3), (3, 1)]), st.integers(0, 9),
-       st.integers(0, 6), st.integers(0, 3))
-def test_the_global_cursor_takes_the_same_samples_on_any_world_size(per_rank, worlds, extra, steps_before, seed):
-    """k steps on W ranks, then more on W' ranks (the same global batch G), take exactly the items
-    and keys one process taking G per step takes: what resuming on another world size relies on."""
-    before, after = worlds
-    global_batch = per_rank * before
-    if global_batch % after:
-        return
-    length = global_batch + extra
-
-    def steps(world, cursor, count):
-        taken = []
-        for _ in range(count):
-            step = []
-            for rank in range(world):
-                items, moved = take_items(cursor, global_batch // world, length, seed, rank, world)
-                step += items
-            cursor = moved  # the same on every rank
-            taken.append(sorted((i.epoch, i.position, i.index) for i in step))
-        return taken, cursor
-
-    switched, cursor = steps(before, Cursor(), steps_before)
-    more, _ = steps(after, cursor, 5)
-    alone, _ = steps(1, Cursor(), steps_before + 5)
-    assert switched + more == alone
 
 
 def resume_and_compare(run_dir, data, setup, extra, never_stopped):

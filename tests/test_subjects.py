@@ -16,8 +16,8 @@ from minidream.config import TINY, ConfigError
 from minidream.models.pipeline import random_pipeline
 from minidream.training.batches import DreamBoothBatches, LatentSource
 from minidream.training.config_file import load_train_config, save_config
+from minidream.training.order import Item, RankOrder
 from minidream.training.plan import pair_classes, plan_items
-from minidream.training.step import Item
 from minidream.training.subjects import (
     class_sets,
     scan_classes,
@@ -116,7 +116,7 @@ def test_caption_dropout_empties_instance_prompts_only_and_changes_no_other_draw
     _, dropping = two_subject_batches(training_data, 0.5)
     dropped = kept = 0
     for epoch in range(3):
-        order = plan.shard(epoch, 0, 0, 1)
+        order = RankOrder(plan, seed=0, rank=0, world_size=1).of_epoch(epoch)
         for j in range(0, len(order), 2):
             items = [Item(order[j + i], epoch, j + i) for i in range(2)]
             a, b = plain.batch(items), dropping.batch(items)

@@ -15,12 +15,12 @@ from train_runs import SETUPS, losses, metrics, output, run_setup, train_args
 import train
 from minidream.config import TINY
 from minidream.models.pipeline import random_pipeline
-from minidream.training import batches
+from minidream.training import batches, dataset
 from minidream.training.config_file import load_train_config
 from minidream.training.data import load_image
 from minidream.training.latent_cache import LatentCache
+from minidream.training.order import Item, RankOrder
 from minidream.training.plan import plan_items
-from minidream.training.step import Item
 from minidream.training.subjects import scan_subject, subjects_of
 
 BUCKETS = [(48, 80), (64, 64), (80, 48)]  # data.resolution=64, data.bucket_step=16
@@ -62,7 +62,7 @@ def test_the_latent_cache_changes_no_loss(tmp_path, training_data, monkeypatch, 
     """Random crops and flips: each sample's transform is drawn before its moments are looked up, so a
     run filling the cache, and one reading it, lose exactly what a run without it does."""
     caches = []
-    monkeypatch.setattr(train, "LatentCache", lambda folder, vae: caches.append(LatentCache(folder, vae)) or caches[-1])
+    monkeypatch.setattr(dataset, "LatentCache", lambda folder, vae: caches.append(LatentCache(folder, vae)) or caches[-1])
     overrides = (*SETUPS["subjects"].overrides, "train.max_steps=4")
     assert train.main(train_args(tmp_path / "plain", training_data, overrides)) == 0
     cached = (*overrides, f"data.latent_cache_dir={tmp_path / 'cache'}")
@@ -111,7 +111,7 @@ def test_images_are_decoded_per_batch_not_held(training_data, monkeypatch):
     source = batches.LatentSource(random_pipeline(TINY, seed=0).vae, True, False, 0.18215, batches.MomentsInMemory())
     made = batches.DreamBoothBatches(plan, source, seed=0, caption_dropout=0.0, masks=False)
     assert decoded == []
-    order = plan.shard(0, 0, 0, 1)
+    order = RankOrder(plan, seed=0, rank=0, world_size=1).of_epoch(0)
     for epoch in range(2):
         for j in range(0, len(order), 2):
             made.batch([Item(order[j], epoch, j), Item(order[j + 1], epoch, j + 1)])

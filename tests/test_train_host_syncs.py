@@ -14,6 +14,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from train_runs import STEPS, metrics, train_args
 
 import train
+from minidream.training.dataset import DreamBoothData
 from minidream.training.metrics import PendingSteps
 
 
@@ -34,17 +35,17 @@ def reads_inside_steps(run_dir, training_data, monkeypatch, overrides) -> int:
     """Host reads made from the start of a step's first micro-batch to its record, over a
     STEPS-step train.py run that reads its metrics back every 4 steps."""
     events = []
-    take_items, add = train.take_items, PendingSteps.add
+    take, add = DreamBoothData.next, PendingSteps.add
 
-    def marked_take_items(*args):
+    def marked_next(self, cursor):
         events.append("begin")  # a micro-batch is about to be drawn
-        return take_items(*args)
+        return take(self, cursor)
 
     def marked_add(self, step, *args):
         events.append(("end", step))  # the step's values are queued for the next read
         return add(self, step, *args)
 
-    monkeypatch.setattr(train, "take_items", marked_take_items)
+    monkeypatch.setattr(DreamBoothData, "next", marked_next)
     monkeypatch.setattr(PendingSteps, "add", marked_add)
     with HostReads(events):
         assert train.main(train_args(run_dir, training_data, ("train.batch_size=2", "run.log_every_n_steps=4", *overrides))) == 0

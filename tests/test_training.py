@@ -1,78 +1,12 @@
-"""The pieces of a DreamBooth step: the split loss, the data order, noise keys, LR schedule,
-skipping a non-finite update."""
+"""The optimizer step (training/step.py): LR schedules, skipping a non-finite update, clipping."""
 
 import math
 
 import pytest
 import torch
-from hypothesis import given
-from hypothesis import strategies as st
-from plain_recipe import noise_and_timesteps
 
-from minidream.training.step import (
-    Cursor,
-    dreambooth_loss,
-    lr_factor,
-    sample_generator,
-    step_unless,
-    take_items,
-)
-
-
-def test_prior_preservation_loss_is_the_hand_computed_two_term_mse():
-    g = torch.Generator().manual_seed(0)
-    prediction, target = torch.randn(4, 4, 8, 8, generator=g), torch.randn(4, 4, 8, 8, generator=g)
-    loss, loss_instance, loss_prior = dreambooth_loss(prediction, target, num_instance=2, prior_loss_weight=0.7)
-    by_hand_instance = sum(((prediction[i] - target[i]) ** 2).sum() for i in (0, 1)) / (2 * 4 * 8 * 8)
-    by_hand_prior = sum(((prediction[i] - target[i]) ** 2).sum() for i in (2, 3)) / (2 * 4 * 8 * 8)
-    torch.testing.assert_close(loss_instance, by_hand_instance)
-    torch.testing.assert_close(loss_prior, by_hand_prior)
-    torch.testing.assert_close(loss, by_hand_instance + 0.7 * by_hand_prior)
-
-
-def test_loss_without_class_samples_is_plain_mse_and_fp32():
-    g = torch.Generator().manual_seed(1)
-    prediction, target = torch.randn(2, 4, 4, 4, generator=g).bfloat16(), torch.randn(2, 4, 4, 4, generator=g)
-    loss, loss_instance, loss_prior = dreambooth_loss(prediction, target, num_instance=2, prior_loss_weight=1.0)
-    assert loss.dtype == torch.float32 and float(loss_prior) == 0.0
-    torch.testing.assert_close(loss, torch.nn.functional.mse_loss(prediction.float(), target))
-
-
-@given(st.integers(1, 10), st.integers(1, 4), st.integers(1, 3), st.integers(0, 5))
-def test_ranks_in_lockstep_take_what_one_process_takes_with_the_global_batch(per_rank, world, batch, seed):
-    """W ranks taking B items each per step see exactly the items (and keys) one process taking
-    W*B sees, epoch after epoch: the basis of N-process == 1-process training."""
-    length = per_rank * world
-    if per_rank < batch:
-        with pytest.raises(ValueError, match="cannot give"):
-            take_items(Cursor(), batch, length, seed, 0, world)
-        return
-    cursors, single = [Cursor()] * world, Cursor()
-    for _ in range(7):
-        taken = []
-        for rank in range(world):
-            items, cursors[rank] = take_items(cursors[rank], batch, length, seed, rank, world)
-            taken += items
-        expected, single = take_items(single, world * batch, length, seed, 0, 1)
-        assert sorted(taken, key=lambda i: i.position) == sorted(expected, key=lambda i: i.position)
-
-
-def test_cursor_moves_to_the_next_epoch_when_the_shard_runs_out():
-    cursor, seen = Cursor(), []
-    for _ in range(5):
-        items, cursor = take_items(cursor, 2, 5, seed=3, rank=0, world_size=1)
-        seen.append([(i.epoch, i.index) for i in items])
-    assert [e for batch in seen for e, _ in batch] == [0, 0, 0, 0, 1, 1, 1, 1, 2, 2]
-    first_epoch = {i for batch in seen[:2] for e, i in batch}
-    assert len(first_epoch) == 4  # 5 items, batches of 2: the fifth waits for a later epoch
-
-
-def test_sample_noise_depends_only_on_its_key():
-    a = noise_and_timesteps((4, 2, 2), [sample_generator(0, 1, 5, 0), sample_generator(0, 1, 6, 0)], 1000)
-    b = noise_and_timesteps((4, 2, 2), [sample_generator(0, 1, 6, 0)], 1000)
-    assert torch.equal(a[0][1:], b[0]) and torch.equal(a[1][1:], b[1])
-    c = noise_and_timesteps((4, 2, 2), [sample_generator(0, 1, 6, 1)], 1000)
-    assert not torch.equal(b[0], c[0])
+from minidream.training.optimizers import FusedBackward
+from minidream.training.step import lr_factor, optimizer_step, step_unless
 
 
 def test_lr_schedules():
@@ -107,3 +41,30 @@ def test_step_unless_skips_the_whole_update_or_makes_the_plain_one(fused):
     assert float(opt_skipping.state[skipping]["step"]) == 2
     assert torch.equal(opt_skipping.state[skipping]["exp_avg_sq"], opt_plain.state[plain]["exp_avg_sq"])
     assert not hasattr(opt_skipping, "found_inf")
+
+
+def test_optimizer_step_clips_steps_and_zeroes_or_skips_a_non_finite_step():
+    """One call after the backward passes: the global norm measured before clipping, the gradients
+    clipped to max_grad_norm, AdamW's step, the gradients freed; a NaN gradient skips the step."""
+    start = torch.randn(6, generator=torch.Generator().manual_seed(0))
+    grad = torch.randn(6, generator=torch.Generator().manual_seed(1)) * 10
+    weight, twin = torch.nn.Parameter(start.clone()), torch.nn.Parameter(start.clone())
+    optimizer, reference = (torch.optim.AdamW([w], lr=0.1, fused=True) for w in (weight, twin))
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    weight.grad, twin.grad = grad.clone(), grad.clone()
+    grad_norm, skip = optimizer_step(optimizer, scaler, 1.0, sharded=False)
+    torch.nn.utils.clip_grad_norm_([twin], 1.0)
+    reference.step()
+    assert torch.equal(grad_norm, grad.norm()) and not skip
+    assert torch.equal(weight.detach(), twin.detach()) and weight.grad is None
+    weight.grad = torch.full((6,), float("nan"))
+    _, skip = optimizer_step(optimizer, scaler, 1.0, sharded=False)
+    assert skip and torch.equal(weight.detach(), twin.detach())
+
+
+def test_optimizer_step_after_a_fused_backward_reports_its_skip_and_no_norm():
+    weight = torch.nn.Parameter(torch.ones(3))
+    fused = FusedBackward([{"params": [weight], "lr": 0.1}], lambda groups: torch.optim.AdamW(groups, fused=True))
+    (weight * torch.tensor([1.0, float("nan"), 1.0])).sum().backward()  # this backward is the step
+    grad_norm, skip = optimizer_step(fused, torch.amp.GradScaler("cpu", enabled=False), None, sharded=False)
+    assert math.isnan(grad_norm) and skip and not fused.nonfinite  # the flag is reset for the next step

@@ -12,8 +12,8 @@ import math
 
 import torch
 
-LOSSES = ("mse", "huber", "smooth_l1")
-HUBER_SCHEDULES = ("constant", "exponential", "snr")
+from minidream.config import HUBER_SCHEDULES, LOSSES
+
 WEIGHTED_PREDICTIONS = ("epsilon", "v_prediction")
 
 

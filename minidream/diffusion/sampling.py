@@ -1,9 +1,10 @@
 """Text to image: encode prompts, denoise with classifier-free guidance, decode.
 
-Seed rule (DESIGN.md): image i owns `torch.Generator("cpu").manual_seed(seed + i)` and draws
-from it, in order, its initial latents and then the noise of every stochastic step, each
-of shape (1, 4, H/8, W/8). diffusers does the same when given one generator per image, so
-the two agree image for image, and any image can be reproduced alone.
+Seed rule (docs/sampling.md, "Same seed, same image"): image i owns
+`torch.Generator("cpu").manual_seed(seed + i)` and draws from it, in order, its initial latents
+and then the noise of every stochastic step, each of shape (1, 4, H/8, W/8). diffusers does the
+same when given one generator per image, so the two agree image for image, and any image can be
+reproduced alone.
 """
 
 from collections.abc import Sequence

@@ -1,5 +1,5 @@
-"""Convert a Stable Diffusion 1.x checkpoint between formats, merge LoRAs into it, or convert a LoRA
-file between the kohya and diffusers layouts.
+"""Convert a Stable Diffusion 1.x or 2.x checkpoint between formats, merge LoRAs into it, or
+convert a LoRA file between the kohya and diffusers layouts.
 
     python -m minidream.convert SRC DST [--format single-file|diffusers] [--dtype fp16|fp32] [--ema] [--lora PATH[:SCALE]]...
     python -m minidream.convert LORA DST --format kohya|diffusers [--base MODEL] [--dtype fp16|fp32]
@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from minidream.config import SD15
+from minidream.config import FILE_PRECISIONS, SD15
 from minidream.io.lora_files import FORMATS as LORA_FORMATS
 from minidream.io.lora_files import convert_lora_file, is_lora_file, lora_argument
 from minidream.io.weights import (
@@ -23,11 +23,9 @@ from minidream.io.weights import (
 )
 from minidream.models.precision import DTYPES
 
-FILE_PRECISIONS = ("fp16", "fp32")  # what SD files are released in
-
 DESCRIPTION = """\
-Convert a Stable Diffusion 1.x checkpoint between formats, merge LoRAs into it, or convert a
-LoRA file between the kohya/A1111 and diffusers layouts.
+Convert a Stable Diffusion 1.x or 2.x checkpoint between formats, merge LoRAs into it, or
+convert a LoRA file between the kohya/A1111 and diffusers layouts.
 
 SRC may be
   an SD single file       *.safetensors, or *.ckpt / *.pt (read with torch.load(weights_only=True))

@@ -133,7 +133,7 @@ def save_lora(
     """Write the adapters of `unet` (and `text_encoder`) as a LoRA file; see `write_lora_file`."""
     lora = LoRAFile(adapters_of(unet), adapters_of(text_encoder) if text_encoder is not None else {}, {})
     text_config = text_encoder.config if text_encoder is not None else SD15.text_encoder
-    write_lora_file(path, lora, ModelConfig(text_encoder=text_config, unet=unet.cfg), format, dtype, settings)
+    write_lora_file(path, lora, ModelConfig(text_encoder=text_config, unet=unet.config), format, dtype, settings)
 
 
 def write_lora_file(
@@ -199,9 +199,16 @@ def kohya_metadata(lora: LoRAFile, cfg: ModelConfig) -> dict[str, str]:
     return metadata
 
 
-def kohya_settings(cfg: TrainConfig, num_instance_images: int, num_class_images: int) -> dict[str, str]:
+# The class each train.optimizer builds (training/optimizers.py), as kohya records it: module.ClassName.
+KOHYA_OPTIMIZERS = {"adamw": "torch.optim.adamw.AdamW", "adamw8bit": "bitsandbytes.optim.adamw.AdamW8bit"}
+
+
+def kohya_settings(
+    cfg: TrainConfig, num_instance_images: int, num_class_images: int, instance_prompts: list[str]
+) -> dict[str, str]:
     """The training settings kohya's train_network.py records (`ss_*`), from a minidream run config,
-    for `save_lora(settings=...)`; UIs show them in their LoRA info panels."""
+    for `save_lora(settings=...)`; UIs show them in their LoRA info panels. `instance_prompts`:
+    every subject's (data.subjects), or the one data.instance_prompt."""
     train = cfg.train
     return {
         "ss_sd_model_name": Path(cfg.model.weights).name if cfg.model.weights else cfg.model.architecture,
@@ -220,10 +227,10 @@ def kohya_settings(cfg: TrainConfig, num_instance_images: int, num_class_images:
         "ss_gradient_checkpointing": str(train.gradient_checkpointing),
         "ss_mixed_precision": train.mixed_precision,
         "ss_max_grad_norm": str(train.max_grad_norm),
-        "ss_optimizer": f"torch.optim.AdamW(weight_decay={train.weight_decay},"
+        "ss_optimizer": f"{KOHYA_OPTIMIZERS[train.optimizer]}(weight_decay={train.weight_decay},"
                         f"betas=({train.adam_beta1}, {train.adam_beta2}),eps={train.adam_eps})",
         "ss_seed": str(train.seed),
-        "ss_training_comment": f"minidream DreamBooth: {cfg.data.instance_prompt!r}",
+        "ss_training_comment": f"minidream DreamBooth: {', '.join(map(repr, instance_prompts))}",
     }
 
 

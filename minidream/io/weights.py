@@ -1,4 +1,4 @@
-"""Whole Stable Diffusion 1.x pipelines from and to checkpoint files: `load_pipeline`, `save_pipeline`.
+"""Whole Stable Diffusion 1.x and 2.x pipelines from and to checkpoint files: `load_pipeline`, `save_pipeline`.
 
 In: an SD single file (`.safetensors`, or `.ckpt`/`.pt` read weights-only; see single_file.py),
 a diffusers folder (diffusers_folder.py), or a minidream run folder (its `model.safetensors`).

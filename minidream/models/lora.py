@@ -28,6 +28,7 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
+from minidream.config import UNET_TARGETS
 from minidream.models.clip import CLIPMLP, CLIPAttention, CLIPTextModel
 from minidream.models.layers import Upsample
 from minidream.models.open_clip_text import OpenCLIPAttention, OpenCLIPTextModel
@@ -39,7 +40,6 @@ from minidream.models.unet import (
     UNet,
 )
 
-UNET_TARGETS = ("attention", "transformer", "all")
 TEXT_ENCODER_TARGETS = ("attention", "all")
 ADAPTER_DTYPE = torch.float32
 IN_PROJ_SLICES = ("in_proj_q", "in_proj_k", "in_proj_v")  # the row-blocks of in_proj_weight, in order

@@ -199,7 +199,7 @@ class UNet(nn.Module):
 
     def __init__(self, cfg: UNetConfig):
         super().__init__()
-        self.cfg = cfg
+        self.config = cfg
         self.gradient_checkpointing = False
         base = cfg.model_channels
         emb_channels = 4 * base
@@ -249,13 +249,13 @@ class UNet(nn.Module):
         )
 
     def forward(self, x: torch.Tensor, t: torch.Tensor | int | float, context: torch.Tensor) -> torch.Tensor:
-        factor = 2 ** (len(self.cfg.channel_mult) - 1)
+        factor = 2 ** (len(self.config.channel_mult) - 1)
         if x.shape[-2] % factor or x.shape[-1] % factor:
             raise ValueError(f"latent size {tuple(x.shape[-2:])} must be a multiple of {factor} to downsample")
         t = torch.as_tensor(t, device=x.device)
         if t.ndim == 0:
             t = t.expand(x.shape[0])  # one timestep for the whole batch
-        emb = self.time_embed(timestep_embedding(t, self.cfg.model_channels).to(x.dtype))
+        emb = self.time_embed(timestep_embedding(t, self.config.model_channels).to(x.dtype))
 
         skips = []
         h = x

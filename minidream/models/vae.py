@@ -199,7 +199,7 @@ class AutoencoderKL(nn.Module):
 
     def __init__(self, cfg: VAEConfig):
         super().__init__()
-        self.cfg = cfg
+        self.config = cfg
         self.encoder = Encoder(cfg)
         self.decoder = Decoder(cfg)
         self.quant_conv = nn.Conv2d(2 * cfg.latent_channels, 2 * cfg.latent_channels, 1)

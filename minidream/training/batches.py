@@ -23,7 +23,8 @@ from minidream.models.vae import AutoencoderKL
 from minidream.training.data import Example, Placement, load_image, pixels_of, place
 from minidream.training.masks import load_mask
 from minidream.training.plan import DataPlan
-from minidream.training.step import MASK64, Item, sample_generator, to_device
+from minidream.training.order import Item, caption_generator, sample_generator
+from minidream.training.step import to_device
 
 Moments = tuple[torch.Tensor, torch.Tensor]
 
@@ -119,12 +120,7 @@ class Batch(NamedTuple):
     generators: list[torch.Generator]
     masks: torch.Tensor | None  # 2B x 1 x h x w loss weights (data.masks; class samples all ones)
     subjects: torch.Tensor  # B x S one-hot: which subject each instance sample is of
-
-
-def caption_generator(sample: torch.Generator) -> torch.Generator:
-    """A generator of its own for a sample's caption dropout, keyed by the sample's key, so the
-    sample's other draws (crop, flip, VAE sample, timestep, noise) are those of a run without it."""
-    return torch.Generator("cpu").manual_seed((sample.initial_seed() * 1_000_003 + 1) & MASK64)
+    num_instance: int  # B: the instance samples come first
 
 
 class DreamBoothBatches:
@@ -134,9 +130,6 @@ class DreamBoothBatches:
     def __init__(self, plan: DataPlan, latents: LatentSource, seed: int, caption_dropout: float, masks: bool):
         self.plan, self.source, self.seed = plan, latents, seed
         self.caption_dropout, self.masks = caption_dropout, masks
-
-    def __len__(self) -> int:
-        return self.plan.epoch_length
 
     def batch(self, items: list[Item]) -> Batch:
         plan = self.plan
@@ -158,7 +151,7 @@ class DreamBoothBatches:
             generators += class_generators
         subjects = torch.zeros(len(items), len(plan.subjects))
         subjects[torch.arange(len(items)), torch.tensor([entry.subject for entry in entries])] = 1.0
-        return Batch(latents, prompts, generators, masks, subjects)
+        return Batch(latents, prompts, generators, masks, subjects, len(items))
 
     def instance_prompt(self, example: Example, sample: torch.Generator) -> str:
         if self.caption_dropout and bool(torch.rand((), generator=caption_generator(sample)) < self.caption_dropout):

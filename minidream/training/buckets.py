@@ -1,13 +1,12 @@
-"""Aspect-ratio buckets: image sizes of about resolution^2 pixels, and a data order of one-bucket batches.
+"""Aspect-ratio buckets: image sizes of about resolution^2 pixels, and which images go to which.
 
 Sizes are (width, height). Each image goes to the bucket nearest its aspect ratio (in log ratio),
 is resized to cover it (scale = max(bw / w, bh / h)) and cropped minimally. Instance images are
-never upscaled: one whose scale would exceed 1 is refused (data.scan_images).
+never upscaled: one whose scale would exceed 1 is refused (data.scan_images). The data order of
+one-bucket batches is in order.py.
 """
 
 import math
-
-import torch
 
 Size = tuple[int, int]
 
@@ -52,24 +51,6 @@ def merge_small_buckets(counts: dict[Size, int], group: int) -> dict[Size, Size]
         sizes[into] += sizes.pop(small)
         target = {b: into if t == small else t for b, t in target.items()}
     return target
-
-
-def bucketed_order(item_buckets: list[Size], group: int, epoch: int, seed: int) -> list[int]:
-    """One epoch's global order of item indices: each bucket's items shuffled and cut into runs of
-    `group` (one global batch each; a bucket's incomplete tail sits out this epoch, the shuffle
-    rotates which), then the runs shuffled. Seeded by (seed, epoch) only, like data.epoch_order."""
-    generator = torch.Generator().manual_seed(seed * 100_003 + epoch)
-    runs = []
-    for bucket in sorted(set(item_buckets)):
-        members = [i for i, b in enumerate(item_buckets) if b == bucket]
-        shuffled = [members[j] for j in torch.randperm(len(members), generator=generator).tolist()]
-        runs += [shuffled[k : k + group] for k in range(0, len(shuffled) - group + 1, group)]
-    return [i for r in torch.randperm(len(runs), generator=generator).tolist() for i in runs[r]]
-
-
-def epoch_length(item_buckets: list[Size], group: int) -> int:
-    """How many items bucketed_order lists per epoch (the same every epoch)."""
-    return sum(item_buckets.count(b) // group * group for b in set(item_buckets))
 
 
 def proportional_sizes(count: int, weights: dict[Size, int]) -> list[Size]:

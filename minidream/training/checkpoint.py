@@ -7,13 +7,11 @@ A checkpoint is a folder `checkpoints/step-NNNNNNNN/` holding
   trainer.pt            step, data position, LR-schedule and GradScaler state, every rank's RNG states,
                         and what was trained (to refuse resuming into a different setup)
 It is written under a temporary name and renamed when complete, so a crash mid-write leaves
-only a `.tmp` folder that resume ignores, and the previous checkpoint untouched.
+only a `.tmp` folder that resume ignores, and the previous checkpoint untouched. When to save,
+which checkpoint to resume and rotation are checkpointer.py's.
 """
 
 import random
-import re
-import shutil
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -26,9 +24,8 @@ from minidream.files import atomic_folder
 from minidream.models.lora import AdapterMismatch, load_lora_state_dict, lora_state_dict
 from minidream.training.ema import EMA
 from minidream.training.optimizers import FusedBackward
-from minidream.training.step import Cursor
+from minidream.training.order import Cursor
 
-NAME = re.compile(r"^step-(\d{8})$")
 EMA_FILE = "ema.safetensors"  # the averaged weights, named <module>.<parameter>
 
 
@@ -38,6 +35,12 @@ class CheckpointError(RuntimeError):
 
 def checkpoint_dir(run_dir: Path, step: int) -> Path:
     return Path(run_dir) / "checkpoints" / f"step-{step:08d}"
+
+
+def partial_dir(final: Path) -> Path:
+    """Where the checkpoint `final` is written until complete: `step-N.tmp`, the name by which
+    checkpointer.list_checkpoints recognises an interrupted write."""
+    return final.with_name(final.name + ".tmp")
 
 
 def capture_rng() -> dict:
@@ -84,6 +87,7 @@ class TrainerState:
     def counters(self, rng: list[dict]) -> dict:
         """trainer.pt: numbers and tensors only (read back with weights_only=True)."""
         return {
+            # global_position: the cursor counts all ranks' items (older readers took it as per-rank).
             "step": self.step, "epoch": self.cursor.epoch, "position": self.cursor.position, "global_position": True,
             "nonfinite_run": self.nonfinite_run,
             "lr_schedule": self.lr_schedule.state_dict() if self.lr_schedule is not None else None,
@@ -105,8 +109,7 @@ def save_checkpoint(run_dir: Path, state: TrainerState, rng: list[dict]) -> Path
     """
     final = checkpoint_dir(run_dir, state.step)
     try:
-        # The temporary name is step-N.tmp: list_checkpoints recognises an interrupted write by it.
-        with atomic_folder(final, replace=True, temporary=final.with_name(final.name + ".tmp")) as folder:
+        with atomic_folder(final, replace=True, temporary=partial_dir(final)) as folder:
             for name, module in state.modules.items():
                 save_file(_on_host(state.weights(module)), folder / f"{name}.safetensors")
             if state.ema is not None:
@@ -124,38 +127,6 @@ def write_failed(final: Path, error: OSError) -> CheckpointError:
         f"could not write checkpoint {final} ({error.strerror or error}); the previous checkpoint is intact — "
         "free disk space or fix permissions, then resume with run.resume=latest"
     )
-
-
-def list_checkpoints(run_dir: Path) -> list[Path]:
-    """Complete checkpoints, oldest first. Incomplete (`.tmp`) ones are reported and skipped."""
-    folder = Path(run_dir) / "checkpoints"
-    if not folder.is_dir():
-        return []
-    for partial in sorted(folder.glob("step-*.tmp")):
-        warnings.warn(f"ignoring incomplete checkpoint {partial} (interrupted while writing)", stacklevel=2)
-    return sorted(p for p in folder.iterdir() if NAME.match(p.name) and p.is_dir())
-
-
-def rotate(run_dir: Path, keep_last: int) -> None:
-    """Delete all but the newest `keep_last` complete checkpoints (never the newest one), and
-    the partial folders that interrupted writes left. Call after a save: no write is under way."""
-    for partial in (Path(run_dir) / "checkpoints").glob("step-*.tmp"):
-        shutil.rmtree(partial, ignore_errors=True)
-    for old in list_checkpoints(run_dir)[: -max(1, keep_last)]:
-        shutil.rmtree(old, ignore_errors=True)
-
-
-def resolve_resume(run_dir: Path, resume: str) -> Path | None:
-    """`run.resume`: "none", "latest" or "auto" (newest complete checkpoint, if any), or a folder."""
-    if resume == "none":
-        return None
-    if resume in ("latest", "auto"):
-        found = list_checkpoints(run_dir)
-        return found[-1] if found else None
-    path = Path(resume)
-    if not (path / "trainer.pt").is_file():
-        raise CheckpointError(f"run.resume={resume}: not a checkpoint folder (no trainer.pt); use latest or a checkpoints/step-* folder")
-    return path
 
 
 def load_checkpoint(path: Path, state: TrainerState, rank: int, world_size: int = 1) -> None:
@@ -191,8 +162,6 @@ def read_counters(path: Path, setup: dict, world_size: int) -> dict:
                 f"{path} was written with {key}={saved['setup'].get(key)!r} but this run has {key}={setup.get(key)!r}; "
                 "resume with the same setup or start a new run.output_dir"
             )
-    if not saved.get("global_position"):  # written before the cursor was global: a per-rank count, same world size
-        saved["position"] *= world_size
     if saved["position"] % world_size:
         raise CheckpointError(
             f"{path} stopped {saved['position']} items into epoch {saved['epoch']}, which {world_size} ranks cannot split "

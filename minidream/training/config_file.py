@@ -1,7 +1,9 @@
 """YAML files and `section.key=value` overrides -> frozen config dataclasses, and back.
 
-Every value is type-checked against its dataclass field; an unknown key is an error that
-names the closest valid key, so a typo never silently trains with a default.
+Every value is type-checked against its dataclass field (a name against the choices of its
+`Literal`, config.py); an unknown key is an error that names the closest valid key, so a typo
+never silently trains with a default. Then `check_values` checks ranges, and every check that
+needs nothing but the config (combinations, FSDP's limits) runs here, before anything loads.
 """
 
 import dataclasses
@@ -11,40 +13,17 @@ from pathlib import Path
 import yaml
 
 from minidream.config import (
-    ARCHITECTURES,
-    PRECISIONS,
-    PREDICTION_TYPES,
-    SAMPLERS,
     ConfigError,
     TrainConfig,
     coerce,
     from_dict,
-    members,
     suggestion,
+    takes_text,
     to_dict,
 )
-from minidream.diffusion.loss_weighting import HUBER_SCHEDULES, LOSSES
 from minidream.files import atomic_file
-from minidream.models.lora import UNET_TARGETS
-from minidream.training.optimizers import OPTIMIZERS
 from minidream.training.subjects import subjects_of
 
-# Keys whose value is one of a few names: checked once the config is complete.
-CHOICES = {
-    "model.architecture": tuple(ARCHITECTURES),
-    "data.class_sampler": SAMPLERS,
-    "train.lr_schedule": ("constant", "linear", "cosine"),
-    "train.mixed_precision": ("no", *PRECISIONS[1:]),  # "no" = fp32 weights and no autocast
-    "train.device": ("auto", "cpu", "cuda"),
-    "run.export_dtype": PRECISIONS[:2],  # fp16 or fp32 files, as SD releases are
-    "run.export_ema": ("ema", "raw", "both"),
-    "train.prediction_type": (None, *PREDICTION_TYPES),  # None: the model's own
-    "train.loss": LOSSES,
-    "train.huber_schedule": HUBER_SCHEDULES,
-    "train.optimizer": OPTIMIZERS,
-    "train.sharding": ("ddp", "fsdp"),
-    "lora.targets": UNET_TARGETS,
-}
 # (key, lowest, highest, whether the ends are allowed): numbers outside them are refused by name.
 RANGES = (
     ("validation.guidance_rescale", 0, 1, True),
@@ -107,14 +86,11 @@ def with_instance_dir(config: TrainConfig) -> TrainConfig:
 
 
 def check_values(config: TrainConfig) -> None:
-    """Values the types allow but training cannot use: names outside their choices, counts below 1."""
+    """Values the types allow but training cannot use: numbers out of range, counts below 1."""
     def value(dotted: str):
         section, key = dotted.split(".")
         return getattr(getattr(config, section), key)
 
-    for dotted, allowed in CHOICES.items():
-        if value(dotted) not in allowed:
-            raise ConfigError(f"{dotted}={value(dotted)!r} is not one of {', '.join(allowed)}")
     for dotted, low, high, closed in RANGES:
         number = value(dotted)
         inside = number is None or (low <= number <= high if closed else low < number < high)
@@ -150,9 +126,30 @@ def check_combinations(config: TrainConfig) -> None:
                           "with LoRA choose ema or raw")
     if lora.text_encoder_rank and not lora.rank:
         raise ConfigError("lora.text_encoder_rank needs UNet adapters too: set lora.rank")
+    if config.eval.every_n_steps and config.eval.prompts and config.data.subjects:
+        raise ConfigError("eval.prompts with data.subjects: each subject is evaluated on the paper's prompts for its "
+                          "class_noun with its identifier; leave eval.prompts empty (eval.num_prompts sets how many)")
     if config.data.bucket_step % 8:
         raise ConfigError(f"data.bucket_step={config.data.bucket_step} must be a multiple of 8 (the VAE's downsampling)")
+    if train.sharding == "fsdp" and not lora.rank:  # LoRA adapters are replicated under fsdp (training/sharding.py)
+        check_fsdp(config)
     subjects_of(config)  # data.subjects: each entry complete, none a twin of another
+
+
+def check_fsdp(config: TrainConfig) -> None:
+    """Options that cannot run with FSDP-sharded weights."""
+    train = config.train
+    if train.compile:
+        raise ConfigError("train.compile with train.sharding=fsdp is not supported: the UNet compiles with fullgraph=True, and "
+                          "FSDP2's per-block all-gather hooks break the graph; set train.compile=false or train.sharding=ddp")
+    if train.mixed_precision == "fp16":
+        raise ConfigError("train.sharding=fsdp with train.mixed_precision=fp16: the loss scaler would check only this rank's "
+                          "gradient shards for overflow; use train.mixed_precision=bf16 (or no)")
+    if train.optimizer != "adamw":
+        raise ConfigError(f"train.optimizer={train.optimizer} cannot step sharded weights; use train.optimizer=adamw with train.sharding=fsdp")
+    if config.eval.every_n_steps:
+        raise ConfigError("eval.every_n_steps with train.sharding=fsdp: the ranks split the prompts, but every sharded forward "
+                          "needs all ranks; evaluate the exported model with python -m minidream.evaluate instead")
 
 
 def apply_override(config, override: str):
@@ -183,6 +180,6 @@ def _replace_path(config, keys: list[str], raw: str, dotted: str):
         raise ConfigError(f"override {dotted!r}: {key!r} is a section; set one of its keys, e.g. {key}.<key>=...")
     hint = typing.get_type_hints(type(config))[key]
     value = yaml.safe_load(raw) if raw.strip() else None
-    if str in members(hint) and not isinstance(value, str) and value is not None:
+    if takes_text(hint) and not isinstance(value, str) and value is not None:
         value = raw  # a prompt like "1984" stays the text the user typed
     return dataclasses.replace(config, **{key: coerce(value, hint, f"override {dotted}")})

@@ -1,4 +1,4 @@
-"""DreamBooth data: instance and class images, their prompts, transforms and the data order.
+"""DreamBooth data: instance and class images, their prompts and transforms.
 
 Everything that can be wrong with the data (missing folder, no images, undecodable or too
 small files, bad masks) is found by `scan_images` before any model is loaded. Images are decoded
@@ -100,18 +100,6 @@ def load_image(path: Path) -> Image.Image:
     return image.convert("RGB")
 
 
-def image_to_tensor(
-    image: Image.Image, resolution: int, center_crop: bool, flip: bool, generator: torch.Generator | None = None
-) -> torch.Tensor:
-    """Resize the shorter side to `resolution` (antialiased), crop a square, maybe flip.
-
-    Returns a 3 x resolution x resolution float32 tensor in [-1, 1]. A random crop draws its
-    offsets from `generator`, so the data order is reproducible.
-    """
-    placement = place(image.size, (resolution, resolution), center_crop, flip, generator)
-    return pixels_of(placement.apply(image))
-
-
 def find_images(folder: str | Path, what: str) -> list[Path]:
     """The image files directly in `folder`, sorted by name (masks, name.mask.png, are not images)."""
     folder = Path(folder)
@@ -165,15 +153,3 @@ def small_images_error(
     """One line for the images that would have to be upscaled: `rule` says which size they miss."""
     listed = ", ".join(small[:5]) + (f" and {len(small) - 5} more" if len(small) > 5 else "")
     return DataError(f"{where}: {len(small)} image(s) {rule}: {listed}; {fix}")
-
-
-def epoch_order(length: int, epoch: int, seed: int, rank: int, world_size: int) -> list[int]:
-    """This rank's dataset indices for one epoch: a seeded shuffle, then every world_size-th.
-
-    The tail that does not divide evenly is dropped so every rank runs the same number of
-    steps. Depends only on its arguments, so a resumed run continues the same order.
-    """
-    generator = torch.Generator().manual_seed(seed * 100_003 + epoch)
-    order = torch.randperm(length, generator=generator).tolist()
-    usable = length // world_size * world_size
-    return order[rank:usable:world_size]

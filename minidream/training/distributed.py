@@ -11,6 +11,9 @@ from datetime import timedelta
 
 import torch
 import torch.distributed as dist
+from tqdm.auto import tqdm
+
+from minidream.config import DEVICES
 
 
 @dataclass(frozen=True)
@@ -27,6 +30,12 @@ class Distributed:
         return self.rank == 0
 
 
+def log(env: Distributed, message: str) -> None:
+    """A line for the user, from the main rank only (above any progress bar)."""
+    if env.is_main:
+        tqdm.write(message)
+
+
 def init_distributed(device: str = "auto", timeout_s: float = 600.0) -> Distributed:
     """Read torchrun's RANK / WORLD_SIZE / LOCAL_RANK and join the process group.
 
@@ -34,8 +43,8 @@ def init_distributed(device: str = "auto", timeout_s: float = 600.0) -> Distribu
     the CPU. The backend follows the device: NCCL for GPUs, gloo for CPUs. A collective that
     waits longer than `timeout_s` for another rank raises (train.collective_timeout_s).
     """
-    if device not in ("auto", "cpu", "cuda"):
-        raise ValueError(f"device must be auto, cpu or cuda, got {device!r}")
+    if device not in DEVICES:
+        raise ValueError(f"device must be one of {', '.join(DEVICES)}, got {device!r}")
     rank = int(os.environ.get("RANK", 0))
     world_size = int(os.environ.get("WORLD_SIZE", 1))
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
@@ -65,20 +74,6 @@ def attempt_store(name: str, host: bool = False) -> dist.Store:
     store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), int(os.environ["WORLD_SIZE"]),
                           is_master=host and not agent_hosts, timeout=timedelta(seconds=300))
     return dist.PrefixStore(f"minidream/{name}/attempt-{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
-
-
-def restart_resume(resume: str, run_has_checkpoints: bool) -> str:
-    """run.resume as this process applies it. A worker group torchrun restarted (--max-restarts)
-    resumes from the run's newest complete checkpoint whatever run.resume says: the checkpoints
-    there are this job's own, written before the failure — going back to a run.resume=PATH it
-    started from would redo every step since. Before the run has written one, a restart starts as
-    the first launch did (from PATH, or afresh: `latest` would fail on an empty run). A first launch
-    keeps run.resume, so re-running a finished or foreign run directory with resume=none is still
-    refused, never continued."""
-    restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0)) > 0
-    if not restarted:
-        return resume
-    return "auto" if run_has_checkpoints or resume in ("none", "latest", "auto") else resume
 
 
 def timed_out(error: BaseException) -> bool:

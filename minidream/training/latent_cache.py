@@ -22,7 +22,7 @@ import safetensors
 import torch
 from safetensors.torch import save_file
 
-from minidream.files import atomic_file, file_sha256, temporary_sibling
+from minidream.files import atomic_file, file_sha256, prove_writable
 from minidream.models.vae import AutoencoderKL
 from minidream.training.data import DataError
 
@@ -194,10 +194,7 @@ def check_writable_folder(folder: Path) -> None:
     the cache fails at the start with its name, not on the first image. LatentCache() calls it;
     a trainer can call it before loading any model."""
     try:
-        folder.mkdir(parents=True, exist_ok=True)
-        probe_path = folder / "write-test"
-        with temporary_sibling(probe_path) as probe:
-            probe.write_bytes(b"")
+        prove_writable(folder)
     except OSError as error:
         raise DataError(
             f"latent cache folder {folder}: not writable ({error.strerror or error}); "

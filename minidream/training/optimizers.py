@@ -1,19 +1,17 @@
 """The optimizers a run can choose (`train.optimizer`), and the fused back pass (`train.fused_backward`).
 
-Memory per trained parameter beyond the fp32 weights (4 bytes): the arithmetic, and what
-bench/optimizer_memory.py measured on the CPU (peak RSS, SD 1.5 UNet shapes at 64 and 96 channels):
-  adamw                      gradient 4 + two fp32 moments 8        = 12 bytes   measured 12.1
-  adamw + fused_backward     two fp32 moments 8, one gradient alive ~  8 bytes   measured  8.7
-  adamw8bit                  gradient 4 + two 8-bit moments 2       ~  6 bytes   measured  7.5
-  adamw8bit + fused_backward two 8-bit moments 2                    ~  2 bytes   measured  4.1-4.4
-(bitsandbytes' CPU step dequantizes each tensor into fp32 temporaries; its CUDA kernel does not.)
+Memory per trained parameter beyond the fp32 weights (4 bytes), by arithmetic:
+  adamw                      gradient 4 + two fp32 moments 8        = 12 bytes
+  adamw + fused_backward     two fp32 moments 8, one gradient alive ~  8 bytes
+  adamw8bit                  gradient 4 + two 8-bit moments 2       ~  6 bytes
+  adamw8bit + fused_backward two 8-bit moments 2                    ~  2 bytes
+What bench/optimizer_memory.py measures is in BENCHMARKS.md, "Optimizer memory".
 """
 
 import torch
 
+from minidream.config import OPTIMIZERS
 from minidream.training.step import step_unless
-
-OPTIMIZERS = ("adamw", "adamw8bit")
 
 
 class OptimizerError(ValueError):

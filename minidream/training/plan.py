@@ -13,15 +13,8 @@ Class images may be upscaled for that; instance images never are.
 from collections import Counter
 from dataclasses import dataclass, replace
 
-from minidream.training.buckets import (
-    Size,
-    bucketed_order,
-    cover_scale,
-    epoch_length,
-    merge_small_buckets,
-    nearest_bucket,
-)
-from minidream.training.data import Example, epoch_order, small_images_error
+from minidream.training.buckets import Size, cover_scale, merge_small_buckets, nearest_bucket
+from minidream.training.data import Example, small_images_error
 
 
 @dataclass(frozen=True)
@@ -38,22 +31,9 @@ class DataPlan:
     instances: list[Example]
     items: list[PlanItem]
     group: int  # items per global batch: batch_size x world_size
-    bucketed: bool
+    bucketed: bool  # the epoch order is of one-bucket global batches (order.py)
     merged: dict[Size, Size]  # each instance image's nearest bucket -> the bucket it trains in
     classes: list[Example] = ()
-
-    @property
-    def epoch_length(self) -> int:
-        if not self.bucketed:
-            return len(self.items)
-        return epoch_length([item.bucket for item in self.items], self.group)
-
-    def shard(self, epoch: int, seed: int, rank: int, world_size: int) -> list[int]:
-        """This rank's item indices for the epoch: every world_size-th of the global order, so rank r
-        takes its slice of each global batch (step.take_items)."""
-        if not self.bucketed:
-            return epoch_order(len(self.items), epoch, seed, rank, world_size)
-        return bucketed_order([item.bucket for item in self.items], self.group, epoch, seed)[rank::world_size]
 
     def bucket_counts(self, subjects: list[int] | None = None) -> dict[Size, int]:
         """Items per bucket (of `subjects` only, when given), the buckets in order."""

@@ -1,22 +1,22 @@
 """The training recipe of one step, composed from diffusion/loss_weighting.py: what train.py calls.
 
     recipe = Recipe.from_config(cfg.train, pipe.config.schedule)
-    noise, input_noise, t = draw_noise(latents.shape[1:], generators, recipe)      # on the host
-    ... to the device ...
+    noise, input_noise, t = draw_noise(latents.shape[1:], generators, recipe, device)
     noisy, target = noisy_latents_and_target(latents, noise, input_noise, t, alphas_cumprod, recipe)
-    loss, loss_instance, loss_prior = recipe_loss(prediction, target, t, alphas_cumprod, recipe, n_instance, prior_loss_weight)
+    losses = recipe_loss(prediction, target, t, alphas_cumprod, recipe, n_instance, prior_loss_weight)
 
 With every option off, the draws and the loss are exactly those of the plain 2022 recipe
 (Ho et al. Algorithm 1 with uniform timesteps, Ruiz et al. eq. 2; tests/plain_recipe.py holds it).
 """
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
 from minidream.config import ScheduleConfig, TrainSection
 from minidream.diffusion import loss_weighting, schedule
-from minidream.training.step import dreambooth_loss
+from minidream.training.step import to_device
 
 
 @dataclass(frozen=True)
@@ -51,17 +51,21 @@ class Recipe:
 
 
 def draw_noise(
-    latent_shape: tuple[int, ...], generators: list[torch.Generator], recipe: Recipe
+    latent_shape: tuple[int, ...], generators: list[torch.Generator], recipe: Recipe, device: torch.device,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Each sample's draws from its own generator, in the order timestep, noise, offset, perturbation.
+    """Each sample's draws from its own generator (on the host), in the order timestep, noise,
+    offset, perturbation; then copied to `device` without a host wait (step.to_device).
 
     Returns (noise: the target's noise, B x latent_shape; input_noise: the noise that makes x_t,
-    the same tensor unless input perturbation is on; t: B timesteps). Host tensors.
+    the same tensor unless input perturbation is on; t: B timesteps).
     """
     t = loss_weighting.sample_timesteps(generators, recipe.min_timestep, recipe.max_timestep)
     noise = torch.cat([torch.randn((1, *latent_shape), generator=g) for g in generators])
     noise = loss_weighting.offset_noise(noise, generators, recipe.noise_offset)
-    return noise, loss_weighting.perturbed_noise(noise, generators, recipe.input_perturbation), t
+    input_noise = loss_weighting.perturbed_noise(noise, generators, recipe.input_perturbation)
+    perturbed = input_noise is not noise
+    noise, t = to_device(noise, device), to_device(t, device)
+    return noise, to_device(input_noise, device) if perturbed else noise, t
 
 
 def noisy_latents_and_target(
@@ -90,21 +94,34 @@ def sample_losses(
     return per_sample
 
 
+class Losses(NamedTuple):
+    total: torch.Tensor  # what backward differentiates
+    instance: torch.Tensor  # the mean over the instance samples
+    prior: torch.Tensor  # the mean over the class samples (0 without them)
+    per_sample: torch.Tensor  # [num_instance] each instance sample's loss, detached: the per-subject sums
+
+
 def recipe_loss(
     prediction: torch.Tensor, target: torch.Tensor, t: torch.Tensor, alphas_cumprod: torch.Tensor, recipe: Recipe,
     num_instance: int, prior_loss_weight: float, mask: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The DreamBooth loss (Ruiz et al. 2023 eq. 2) with the recipe's loss and per-sample weights.
+) -> Losses:
+    """The DreamBooth loss (Ruiz et al. 2023 eq. 2): the instance samples' mean loss + prior_loss_weight
+    x the class samples' mean loss. The batch holds the instance samples first, then (with prior
+    preservation) their class samples, so one forward serves both.
 
-    Each sample's loss is weighted first (the loss mask, min-SNR-gamma: sample_losses), then the
-    instance samples (the first num_instance) and the class samples are averaged apart: (total,
-    instance, prior; prior 0 without class samples). fp32; no host reads.
+    The plain recipe (MSE, no mask, no min-SNR) averages over every element, as eq. 2 is written.
+    Otherwise each sample's loss is weighted first (the loss mask, min-SNR-gamma: sample_losses)
+    and the samples are averaged. fp32; no host reads.
     """
     if recipe.loss == "mse" and recipe.snr_gamma is None and mask is None:
-        return dreambooth_loss(prediction, target, num_instance, prior_loss_weight)  # the plain recipe, unchanged
-    per_sample = sample_losses(prediction, target, t, alphas_cumprod, recipe, mask)
-    loss_instance = per_sample[:num_instance].mean()
-    if num_instance == per_sample.shape[0]:
-        return loss_instance, loss_instance, torch.zeros((), device=per_sample.device)
-    loss_prior = per_sample[num_instance:].mean()
-    return loss_instance + prior_loss_weight * loss_prior, loss_instance, loss_prior
+        errors = (prediction.float() - target.float()) ** 2
+        instance, prior = errors[:num_instance].mean(), errors[num_instance:]
+        per_sample = errors[:num_instance].detach().flatten(1).mean(dim=1)
+    else:
+        losses = sample_losses(prediction, target, t, alphas_cumprod, recipe, mask)
+        instance, prior = losses[:num_instance].mean(), losses[num_instance:]
+        per_sample = losses[:num_instance].detach()
+    if prior.shape[0] == 0:
+        return Losses(instance, instance, torch.zeros((), device=instance.device), per_sample)
+    prior = prior.mean()
+    return Losses(instance + prior_loss_weight * prior, instance, prior, per_sample)

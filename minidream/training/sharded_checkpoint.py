@@ -13,7 +13,7 @@ without FSDP — so a checkpoint resumes on any world size, and under DDP. The o
 a DDP checkpoint (whole tensors, index-keyed optimizer state) loads into sharded modules by
 parameter name.
 
-The data needs no resharding: the cursor is global (step.take_items), so a resumed run on W'
+The data needs no resharding: the cursor is global (order.py), so a resumed run on W'
 ranks takes the same next global batch as the saving run on W, and every sample's noise comes
 from its own generator keyed by (seed, epoch, position), not by rank. With the same global batch
 the continued run is the uninterrupted one's, up to the fp32 rounding of reductions summed in
@@ -38,9 +38,9 @@ from minidream.training.checkpoint import (
     EMA_FILE,
     TrainerState,
     checkpoint_dir,
+    partial_dir,
     read_counters,
     restore_counters,
-    rotate,
     write_failed,
 )
 from minidream.training.distributed import barrier
@@ -63,12 +63,12 @@ def _ema_state(state: TrainerState) -> dict[str, torch.Tensor]:
     return ema.sharded_shadow() if isinstance(ema, ShardedEMA) else dict(zip(ema.names, ema.shadow))
 
 
-def save_sharded(run_dir: Path, state: TrainerState, rng: list[dict], is_main: bool, keep_last: int) -> Path:
+def save_sharded(run_dir: Path, state: TrainerState, rng: list[dict], is_main: bool) -> Path:
     """Write `state` as the DCP checkpoint of its step, from every rank (all must call); `rng`
     holds every rank's RNG states. Returns the step folder. A failure on any rank leaves only
     the `.tmp` folder, which resume ignores and the next save removes."""
     final = checkpoint_dir(run_dir, state.step)
-    partial = final.with_name(final.name + ".tmp")  # list_checkpoints recognises an interrupted write by it
+    partial = partial_dir(final)
     try:
         if is_main:
             shutil.rmtree(partial, ignore_errors=True)
@@ -86,7 +86,6 @@ def save_sharded(run_dir: Path, state: TrainerState, rng: list[dict], is_main: b
             if final.exists():
                 shutil.rmtree(final)
             partial.rename(final)
-            rotate(run_dir, keep_last)
         barrier()
     except OSError as error:
         raise write_failed(final, error) from None

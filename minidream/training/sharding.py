@@ -20,7 +20,7 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 
-from minidream.config import ConfigError, TrainConfig
+from minidream.config import TrainConfig
 from minidream.models.unet import UNet
 from minidream.training.ema import EMA
 
@@ -34,24 +34,6 @@ def uses_fsdp(cfg: TrainConfig) -> bool:
     one bucket (bench/fsdp_step.py measures both).
     """
     return cfg.train.sharding == "fsdp" and not cfg.lora.rank
-
-
-def refuse_unsupported(cfg: TrainConfig) -> None:
-    """Options that cannot run sharded, refused by name before anything loads."""
-    if not uses_fsdp(cfg):
-        return
-    train = cfg.train
-    if train.compile:
-        raise ConfigError("train.compile with train.sharding=fsdp is not supported: the UNet compiles with fullgraph=True, and "
-                          "FSDP2's per-block all-gather hooks break the graph; set train.compile=false or train.sharding=ddp")
-    if train.mixed_precision == "fp16":
-        raise ConfigError("train.sharding=fsdp with train.mixed_precision=fp16: the loss scaler would check only this rank's "
-                          "gradient shards for overflow; use train.mixed_precision=bf16 (or no)")
-    if train.optimizer != "adamw":
-        raise ConfigError(f"train.optimizer={train.optimizer} cannot step sharded weights; use train.optimizer=adamw with train.sharding=fsdp")
-    if cfg.eval.every_n_steps:
-        raise ConfigError("eval.every_n_steps with train.sharding=fsdp: the ranks split the prompts, but every sharded forward "
-                          "needs all ranks; evaluate the exported model with python -m minidream.evaluate instead")
 
 
 def units(module: nn.Module) -> list[nn.Module]:
@@ -112,7 +94,7 @@ def local_shards(optimizer: torch.optim.Optimizer, sharded: bool) -> Iterator[li
     its parameters, each holding its gradient (the parameters themselves where not `sharded`).
 
     Why: a DTensor op pays sharding propagation on the host for every tensor of its list
-    (pytorch#134191): about 16 us per weight tensor, 14 ms per step at SD 1.5 (bench.sharded_optimizer).
+    (pytorch#134191; BENCHMARKS.md measures it with bench.sharded_optimizer).
     AdamW is elementwise, so stepping the shards is the same arithmetic. The optimizer keeps its DTensor parameters and state outside
     the block (what DCP saves and reshards): the state it steps are views of that state's local
     tensors, and the state it creates on a first step is wrapped back as DTensors on the way out.
@@ -210,8 +192,7 @@ def gathered(tensors: dict[str, torch.Tensor], keep: bool) -> dict[str, torch.Te
 def plain_twin(module: nn.Module, state: dict[str, torch.Tensor]) -> nn.Module:
     """An unsharded module of `module`'s class and config holding `state` (no copy: the tensors are assigned)."""
     cls = next(c for c in type(module).__mro__ if issubclass(c, nn.Module) and not issubclass(c, FSDPModule))
-    config = module.cfg if isinstance(module, UNet) else module.config
     with torch.device("meta"):
-        twin = cls(config)
+        twin = cls(module.config)
     twin.load_state_dict(state, assign=True)
     return twin

@@ -13,7 +13,7 @@ from minidream.training.buckets import Size
 from minidream.training.data import Example, find_images, scan_images
 from minidream.training.masks import with_masks
 
-TEMPLATE_FIELDS = ("identifier", "class")
+TEMPLATE_FIELDS = {"identifier": "identifier", "class": "class_noun"}  # {field} in data.caption_template -> Subject attribute
 
 
 @dataclass(frozen=True)
@@ -78,7 +78,7 @@ def check_template(template: str | None, subjects: list[Subject], listed: bool) 
     except (KeyError, IndexError, ValueError) as error:
         raise ConfigError(f"data.caption_template={template!r}: only {{identifier}} and {{class}} can be filled in ({error!r})") from None
     for i, subject in enumerate(subjects):
-        for field, key in (("identifier", "identifier"), ("class", "class_noun")):
+        for field, key in TEMPLATE_FIELDS.items():
             if "{" + field + "}" in template and getattr(subject, key) is None:
                 where = f"data.subjects[{i}].{key}" if listed else f"eval.{key}"
                 raise ConfigError(f"{where} is missing: data.caption_template fills in {{{field}}}")
