@@ -18,6 +18,7 @@ import math
 import shlex
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -31,9 +32,9 @@ from minidream.diffusion import schedule
 from minidream.diffusion.sampling import generate, image_grid
 from minidream.dreambooth_prompts import subject_prompts
 from minidream.evaluate import Sampling, Scores, embed_images, evaluate, load_eval_models, read_prompt_templates, subject_images
-from minidream.files import atomic_file
+from minidream.files import WriteError, atomic_file
 from minidream.io.lora_files import kohya_settings, lora_merged, read_lora_file, save_lora
-from minidream.io.weights import WeightsError, load_pipeline, save_pipeline
+from minidream.io.weights import WeightsError, load_pipeline, save_pipeline, size_multiple
 from minidream.models.lora import add_lora, train_adapters_only
 from minidream.models.pipeline import Pipeline, random_pipeline
 from minidream.models.precision import dtype_named, vae_dtype
@@ -80,10 +81,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Exit codes: 0 trained and exported; 1 stopped by non-finite losses or weights; 2 bad input
+    (config, data, weights, checkpoint); 3 a rank stopped answering; 128 + N stopped by signal N
+    after saving a checkpoint (143: SIGTERM, 130: SIGINT)."""
     argv = sys.argv[1:] if argv is None else argv
+    warnings.formatwarning = one_line_warning
     args = parse_args(argv)
     try:
-        cfg = load_train_config(args.config, args.overrides)
+        if args.show_config:  # notes about the config go to stderr: stdout is the YAML alone
+            cfg = load_train_config(args.config, args.overrides, say=lambda note: print(note, file=sys.stderr))
+        else:
+            cfg = load_train_config(args.config, args.overrides)
         if args.show_config:
             print(yaml.safe_dump(to_dict(cfg), sort_keys=False), end="")
             return 0
@@ -92,20 +100,26 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 2
     heartbeat = Heartbeat(env, cfg.train.collective_timeout_s) if env.world_size > 1 else None
+    where = f" (rank {env.rank})" if env.world_size > 1 else ""
     try:
         return train(cfg, env, resume_command(argv, env))
-    except (ConfigError, DataError, WeightsError, CheckpointError, OptimizerError) as error:
-        print(f"error (rank {env.rank}): {error}", file=sys.stderr)
+    except (ConfigError, DataError, WeightsError, CheckpointError, OptimizerError, WriteError) as error:
+        print(f"error{where}: {error}", file=sys.stderr)  # WriteError: an export, a grid or a class image (disk full, permissions)
         return 2
     except RuntimeError as error:  # gloo raises a plain RuntimeError when a collective times out
         if heartbeat is None or not timed_out(error):
             raise
-        print(f"error (rank {env.rank}): {heartbeat.explain(cfg.train.collective_timeout_s)}", file=sys.stderr)
+        print(f"error{where}: {heartbeat.explain(cfg.train.collective_timeout_s)}", file=sys.stderr)
         return 3
     finally:
         if heartbeat is not None:
             heartbeat.stop()
         shutdown()
+
+
+def one_line_warning(message, category, filename, lineno, line=None) -> str:
+    """Warnings as the user reads them: one line, without Python's file and source decoration."""
+    return f"warning: {message}\n"
 
 
 def resume_command(argv: list[str], env: Distributed) -> str:
@@ -287,6 +301,30 @@ def export(cfg: TrainConfig, env: Distributed, pipe: Pipeline, trained: dict[str
     return lora_file or path
 
 
+def nonfinite_weights(trained: dict[str, nn.Module], ema: EMA | None) -> str | None:
+    """The name of a trained weight (or EMA weight) holding NaN or inf on any rank, else None: such
+    weights are never exported. One host read, at the end of the run. (Sharded: each rank checks its shards.)"""
+    named = [(f"{name}.{key}", p) for name, module in trained.items() for key, p in module.named_parameters()]
+    if ema is not None:
+        named += [(f"ema {name}", s) for name, s in zip(ema.names, ema.shadow)]
+    bad = next((name for name, p in named if not torch.isfinite(sharding.local(p.detach())).all()), None)
+    return next((name for name in gather_objects(bad) if name), None)
+
+
+def done_message(cfg: TrainConfig, run_dir: Path, exported: Path, prompt: str, gridded: bool) -> str:
+    """What the run wrote, and one sample.py command to try it at the size it trained at."""
+    lines = [f"done: {cfg.train.max_steps} steps. Fine-tuned {'LoRA' if cfg.lora.rank else 'model'}: {exported}",
+             f"  metrics: {run_dir / 'metrics.jsonl'}"]
+    if gridded:
+        lines.append(f"  samples: {run_dir / 'samples'}")
+    weights = f"--weights {cfg.model.weights} --lora {exported}" if cfg.lora.rank and cfg.model.weights else f"--weights {run_dir / 'model.safetensors'}"
+    size = cfg.data.resolution
+    try_it = f"  try it:  python sample.py {weights} --prompt {prompt!r} --height {size} --width {size}"
+    if not cfg.model.weights:  # the embedded default: seconds, and what to expect of it
+        try_it += " --steps 10   (random weights: expect noise; set model.weights for a real model)"
+    return "\n".join([*lines, try_it])
+
+
 def check_eval_models(cfg: TrainConfig) -> None:
     for flag in ("clip", "dino") if cfg.eval.every_n_steps else ():
         if not Path(getattr(cfg.eval, flag)).exists():
@@ -356,7 +394,7 @@ def train(cfg: TrainConfig, env: Distributed, resume_hint: str) -> int:
     fsdp = dcp and env.world_size > 1  # the trained weights really are sharded
     checkpointer = Checkpointer(Path(cfg.run.output_dir), cfg, env, dcp=dcp, sharded=fsdp)
     run_dir = checkpointer.run_dir
-    data = DreamBoothData.scan(cfg, env)
+    data = DreamBoothData.scan(cfg, env, size_multiple(cfg.model.weights, cfg.model.architecture))
     check_eval_models(cfg)
 
     # 2. Models: what trains (the UNet, or its LoRA adapters; optionally the text encoder) keeps
@@ -452,11 +490,14 @@ def train(cfg: TrainConfig, env: Distributed, resume_hint: str) -> int:
                 break
             stop_now = any_rank(stop.requested, env.device)
             if stop_now or checkpointer.due(step, tcfg.max_steps):
-                saved = checkpointer.save(state)
+                try:
+                    saved = checkpointer.save(state)
+                except CheckpointError as error:  # the previous checkpoint is intact: say how to continue from it
+                    raise CheckpointError(f"{error}; to continue: {resume_hint}") from None
                 if env.is_main:
                     bar.write(f"checkpoint: {saved}")
             window_started = time.perf_counter()  # checkpoints are not training time
-        if (env.is_main or fsdp) and val_prompts and step % cfg.validation.every_n_steps == 0:
+        if (env.is_main or fsdp) and val_prompts and (step % cfg.validation.every_n_steps == 0 or step == tcfg.max_steps):
             with weights_as_exported(cfg, pipe, ema, run_dir, kohya):
                 save_validation_grid(cfg, pipe, run_dir, step, amp, val_prompts, data.sizes, write=env.is_main)
             window_started = time.perf_counter()
@@ -475,12 +516,14 @@ def train(cfg: TrainConfig, env: Distributed, resume_hint: str) -> int:
         return 1
     if state.step < tcfg.max_steps:  # stopped by a signal
         log(env, f"stopped at step {state.step}; to continue: {resume_hint}")
-        return 0
+        return stop.exit_code
+    broken = nonfinite_weights(trained, ema)
+    if broken:
+        log(env, f"not exporting: {broken} holds non-finite values (the run diverged, or resumed from a damaged "
+            "checkpoint); resume from an earlier checkpoint with a lower train.lr")
+        return 1
     exported = export(cfg, env, pipe, trained, ema, run_dir, kohya, fsdp)
-    weights = f"--weights {cfg.model.weights} --lora {exported}" if cfg.lora.rank and cfg.model.weights else f"--weights {run_dir / 'model.safetensors'}"
-    log(env, f"done: {tcfg.max_steps} steps. Fine-tuned {'LoRA' if cfg.lora.rank else 'model'}: {exported}\n"
-        f"  metrics: {run_dir / 'metrics.jsonl'}\n  samples: {run_dir / 'samples'}\n"
-        f"  try it:  python sample.py {weights} --prompt {data.subjects[0].instance_prompt!r}")
+    log(env, done_message(cfg, run_dir, exported, data.subjects[0].instance_prompt, bool(val_prompts)))
     barrier()
     return 0
 

@@ -339,6 +339,32 @@ class TrainConfig:
 ARCHITECTURES = {"sd15": SD15, "tiny": TINY, "sd21": SD21, "sd21-base": SD21_BASE, "tiny-sd2": TINY_SD2}
 
 
+def image_size_multiple(vae_levels: int, unet_levels: int) -> int:
+    """The multiple every image side must be for a model whose VAE and UNet have these numbers of
+    levels (len(channel_mult)): the VAE halves the image at each level after the first (SD: 8x),
+    and the UNet halves the latents at each of its own. SD 1.x and 2.x: 8 x 8 = 64; TINY: 8 x 2 = 16."""
+    return 2 ** (vae_levels - 1) * 2 ** (unet_levels - 1)
+
+
+def check_image_size(width: int, height: int, multiple: int, what: str) -> None:
+    """ConfigError, in one line naming `what`, unless both sides are positive multiples of
+    `multiple` (io/weights.size_multiple gives a model's); the nearest valid sizes are named:
+    `data.resolution=63: this model needs image sides that are multiples of 64; nearest: 64`."""
+    if width > 0 and height > 0 and width % multiple == 0 and height % multiple == 0:
+        return
+
+    def down(side: int) -> int:
+        return side - side % multiple if side > 0 else 0
+
+    def up(side: int) -> int:
+        return max(-(-side // multiple) * multiple, multiple)
+
+    candidates = [(down(width), down(height)), (up(width), up(height))]
+    valid = list(dict.fromkeys(c for c in candidates if c[0] > 0 and c[1] > 0))
+    nearest = " or ".join(str(w) if width == height else f"{w}x{h}" for w, h in valid)
+    raise ConfigError(f"{what}: this model needs image sides that are multiples of {multiple}; nearest: {nearest}")
+
+
 # --- Evaluation models (the DreamBooth paper's DINO, CLIP-I, CLIP-T; see minidream/evaluate.py) ---
 # They live here, beside the SD parts, because they are components like any other: frozen,
 # torch-free, read from a checkpoint's config.json by minidream/io/eval_models.py.

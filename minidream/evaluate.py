@@ -38,7 +38,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 import minidream
-from minidream.config import CLIP_PREPROCESS, DINO_PREPROCESS, ImagePreprocessConfig
+from minidream.config import CLIP_PREPROCESS, DINO_PREPROCESS, ImagePreprocessConfig, check_image_size
 from minidream.dreambooth_prompts import LIVE_CLASSES, PROMPT_LISTS, subject_prompts
 from minidream.eval_report import (
     PAPER_TABLE,
@@ -52,9 +52,10 @@ from minidream.eval_report import (
     write_png,
     write_text,
 )
+from minidream.files import prove_writable, write_errors
 from minidream.io.eval_models import load_clip, load_dino, model_files
 from minidream.io.tensor_files import WeightsError
-from minidream.io.weights import load_pipeline
+from minidream.io.weights import load_pipeline, size_multiple
 from minidream.models.pipeline import Pipeline
 from minidream.models.preprocess import preprocess
 from minidream.models.tokenizer import CLIPTokenizer
@@ -320,10 +321,10 @@ def main(argv: list[str] | None = None) -> int:
             print(compare_table(args.compare), end="")
             return 0
         job = prepare(args)
-    except ValueError as error:  # WeightsError and DataError are ValueErrors: one line, exit 2
+        run(args, job)
+    except (ValueError, OSError) as error:  # WeightsError, DataError, ConfigError; WriteError (a full disk): one line, exit 2
         print(f"error: {error}", file=sys.stderr)
         return 2
-    run(args, job)
     return 0
 
 
@@ -342,12 +343,15 @@ class Job:
 def prepare(args: argparse.Namespace) -> Job:
     """Read the prompts, the photos and every model; ValueError (one line) for what is wrong."""
     device, dtype = device_and_dtype(args)
+    what = f"--width {args.width} --height {args.height}"
+    check_image_size(args.width, args.height, size_multiple(args.weights, "sd15"), what)  # before any model loads
     prompt_list, templates = read_prompt_templates(args.prompts, args.class_noun)
     real_images = subject_images(args.subject_dir)
     # The evaluation models are small: fp32, whatever the sampling dtype.
     models = eval_models(_load("--clip", load_clip, args.clip, device), _load("--dino", load_dino, args.dino, device))
     pipe = load_pipeline(args.weights, device=device, dtype=dtype, loras=args.lora, prediction_type=args.prediction_type)
     check_flags_fit(args, pipe)  # refuses e.g. too many steps
+    prove_writable(args.out)  # WriteError now rather than after the images are drawn
     sampling = sampling_of(args)
     prompts = subject_prompts(templates, args.identifier, args.class_noun)
     return Job(prompt_list, prompts, real_images, models, pipe, sampling)
@@ -378,7 +382,8 @@ def write_outputs(
     real_images: list[Image.Image], real: ImageEmbeddings,
 ) -> None:  # fmt: skip
     out = args.out
-    (out / "images").mkdir(parents=True, exist_ok=True)
+    with write_errors(out / "images"):
+        (out / "images").mkdir(parents=True, exist_ok=True)
     seeds, hashes = image_seeds(args.seed, args.images_per_prompt), lora_hashes(args)
     per_prompt = []
     for p, (group, score) in enumerate(zip(images, scores.per_prompt)):

@@ -35,8 +35,9 @@ def add_sampling_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--eta", type=float, default=0.0, help="DDIM noise: 0 deterministic, 1 ancestral (default: %(default)s)")
     parser.add_argument("--clip-skip", type=int, default=None, metavar="N",
                         help="condition on text-encoder layer -N: 2 = penultimate, as SD UIs count (default: the model's, 1)")
-    parser.add_argument("--height", type=int, default=512, help="pixels, a multiple of 8 (default: %(default)s)")
-    parser.add_argument("--width", type=int, default=512, help="pixels, a multiple of 8 (default: %(default)s)")
+    size_rule = "multiples of 64 for SD 1.x/2.x (8 x 2^(UNet levels - 1) in general; checked before the model loads)"
+    parser.add_argument("--height", type=int, default=512, help=f"pixels, {size_rule} (default: %(default)s)")
+    parser.add_argument("--width", type=int, default=512, help=f"pixels, {size_rule} (default: %(default)s)")
     parser.add_argument("--lora", action="append", type=lora_argument, default=[], metavar="PATH[:SCALE]",
                         help="merge this LoRA file into the model at strength SCALE (default 1); repeat for several")
     parser.add_argument("--prediction-type", choices=PREDICTION_TYPES, default=None,
@@ -47,9 +48,10 @@ def add_sampling_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def check_sampling_flags(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
-    """parser.error (exit 2, one line) for flag values that cannot work together."""
-    if args.height % 8 or args.width % 8 or args.height <= 0 or args.width <= 0:
-        parser.error(f"--height and --width must be positive multiples of 8, got {args.height}x{args.width}")
+    """parser.error (exit 2, one line) for flag values that cannot work together. (Which sizes the
+    model takes is checked by the commands, from its file: config.check_image_size.)"""
+    if args.height <= 0 or args.width <= 0:
+        parser.error(f"--height and --width must be positive, got {args.height}x{args.width}")
     for name in ("batch_size", "steps"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1")

@@ -36,7 +36,9 @@ def test_round_trip_restores_the_whole_trainer_state(tmp_path):
     state = trainer_state()
     state.cursor, state.nonfinite_run = Cursor(epoch=3, position=2), 1
     path = save(tmp_path, 5, state)
-    assert path.name == "step-00000005" and sorted(p.name for p in path.iterdir()) == ["optimizer.pt", "trainer.pt", "unet.safetensors"]
+    assert path.name == "step-00000005" and sorted(p.name for p in path.iterdir()) == [
+        "checksums.json", "optimizer.pt", "trainer.pt", "unet.safetensors"]
+    assert checkpoint.damage(path) is None  # every file there, as checksummed
     other = trainer_state(seed=1)
     checkpoint.load_checkpoint(path, other, rank=0)
     assert (other.step, other.cursor, other.nonfinite_run) == (5, Cursor(3, 2), 1)

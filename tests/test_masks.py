@@ -71,7 +71,7 @@ def test_a_mask_without_its_image_stops_train_before_any_model_loads(tmp_path, t
         error = refused_before_models(monkeypatch, capsys, train_args(tmp_path / "run", training_data, SETUPS["subjects"].overrides))
     finally:
         orphan.unlink()
-    assert error.startswith(f"error (rank 0): {orphan}: a mask without its image")
+    assert error.startswith(f"error: {orphan}: a mask without its image")
 
 
 def test_the_mask_follows_resize_crop_and_flip_then_is_area_averaged_to_the_latent(tmp_path):

@@ -83,7 +83,7 @@ def test_an_unreadable_image_of_a_subject_is_named_before_any_model_loads(tmp_pa
         error = refused_before_models(monkeypatch, capsys, train_args(tmp_path / "run", training_data, TWO))
     finally:
         (training_data / "cat" / "broken.jpg").unlink()
-    assert error.startswith(f"error (rank 0): {training_data / 'cat' / 'broken.jpg'}: cannot decode image")
+    assert error.startswith(f"error: {training_data / 'cat' / 'broken.jpg'}: cannot decode image")
 
 
 def test_a_template_with_another_field_is_refused(training_data):

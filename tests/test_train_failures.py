@@ -1,7 +1,8 @@
 """Issue 8: each way a run can fail says what happened and what to do, and loses nothing:
 earlier checkpoints, metrics and the resolved config stay as they were."""
 
-import math
+import json
+import os
 import shutil
 
 import pytest
@@ -40,7 +41,7 @@ def test_unwritable_output_dir_is_reported_before_any_model_loads(tmp_path, trai
     blocker.write_text("keep me")
     code = train.main(train_args(blocker / "run", training_data))
     assert code == 2
-    assert f"error (rank 0): run.output_dir {blocker / 'run'} is not writable (Not a directory)" in capsys.readouterr().err
+    assert f"error: run.output_dir {blocker / 'run'} is not writable (Not a directory)" in capsys.readouterr().err
     assert blocker.read_text() == "keep me"
 
 
@@ -51,7 +52,8 @@ def test_missing_or_empty_instance_folder_is_reported_before_any_model_loads(
     (tmp_path / "empty").mkdir()
     args = train_args(tmp_path / "run", training_data, (f"data.instance_dir={tmp_path / folder}",))
     assert train.main(args) == 2
-    assert f"error (rank 0): instance folder {tmp_path / folder} {message}" in capsys.readouterr().err
+    assert f"error: instance folder {tmp_path / folder} {message}" in capsys.readouterr().err
+    assert not (tmp_path / "run" / "checkpoints").exists()  # nothing left behind but the (empty) run folder
 
 
 def test_unknown_config_key_is_an_error_naming_the_nearest(tmp_path, training_data, capsys):
@@ -65,7 +67,7 @@ def test_a_failed_save_is_reported_and_the_previous_checkpoint_resumes(tmp_path,
     failed = run_with_failing_save(run_dir, training_data, "disk-full", 4, "checkpoint.every_n_steps=2")
     assert failed.returncode == 2, output(failed)
     assert (
-        f"error (rank 0): could not write checkpoint {run_dir / 'checkpoints' / 'step-00000004'} (No space left on device); "
+        f"error: could not write checkpoint {run_dir / 'checkpoints' / 'step-00000004'} (No space left on device); "
         "the previous checkpoint is intact" in failed.stderr
     )
     assert checkpoint_names(run_dir) == ["step-00000002"]  # and no partial folder
@@ -82,7 +84,7 @@ def test_resuming_with_a_different_trainable_set_is_refused(tmp_path, training_d
     refused = run_setup(run_dir, training_data, "single", "run.resume=latest", "train.train_text_encoder=true")
     assert refused.returncode == 2
     assert (
-        f"error (rank 0): {run_dir / 'checkpoints' / f'step-{STEPS:08d}'} was written with trained=['unet'] "
+        f"error: {run_dir / 'checkpoints' / f'step-{STEPS:08d}'} was written with trained=['unet'] "
         "but this run has trained=['text_encoder', 'unet']; resume with the same setup or start a new run.output_dir"
         in refused.stderr
     )
@@ -103,7 +105,9 @@ def test_consecutive_non_finite_losses_stop_the_run_keeping_the_last_good_checkp
     assert metrics(run_dir)[:STEPS] == metrics(finished)
     new = metrics(run_dir)[STEPS:]
     assert [r["step"] for r in new] == [STEPS + 1, STEPS + 2]
-    assert all(r["skipped"] and not math.isfinite(r["loss"]) for r in new)
+    assert all(r["skipped"] and r["loss"] is None for r in new)  # non-finite: null, as strict JSON has no NaN
+    for line in (run_dir / "metrics.jsonl").read_text().splitlines():  # every line parses as strict JSON
+        json.loads(line, parse_constant=lambda name: pytest.fail(f"metrics.jsonl holds bare {name}"))
     assert files(run_dir / "checkpoints") == files(finished / "checkpoints")
     assert (run_dir / "model.safetensors").read_bytes() == (finished / "model.safetensors").read_bytes()
 
@@ -136,3 +140,122 @@ def test_show_config_prints_every_key_resolved(capsys):
     shown = yaml.safe_load(capsys.readouterr().out)
     assert shown == to_dict(load_train_config(train.DEFAULT_CONFIG, ["train.max_steps=7"]))
     assert shown["train"]["max_steps"] == 7 and "prior_loss_weight" in shown["train"]
+
+
+@pytest.fixture(scope="module")
+def two_checkpoints(tmp_path_factory, training_data):
+    """A finished STEPS-step run with checkpoints at STEPS / 2 and STEPS, to damage copies of."""
+    run_dir = tmp_path_factory.mktemp("two-checkpoints") / "run"
+    result = run_setup(run_dir, training_data, "single", f"checkpoint.every_n_steps={STEPS // 2}")
+    assert result.returncode == 0, output(result)
+    assert checkpoint_names(run_dir) == [f"step-{STEPS // 2:08d}", f"step-{STEPS:08d}"]
+    (run_dir / "model.safetensors").unlink()  # each test's resume exports it again
+    return run_dir
+
+
+def damage(path, how):
+    if how == "missing":
+        path.unlink()
+    elif how == "truncated":
+        os.truncate(path, path.stat().st_size // 2)
+    else:  # 400 bytes overwritten inside the tensors: the file still parses, its values are garbage
+        with open(path, "r+b") as f:
+            f.seek(path.stat().st_size // 2)
+            f.write(b"\xff" * 400)
+
+
+@pytest.mark.parametrize("file, how, problem", [
+    ("unet.safetensors", "missing", "unet.safetensors is missing"),
+    ("optimizer.pt", "truncated", "optimizer.pt does not match its checksum (damaged or truncated)"),
+    ("unet.safetensors", "flipped", "unet.safetensors does not match its checksum (damaged or truncated)"),
+])
+def test_a_damaged_newest_checkpoint_is_named_and_the_previous_one_resumes(
+    file, how, problem, tmp_path, two_checkpoints, training_data, uninterrupted
+):
+    run_dir = shutil.copytree(two_checkpoints, tmp_path / "run")
+    newest = run_dir / "checkpoints" / f"step-{STEPS:08d}"
+    damage(newest / file, how)
+    resumed = run_setup(run_dir, training_data, "single", f"checkpoint.every_n_steps={STEPS // 2}", "run.resume=latest")
+    log = output(resumed)
+    assert resumed.returncode == 0, log
+    assert f"warning: checkpoint {newest} is damaged ({problem}); trying the one before it" in log
+    assert f"resumed from {run_dir / 'checkpoints' / f'step-{STEPS // 2:08d}'} at step {STEPS // 2}" in log
+    assert "UserWarning" not in log  # one line, without Python's decoration
+    assert losses(run_dir) == losses(uninterrupted("single"))
+    assert same_tensors(exported_weights(run_dir), exported_weights(uninterrupted("single")))
+
+
+def test_resume_from_a_named_damaged_checkpoint_is_one_line(tmp_path, two_checkpoints, training_data, no_model_loading, capsys):
+    run_dir = shutil.copytree(two_checkpoints, tmp_path / "run")
+    named = run_dir / "checkpoints" / f"step-{STEPS:08d}"
+    damage(named / "unet.safetensors", "flipped")
+    assert train.main(train_args(run_dir, training_data, (f"run.resume={named}",))) == 2
+    assert capsys.readouterr().err == (f"error: run.resume={named}: unet.safetensors does not match its checksum (damaged or "
+                                       "truncated); resume from another checkpoints/step-* folder\n")
+
+
+def test_resume_latest_without_a_checkpoint_is_an_error_naming_the_folder(tmp_path, training_data, no_model_loading, capsys):
+    run_dir = tmp_path / "typo"
+    assert train.main(train_args(run_dir, training_data, ("run.resume=latest",))) == 2
+    assert f"error: run.resume=latest: {run_dir / 'checkpoints'} holds no complete checkpoint" in capsys.readouterr().err
+
+
+def test_weights_that_turned_non_finite_are_never_exported(tmp_path, two_checkpoints, training_data, capsys, one_thread):
+    """A checkpoint whose weights hold NaN (and whose checksums agree, so they were saved so):
+    every step is skipped, and the run ends without writing a model."""
+    from safetensors.torch import load_file, save_file
+
+    from minidream.training.checkpoint import CHECKSUMS, write_checksums
+
+    run_dir = shutil.copytree(two_checkpoints, tmp_path / "run")
+    newest = run_dir / "checkpoints" / f"step-{STEPS:08d}"
+    weights = load_file(newest / "unet.safetensors")
+    weights[next(iter(weights))].fill_(float("nan"))
+    save_file(weights, newest / "unet.safetensors")
+    (newest / CHECKSUMS).unlink()
+    write_checksums(newest)
+    assert train.main(train_args(run_dir, training_data, ("run.resume=latest", f"train.max_steps={STEPS + 2}"))) == 1
+    assert "not exporting: unet." in capsys.readouterr().out
+    assert not (run_dir / "model.safetensors").exists()
+
+
+def test_the_last_step_gets_its_grid_and_the_final_message_names_only_what_was_written(
+    tmp_path, training_data, capsys, one_thread
+):
+    grids = ("validation.prompts=[a photo of sks toy]", "validation.every_n_steps=2", "validation.steps=2")
+    assert train.main(train_args(tmp_path / "grids", training_data, ("train.max_steps=3", *grids))) == 0
+    assert sorted(p.name for p in (tmp_path / "grids" / "samples").iterdir()) == ["step-00000002.png", "step-00000003.png"]
+    assert f"samples: {tmp_path / 'grids' / 'samples'}" in capsys.readouterr().out
+    assert train.main(train_args(tmp_path / "plain", training_data, ("train.max_steps=1",))) == 0  # validation.prompts=[]
+    printed = capsys.readouterr().out
+    assert "samples:" not in printed and not (tmp_path / "plain" / "samples").exists()
+    # The embedded default's try-it line: the trained size, seconds of sampling, and what random weights draw.
+    assert "--height 64 --width 64 --steps 10   (random weights: expect noise" in printed
+
+
+@pytest.mark.parametrize("override, message", [
+    ("data.resolution=63", "error: data.resolution=63: this model needs image sides that are multiples of 16; nearest: 48 or 64"),
+    ("data.resolution=72", "error: data.resolution=72: this model needs image sides that are multiples of 16; nearest: 64 or 80"),
+])
+def test_a_size_the_unet_cannot_take_is_one_line_before_any_model_loads(override, message, tmp_path, training_data,
+                                                                          no_model_loading, capsys):
+    assert train.main(train_args(tmp_path / "run", training_data, (override,))) == 2
+    assert capsys.readouterr().err == message + "\n"
+
+
+def test_a_full_disk_at_export_is_one_line_and_the_last_checkpoint_is_kept(tmp_path, training_data, monkeypatch, capsys, one_thread):
+    """The export's writer fails as safetensors does on a full disk (not an OSError): one line naming
+    the destination and the cause, exit 2, and the final checkpoint stays to export from later."""
+    import safetensors.torch
+    from safetensors import SafetensorError
+
+    def full_disk(*args, **kwargs):
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")  # as on a full tmpfs
+
+    monkeypatch.setattr(safetensors.torch, "save_file", full_disk)
+    run_dir = tmp_path / "run"
+    assert train.main(train_args(run_dir, training_data, ("train.max_steps=2",))) == 2
+    error = capsys.readouterr().err.splitlines()[-1]  # after the progress bar
+    assert error == f"error: cannot write {run_dir / 'model.safetensors'}: No space left on device"
+    assert not (run_dir / "model.safetensors").exists()
+    assert checkpoint_names(run_dir) == ["step-00000002"]

@@ -14,6 +14,7 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
+from minidream.config import image_size_multiple
 from minidream.diffusion.guidance import guided_prediction
 from minidream.diffusion.samplers import make_sampler
 from minidream.models.pipeline import Pipeline
@@ -111,8 +112,9 @@ def generate(
     """
     if len(prompts) != len(seeds):
         raise ValueError(f"got {len(prompts)} prompts but {len(seeds)} seeds; give one seed per image")
-    if height % 8 or width % 8:
-        raise ValueError(f"height and width must be multiples of 8, got {height}x{width}")
+    multiple = image_size_multiple(len(pipe.config.vae.channel_mult), len(pipe.config.unet.channel_mult))
+    if height % multiple or width % multiple:
+        raise ValueError(f"this model needs height and width that are multiples of {multiple}, got {height}x{width}")
     negative_prompts = list(negative_prompts) if negative_prompts is not None else [""] * len(prompts)
     cond = encode_prompts(pipe, prompts, clip_skip)
     uncond = encode_prompts(pipe, negative_prompts, clip_skip) if guidance != 1.0 else cond

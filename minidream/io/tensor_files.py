@@ -13,6 +13,7 @@ import functools
 import json
 import pickle
 import struct
+import warnings
 import zipfile
 from collections.abc import Mapping
 from pathlib import Path
@@ -199,9 +200,17 @@ def read_torch_checkpoint(path: Path) -> dict[str, torch.Tensor]:
     legacy = not zipfile.is_zipfile(path)
     if legacy and not _starts_like_a_pickle(path):
         raise WeightsError(f"{path}: not a readable PyTorch checkpoint (neither a zip archive nor a pickle)")
+    if legacy and not _starts_like_torch_save(path):
+        raise WeightsError(
+            f"{path}: refused: a plain Python pickle, not a PyTorch checkpoint that torch.load(weights_only=True) "
+            "can read, and minidream never unpickles anything else. Convert it to .safetensors with a tool you "
+            "trust, or get the .safetensors release"
+        )
     what = "a legacy (pre-zip) PyTorch checkpoint" if legacy else "a PyTorch checkpoint"
     try:
-        with torch.serialization.safe_globals(TRAINING_METADATA_GLOBALS):
+        with torch.serialization.safe_globals(TRAINING_METADATA_GLOBALS), warnings.catch_warnings():
+            # torch warns before it refuses a pickle protocol it does not expect; the refusal below says it all
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
             checkpoint = torch.load(path, weights_only=True, map_location="cpu", mmap=not legacy)
     except pickle.UnpicklingError as error:
         raise WeightsError(
@@ -222,6 +231,18 @@ def _starts_like_a_pickle(path: Path) -> bool:
     """Pickle protocol 2+ streams (all torch.save has written) open with the PROTO opcode 0x80."""
     with open(path, "rb") as f:
         return f.read(1) == b"\x80"
+
+
+# torch.save's legacy (pre-zip) format opens with its magic number pickled (LONG1 opcode, 10 bytes),
+# after the protocol header (and, for protocol 4+, a frame header).
+LEGACY_TORCH_MAGIC = pickle.dumps(0x1950A86A20F9469CFC6C, protocol=2)[2:-1]
+
+
+def _starts_like_torch_save(path: Path) -> bool:
+    """Whether a non-zip pickle is torch.save's legacy format rather than a plain pickle.dump (which
+    torch.load cannot read at all, and whose weights-only refusal would name a pickle opcode)."""
+    with open(path, "rb") as f:
+        return LEGACY_TORCH_MAGIC in f.read(32)
 
 
 def _unpickler_reason(error: Exception) -> str:

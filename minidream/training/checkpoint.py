@@ -6,11 +6,14 @@ A checkpoint is a folder `checkpoints/step-NNNNNNNN/` holding
   optimizer.pt          the optimizer state (tensors and numbers only: read with weights_only=True)
   trainer.pt            step, data position, LR-schedule and GradScaler state, every rank's RNG states,
                         and what was trained (to refuse resuming into a different setup)
+  checksums.json        the sha256 of every other file, written last: resume verifies them, so a
+                        damaged or truncated file is named and never loaded
 It is written under a temporary name and renamed when complete, so a crash mid-write leaves
 only a `.tmp` folder that resume ignores, and the previous checkpoint untouched. When to save,
 which checkpoint to resume and rotation are checkpointer.py's.
 """
 
+import json
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,13 +23,14 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from minidream.files import atomic_folder
+from minidream.files import atomic_folder, file_sha256
 from minidream.models.lora import AdapterMismatch, load_lora_state_dict, lora_state_dict
 from minidream.training.ema import EMA
 from minidream.training.optimizers import FusedBackward
 from minidream.training.order import Cursor
 
 EMA_FILE = "ema.safetensors"  # the averaged weights, named <module>.<parameter>
+CHECKSUMS = "checksums.json"
 
 
 class CheckpointError(RuntimeError):
@@ -116,9 +120,37 @@ def save_checkpoint(run_dir: Path, state: TrainerState, rng: list[dict]) -> Path
                 save_file(_on_host(state.ema.state_dict()["shadow"]), folder / EMA_FILE)
             torch.save(state.optimizer.state_dict(), folder / "optimizer.pt")
             torch.save(state.counters(rng), folder / "trainer.pt")
+            write_checksums(folder)
     except OSError as error:
         raise write_failed(final, error) from None
     return final
+
+
+def write_checksums(folder: Path) -> None:
+    """checksums.json: the sha256 of every file under `folder` (DCP's too), by relative path."""
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.name != CHECKSUMS)
+    sums = {str(p.relative_to(folder)): file_sha256(p) for p in files}
+    (folder / CHECKSUMS).write_text(json.dumps(sums, indent=0, sort_keys=True))
+
+
+def damage(folder: Path) -> str | None:
+    """What is wrong with the checkpoint `folder`, in a few words naming the file, or None when every
+    file checksums.json lists is there with its sha256. (A checkpoint written before checksums
+    existed has none to check: only its trainer.pt is required.)"""
+    listing = folder / CHECKSUMS
+    if not listing.is_file():
+        return None if (folder / "trainer.pt").is_file() else "trainer.pt is missing"
+    try:
+        sums = json.loads(listing.read_text())
+    except (OSError, ValueError) as error:
+        return f"{CHECKSUMS} is unreadable ({error})"
+    for name, expected in sums.items():
+        path = folder / name
+        if not path.is_file():
+            return f"{name} is missing"
+        if file_sha256(path) != expected:
+            return f"{name} does not match its checksum (damaged or truncated)"
+    return None
 
 
 def write_failed(final: Path, error: OSError) -> CheckpointError:

@@ -20,9 +20,11 @@ from minidream.config import TrainConfig
 from minidream.files import prove_writable
 from minidream.training import sharded_checkpoint
 from minidream.training.checkpoint import (
+    CHECKSUMS,
     CheckpointError,
     TrainerState,
     capture_rng,
+    damage,
     load_checkpoint,
     save_checkpoint,
 )
@@ -65,15 +67,27 @@ def restart_resume(resume: str, run_has_checkpoints: bool) -> str:
 
 
 def resolve_resume(resume: str, found: list[Path]) -> Path | None:
-    """`run.resume`: "none", "latest" or "auto" (the newest of `found`, if any), or a checkpoint folder."""
+    """`run.resume`: "none"; "latest" (the newest of `found` that is intact, with a warning naming each
+    damaged one passed over); "auto" (the same: None when there is none, a fresh start); or a
+    checkpoint folder, which must be intact. The files are verified against their checksums."""
     if resume == "none":
         return None
-    if resume in ("latest", "auto"):
-        return found[-1] if found else None
-    path = Path(resume)
-    if not (path / "trainer.pt").is_file():
-        raise CheckpointError(f"run.resume={resume}: not a checkpoint folder (no trainer.pt); use latest or a checkpoints/step-* folder")
-    return path
+    if resume not in ("latest", "auto"):
+        path = Path(resume)
+        if not (path / "trainer.pt").is_file() and not (path / CHECKSUMS).is_file():
+            raise CheckpointError(f"run.resume={resume}: not a checkpoint folder (no trainer.pt); use latest or a checkpoints/step-* folder")
+        if problem := damage(path):
+            raise CheckpointError(f"run.resume={resume}: {problem}; resume from another checkpoints/step-* folder")
+        return path
+    for path in reversed(found):
+        problem = damage(path)
+        if problem is None:
+            return path
+        warnings.warn(f"checkpoint {path} is damaged ({problem}); trying the one before it", stacklevel=2)
+    if found:
+        raise CheckpointError(f"run.resume={resume}: every checkpoint in {found[0].parent} is damaged; "
+                              "start afresh in another run.output_dir")
+    return None
 
 
 def run_setup(cfg: TrainConfig, unet_config, trained: list[str]) -> dict:
@@ -106,9 +120,9 @@ class Checkpointer:
     def __init__(self, run_dir: Path, cfg: TrainConfig, env: Distributed, dcp: bool, sharded: bool):
         self.run_dir, self.env, self.dcp, self.sharded = Path(run_dir), env, dcp, sharded
         self.every, self.keep_last = cfg.checkpoint.every_n_steps, cfg.checkpoint.keep_last
-        if env.is_main:  # before anything expensive happens
+        if env.is_main:  # before anything expensive happens (checkpoints/ itself is made by the first save)
             try:
-                prove_writable(self.run_dir / "checkpoints")
+                prove_writable(self.run_dir)
             except OSError as error:
                 raise CheckpointError(f"run.output_dir {self.run_dir} is not writable ({error.strerror or error})") from None
         barrier()
@@ -119,16 +133,35 @@ class Checkpointer:
                 f"{self.run_dir} already holds checkpoints of an earlier run; continue it with run.resume=latest "
                 "or start afresh in another run.output_dir"
             )
+        if self.resume == "latest" and not self.found:  # a typo in run.output_dir must not train from scratch
+            raise CheckpointError(
+                f"run.resume=latest: {self.run_dir / 'checkpoints'} holds no complete checkpoint; check run.output_dir, "
+                "or use run.resume=auto to continue when there is one and start afresh when there is none"
+            )
+        self.resume_from = self._verified_target()
 
     def due(self, step: int, max_steps: int) -> bool:
         """Whether the step just done is saved: every checkpoint.every_n_steps, and the last one."""
         return step % self.every == 0 or step == max_steps
 
+    def _verified_target(self) -> Path | None:
+        """The checkpoint to resume, its files verified now, before any model loads: the main rank
+        reads each file once and every rank gets its verdict."""
+        verdict = None
+        if self.env.is_main:
+            try:
+                verdict = resolve_resume(self.resume, self.found)
+            except CheckpointError as error:
+                verdict = error
+        verdict = gather_objects(verdict)[0]
+        if isinstance(verdict, CheckpointError):
+            raise verdict
+        return verdict
+
     def load(self, state: TrainerState) -> Path | None:
         """Restore `state` from the checkpoint run.resume names (all ranks call); returns its folder,
         or None for a fresh start. Either format loads into this run's layout."""
-        path = resolve_resume(self.resume, self.found)
-        env = self.env
+        path, env = self.resume_from, self.env
         if path is None:
             return None
         if sharded_checkpoint.is_sharded_checkpoint(path):  # DCP reshards into any layout

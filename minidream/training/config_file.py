@@ -7,7 +7,9 @@ needs nothing but the config (combinations, FSDP's limits) runs here, before any
 """
 
 import dataclasses
+import os
 import typing
+from collections.abc import Callable
 from pathlib import Path
 
 import yaml
@@ -51,8 +53,18 @@ POSITIVE = (
 )
 
 
-def load_train_config(path: str | Path | None, overrides: list[str]) -> TrainConfig:
-    """Read a YAML preset (or start from the defaults), then apply `a.b=c` overrides in order."""
+def say_on_main_rank(message: str) -> None:
+    """Print a line for the user once per job: in the process torchrun numbers 0, or alone."""
+    if os.environ.get("RANK", "0") == "0":
+        print(message, flush=True)
+
+
+def load_train_config(
+    path: str | Path | None, overrides: list[str], say: Callable[[str], None] = say_on_main_rank
+) -> TrainConfig:
+    """Read a YAML preset (or start from the defaults), then apply `a.b=c` overrides in order.
+
+    `say` gets the one-line notes about the result (example_prompts_note), printed by default."""
     data = {}
     if path is not None:
         path = Path(path)
@@ -66,7 +78,31 @@ def load_train_config(path: str | Path | None, overrides: list[str]) -> TrainCon
     for override in overrides:
         config = apply_override(config, override)
     check_values(config)
-    return with_instance_dir(config)
+    config = with_instance_dir(config)
+    note = example_prompts_note(data, overrides, config)
+    if note is not None:
+        say(note)
+    return config
+
+
+def example_prompts_note(preset: dict, overrides: list[str], config: TrainConfig) -> str | None:
+    """One line when the user's photos (a `data.instance_dir=` override) train with the prompts and
+    prior of a preset's drawn example subject: `python train.py data.instance_dir=photos/my-dog`
+    alone trains the dog as "a photo of sks toy" against toy class images. (A note rather than a
+    refusal: tests and scripts train the tiny preset on other images on purpose.) None otherwise."""
+    named = {override.partition("=")[0].strip() for override in overrides}
+    preset_data = preset.get("data") if isinstance(preset.get("data"), dict) else {}
+    data = config.data
+    if not preset_data.get("example_subject") or "data.instance_dir" not in named or data.example_subject or data.subjects:
+        return None
+    kept = ["instance_prompt"] + (["class_dir", "class_prompt"] if data.class_dir is not None else [])
+    left = [f"data.{key}" for key in kept if f"data.{key}" not in named]
+    if not left:
+        return None
+    prior = f"with prior data.class_dir={data.class_dir} ({data.class_prompt!r})" if data.class_dir else "without a prior"
+    fix = " and ".join(left) + (" (or data.class_dir=null for no prior)" if "data.class_dir" in left else "")
+    return (f"note: data.instance_dir={data.instance_dir} is trained as {data.instance_prompt!r} {prior}: "
+            f"{', '.join(left)} {'is' if len(left) == 1 else 'are'} the example subject's; set {fix} to describe yours")
 
 
 def with_instance_dir(config: TrainConfig) -> TrainConfig:

@@ -24,6 +24,14 @@ class DataError(ValueError):
     """Training images that cannot be used, with the file and what to do."""
 
 
+class UndecodableImage(DataError):
+    """An image file that does not decode; `reason` is the decoder's, `path` the file."""
+
+    def __init__(self, path: Path, reason: str):
+        super().__init__(f"{path}: cannot decode image ({reason}); remove it or set data.skip_bad_images=true")
+        self.path, self.reason = path, reason
+
+
 @dataclass(frozen=True)
 class Example:
     """One training image and the prompt it is trained with."""
@@ -87,7 +95,7 @@ def load_image(path: Path) -> Image.Image:
             opened.load()  # decode now: a truncated file fails here, not mid-training
             image = ImageOps.exif_transpose(opened)
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
-        raise DataError(f"{path}: cannot decode image ({error}); remove it or set data.skip_bad_images=true") from None
+        raise UndecodableImage(path, str(error)) from None
     if image.mode in SIXTEEN_BIT_MODES:
         # 16-bit (or float) grayscale: scale the full range down to 8 bits rather than clipping.
         values = np.asarray(image, dtype=np.float64)
@@ -103,6 +111,8 @@ def load_image(path: Path) -> Image.Image:
 def find_images(folder: str | Path, what: str) -> list[Path]:
     """The image files directly in `folder`, sorted by name (masks, name.mask.png, are not images)."""
     folder = Path(folder)
+    if folder.is_file():
+        raise DataError(f"{what} folder {folder} is a file, not a folder; name the folder that holds the images")
     if not folder.is_dir():
         raise DataError(f"{what} folder {folder} does not exist")
     return sorted(
@@ -125,10 +135,11 @@ def scan_images(
     for path in find_images(folder, what):
         try:
             image = load_image(path)
-        except DataError as error:
+        except UndecodableImage as error:
             if not skip_bad:
                 raise
-            warnings.warn(f"skipping {error}", stacklevel=2)
+            # data.skip_bad_images is set: say what is skipped, not how to skip it
+            warnings.warn(f"skipping {error.path}: cannot decode ({error.reason})", stacklevel=2)
             continue
         if buckets is None and min(image.size) < resolution:
             small.append(f"{path.name} ({image.size[0]}x{image.size[1]})")

@@ -14,7 +14,7 @@ images are kept (batches.py, latent_cache.py). `next` takes this rank's items in
 
 from pathlib import Path
 
-from minidream.config import ConfigError, TrainConfig
+from minidream.config import ConfigError, TrainConfig, check_image_size
 from minidream.models.pipeline import Pipeline
 from minidream.training.batches import Batch, DreamBoothBatches, LatentSource, MomentsInMemory
 from minidream.training.buckets import Size, bucket_sizes, proportional_sizes
@@ -48,9 +48,11 @@ class DreamBoothData:
         self.order: RankOrder | None = None
 
     @classmethod
-    def scan(cls, cfg: TrainConfig, env: Distributed) -> "DreamBoothData":
-        """Everything about the data that can be wrong, found before any model loads."""
+    def scan(cls, cfg: TrainConfig, env: Distributed, size_multiple: int) -> "DreamBoothData":
+        """Everything about the data that can be wrong, found before any model loads. `size_multiple`:
+        what every image side must be a multiple of for the model (io.weights.size_multiple)."""
         data = cfg.data
+        check_image_size(data.resolution, data.resolution, size_multiple, f"data.resolution={data.resolution}")
         if data.example_subject and not data.subjects and env.is_main:  # config_file.with_instance_dir: a folder of the run's own
             write_example_subject(Path(data.instance_dir), count=4, size=max(data.resolution, 64))
         barrier()
@@ -63,7 +65,10 @@ class DreamBoothData:
                 class_examples[folder] = scan_classes(folder, subjects[sharing[0]], data, buckets)
         if data.latent_cache_dir is not None:
             check_writable_folder(Path(data.latent_cache_dir))
-        return cls(cfg, env, subjects, buckets, instance_sets, class_examples)
+        scanned = cls(cfg, env, subjects, buckets, instance_sets, class_examples)
+        if buckets is not None:
+            check_bucket_sides(scanned.plan, size_multiple)
+        return scanned
 
     def _plan(self, class_counts: list[int]) -> DataPlan:
         cfg, subjects = self.cfg, self.subjects
@@ -73,8 +78,6 @@ class DreamBoothData:
     def prepare(self, pipe: Pipeline, amp) -> None:
         """With the base model loaded: the class images made and paired, and the batch maker built."""
         data, env = self.cfg.data, self.env
-        if self.buckets is not None:
-            check_bucket_sides(self.plan, pipe)
         if self.prior:
             self._ensure_class_images(pipe, amp)
             sets = [self.class_examples[s.class_dir] for s in self.subjects]
@@ -124,9 +127,8 @@ class DreamBoothData:
         return sorted(self.plan.bucket_counts())
 
 
-def check_bucket_sides(plan: DataPlan, pipe: Pipeline) -> None:
+def check_bucket_sides(plan: DataPlan, factor: int) -> None:
     """Each bucket's latent must halve cleanly at every UNet level (SD: sides divisible by 64)."""
-    factor = 2 ** (len(pipe.config.vae.channel_mult) - 1) * 2 ** (len(pipe.config.unet.channel_mult) - 1)
     for width, height in plan.bucket_counts():
         if width % factor or height % factor:
             raise ConfigError(f"data.bucket_step: bucket {width}x{height} has a side this model cannot take; "

@@ -2,6 +2,7 @@
 the values stay on the device until they are written."""
 
 import json
+import math
 import warnings
 from pathlib import Path
 
@@ -36,8 +37,11 @@ class MetricsLog:
             tmp.write_text("".join(line + "\n" for line in kept))
 
     def write(self, record: dict) -> None:
+        """One line of strict JSON: a non-finite number (a NaN loss, the NaN gradient norm of a fused
+        backward) is written as null, which every JSON reader accepts; bare NaN is not JSON."""
+        line = {key: None if isinstance(value, float) and not math.isfinite(value) else value for key, value in record.items()}
         with open(self.path, "a") as f:
-            f.write(json.dumps(record) + "\n")
+            f.write(json.dumps(line, allow_nan=False) + "\n")
         if self.writer is not None:
             for key, value in record.items():
                 if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool):

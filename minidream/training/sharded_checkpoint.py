@@ -4,6 +4,7 @@
       dcp/         DCP's files: the trained weights, the optimizer state (keyed by parameter
                    name) and the EMA, each rank writing its own part in parallel
       trainer.pt   the same counters as a DDP checkpoint (checkpoint.TrainerState.counters)
+      checksums.json  every file's sha256, as in a DDP checkpoint (checkpoint.damage verifies them)
 
 Atomic as DDP checkpoints are: all ranks write into `step-N.tmp`, and after a barrier rank 0
 renames it, so a step folder exists only when every shard is in it (the run directory must be
@@ -34,6 +35,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 from torch.distributed.tensor import distribute_tensor
 
+from minidream.files import give_umask_modes
 from minidream.training.checkpoint import (
     EMA_FILE,
     TrainerState,
@@ -41,6 +43,7 @@ from minidream.training.checkpoint import (
     partial_dir,
     read_counters,
     restore_counters,
+    write_checksums,
     write_failed,
 )
 from minidream.training.distributed import barrier
@@ -83,6 +86,8 @@ def save_sharded(run_dir: Path, state: TrainerState, rng: list[dict], is_main: b
             torch.save(state.counters(rng), partial / "trainer.pt")
         barrier()  # every rank's shards are written
         if is_main:
+            write_checksums(partial)
+            give_umask_modes(partial)  # DCP's files are written without atomic_folder, which does this
             if final.exists():
                 shutil.rmtree(final)
             partial.rename(final)
