@@ -54,7 +54,7 @@ def test_fp32_losses_agree_closely_and_the_adapters_change_them():
 
 def test_checkpoint_holds_only_the_adapters_and_their_optimizer_state(tmp_path):
     sizes = lora_checkpoint(tmp_path, TINY.unet, "attention", rank=4)
-    assert sorted(path.name for path in sizes.folder.iterdir()) == ["optimizer.pt", "trainer.pt", "unet.safetensors"]
+    assert sorted(path.name for path in sizes.folder.iterdir()) == ["checksums.json", "optimizer.pt", "trainer.pt", "unet.safetensors"]
     tensors = load_file(sizes.folder / "unet.safetensors")
     assert tensors and all(is_adapter_key(key) for key in tensors)
     assert sum(t.numel() for key, t in tensors.items() if not key.endswith(".alpha")) == sizes.adapter_parameters

@@ -59,7 +59,8 @@ def test_sigterm_then_resume(setup, tmp_path, training_data, uninterrupted):
     assert "SIGTERM: finishing the steps up to the next metrics read, then saving a checkpoint" in log
     launcher = "python train.py" if SETUPS[setup].nproc == 1 else "torchrun <same options> train.py"
     assert f"stopped at step {stopped_at}; to continue: {launcher} --config " in log
-    assert log.rstrip().endswith(" train.max_steps=1000 run.resume=latest")
+    continue_line = next(line for line in log.splitlines() if "; to continue: " in line)
+    assert continue_line.rstrip().endswith(" train.max_steps=1000 run.resume=latest")
     assert checkpoint_names(run_dir) == [f"step-{stopped_at:08d}"]
     assert not (run_dir / "model.safetensors").exists()
     assert assert_resumes_as_if_never_stopped(run_dir, training_data, setup, uninterrupted(setup))[0] == stopped_at
