@@ -7,7 +7,6 @@ embeddings and `output_type="latent"`, so it runs the same span. Weights are cas
 so their final latents must agree, and the largest difference is printed as a check.
 """
 
-import dataclasses
 import sys
 from collections.abc import Callable
 
@@ -28,6 +27,7 @@ from bench.common import (
 )
 from bench.models import unet_pair
 from minidream.diffusion.sampling import denoise, image_generators
+from minidream.io.diffusers_folder import schedule_config_to_diffusers
 from minidream.models.pipeline import Pipeline
 
 
@@ -49,7 +49,7 @@ def sampling_runs(
     pipe = Pipeline(unet=unet, vae=None, text_encoder=None, tokenizer=None, config=cfg)
     diffusers_pipe = StableDiffusionPipeline(
         vae=None, text_encoder=None, tokenizer=None, unet=twin,
-        scheduler=DDIMScheduler(**dataclasses.asdict(cfg.schedule)),
+        scheduler=DDIMScheduler.from_config(schedule_config_to_diffusers(cfg.schedule)),
         safety_checker=None, feature_extractor=None, requires_safety_checker=False,
     )
     diffusers_pipe.set_progress_bar_config(disable=True)

@@ -16,7 +16,7 @@ from typing import Literal
 # code that acts on them.
 PredictionType = Literal["epsilon", "v_prediction"]
 TimestepSpacing = Literal["leading", "trailing", "linspace"]
-Sampler = Literal["ddim", "ddpm", "euler-a", "dpmpp-2m"]
+Sampler = Literal["ddim", "ddpm", "euler-a", "dpmpp-2m", "euler", "heun", "plms", "lms", "dpmpp-2m-sde", "unipc"]
 Precision = Literal["fp32", "fp16", "bf16"]  # torch dtypes by name: minidream.models.precision.DTYPES
 MixedPrecision = Literal["no", "fp16", "bf16"]  # "no" = fp32 weights and no autocast
 FilePrecision = Literal["fp16", "fp32"]  # what SD files are released in
@@ -115,7 +115,9 @@ class ScheduleConfig:
     beta_start: float = 0.00085
     beta_end: float = 0.012
     prediction_type: str = "epsilon"  # "epsilon" | "v_prediction"
-    timestep_spacing: str = "leading"  # "leading" | "trailing" | "linspace"
+    # "leading" | "trailing" | "linspace"; None: the config does not say (SD 1.x and 2.x releases and
+    # single files), and each sampler takes its diffusers scheduler's default (samplers.default_spacing).
+    timestep_spacing: str | None = None
     steps_offset: int = 1
     set_alpha_to_one: bool = False
     clip_sample: bool = False

@@ -15,11 +15,30 @@ import torch
 from PIL import Image
 
 from minidream.config import PREDICTION_TYPES, SAMPLERS
-from minidream.diffusion.samplers import check_sampler_options, make_sampler
+from minidream.diffusion.samplers import KARRAS_SAMPLERS, check_sampler_options, make_sampler
 from minidream.diffusion.sampling import generate
 from minidream.io.lora_files import lora_argument, lora_hash
 from minidream.models.pipeline import Pipeline
 from minidream.models.precision import DTYPES
+
+
+# When to use each sampler (sample.py --help) and the name A1111 shows for it in the PNG text.
+SAMPLER_USES = {
+    "ddim": "25-50 steps, deterministic at --eta 0, the DreamBooth paper's",
+    "ddpm": "hundreds of steps, the training chain's own ancestral sampler",
+    "euler-a": "20-30 steps, Euler ancestral, varied soft images, changes rather than converges with more steps",
+    "dpmpp-2m": "15-25 steps, the usual fast choice, best with --karras",
+    "euler": "25-50 steps, plain deterministic Euler ODE steps",
+    "heun": "15-30 steps, second-order Euler, 2 UNet calls a step (slower, more accurate per step)",
+    "plms": "30-50 steps, the original DreamBooth repository's PLMS (one extra UNet call)",
+    "lms": "30-50 steps, 4th-order linear multistep, sharp with --karras, unstable at few steps",
+    "dpmpp-2m-sde": "20-30 steps, DPM++ 2M with fresh noise each step from the image's seed, more detail",
+    "unipc": "10-20 steps, UniPC predictor-corrector, good at very few steps",
+}
+A1111_NAMES = {
+    "ddim": "DDIM", "ddpm": "DDPM", "euler-a": "Euler a", "dpmpp-2m": "DPM++ 2M", "euler": "Euler", "heun": "Heun",
+    "plms": "PLMS", "lms": "LMS", "dpmpp-2m-sde": "DPM++ 2M SDE", "unipc": "UniPC",
+}  # fmt: skip
 
 
 def add_sampling_flags(parser: argparse.ArgumentParser) -> None:
@@ -27,8 +46,10 @@ def add_sampling_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=1, help="images denoised together (default: %(default)s)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the first image; image i uses seed+i (default: %(default)s)")
     parser.add_argument("--steps", type=int, default=50, help="denoising steps (default: %(default)s)")
-    parser.add_argument("--sampler", choices=SAMPLERS, default="ddim", help="default: %(default)s")
-    parser.add_argument("--karras", action="store_true", help="Karras sigma spacing (dpmpp-2m only)")
+    parser.add_argument("--sampler", choices=SAMPLERS, default="ddim",
+                        help=" | ".join(f"{name}: {use}" for name, use in SAMPLER_USES.items()) + " (default: %(default)s)")
+    parser.add_argument("--karras", action="store_true",
+                        help=f"Karras sigma spacing, often better at few steps ({', '.join(KARRAS_SAMPLERS)})")
     parser.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale; 1 disables it (default: %(default)s)")
     parser.add_argument("--guidance-rescale", type=float, default=0.0, metavar="PHI",
                         help="guidance rescale phi in [0, 1] (Lin et al. 2024; 0.7 for zero-terminal-SNR models; default: off)")
@@ -143,7 +164,7 @@ def parameters_text(args: argparse.Namespace, prompt: str, seed: int, hashes: Ma
     settings (quoted, as A1111 quotes values holding ':' or ','); `hashes` is lora_hashes(args).
     """
     tags = "".join(f" <lora:{path.stem}:{scale:g}>" for path, scale in args.lora)
-    sampler = f"{args.sampler}{' karras' if args.karras else ''}"
+    sampler = f"{A1111_NAMES[args.sampler]}{' Karras' if args.karras else ''}"
     extras = (f", CFG Rescale phi: {args.guidance_rescale}" if args.guidance_rescale else "") + (
         f", Clip skip: {args.clip_skip}" if args.clip_skip else ""
     )

@@ -6,7 +6,7 @@ import os
 import pytest
 import torch
 from hypothesis import settings
-from sample_runs import load_sample_script
+from sample_runs import load_sample_script, use_lms_quadrature
 from train_runs import run_setup, write_training_data
 
 # These machines are shared and noisy: per-example deadlines would fail on timing, not on
@@ -51,3 +51,9 @@ def uninterrupted(tmp_path_factory, training_data):
 def sample():
     """sample.py as a module, so tests call its main() in-process."""
     return load_sample_script()
+
+
+@pytest.fixture
+def lms_quadrature(monkeypatch):
+    """diffusers' LMS scheduler made to run without scipy (sample_runs.GaussLegendre20)."""
+    use_lms_quadrature(monkeypatch)

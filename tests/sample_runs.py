@@ -7,6 +7,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 from diffusers import (
     AutoencoderKL,
@@ -14,9 +15,15 @@ from diffusers import (
     DDPMScheduler,
     DPMSolverMultistepScheduler,
     EulerAncestralDiscreteScheduler,
+    EulerDiscreteScheduler,
+    HeunDiscreteScheduler,
+    PNDMScheduler,
     StableDiffusionPipeline,
     UNet2DConditionModel,
+    UniPCMultistepScheduler,
 )
+from diffusers.schedulers import scheduling_lms_discrete
+from diffusers.schedulers.scheduling_lms_discrete import LMSDiscreteScheduler  # diffusers' own is a stub without scipy
 from PIL import Image
 from reference_models import seeded_diffusers_model
 from transformers import CLIPTextConfig, CLIPTextModel
@@ -108,17 +115,51 @@ def load_reference(folder: Path) -> StableDiffusionPipeline:
     return pipe
 
 
+class GaussLegendre20:
+    """Stands in for scipy.integrate (not installed) in diffusers' LMS weights: a 20-point
+    Gauss-Legendre rule, exact for their cubic integrands, independent of minidream's 2-point one."""
+
+    @staticmethod
+    def quad(function, low, high, epsrel=None):
+        nodes, weights = np.polynomial.legendre.leggauss(20)
+        half, middle = (high - low) / 2, (high + low) / 2
+        return half * sum(w * float(function(middle + half * x)) for x, w in zip(nodes, weights)), 0.0
+
+
+def use_lms_quadrature(monkeypatch: pytest.MonkeyPatch) -> None:
+    """diffusers' LMSDiscreteScheduler integrates with scipy when it is installed, else with GaussLegendre20."""
+    if not hasattr(scheduling_lms_discrete, "integrate"):
+        monkeypatch.setattr(scheduling_lms_discrete, "integrate", GaussLegendre20, raising=False)
+
+
 def reference_scheduler(pipe: StableDiffusionPipeline, sampler: str, karras: bool = False):
     """The diffusers scheduler of a sample.py sampler, made as users make it: from_config."""
-    config = pipe.scheduler.config
+    return scheduler_from_config(pipe.scheduler.config, sampler, karras)
+
+
+def scheduler_from_config(config, sampler: str, karras: bool = False):
+    """diffusers' scheduler for a minidream sampler name, from a scheduler config, with diffusers'
+    defaults otherwise (DPM-Solver++: order 2, midpoint, first order on the last step; UniPC: bh2)."""
     if sampler == "ddim":
         return DDIMScheduler.from_config(config)
     if sampler == "ddpm":
         return DDPMScheduler.from_config(config)
     if sampler == "euler-a":
         return EulerAncestralDiscreteScheduler.from_config(config)
-    if sampler == "dpmpp-2m":  # diffusers' defaults: DPM-Solver++, order 2, first order on the last step
+    if sampler == "dpmpp-2m":
         return DPMSolverMultistepScheduler.from_config(config, use_karras_sigmas=karras)
+    if sampler == "dpmpp-2m-sde":
+        return DPMSolverMultistepScheduler.from_config(config, algorithm_type="sde-dpmsolver++", use_karras_sigmas=karras)
+    if sampler == "euler":
+        return EulerDiscreteScheduler.from_config(config, use_karras_sigmas=karras)
+    if sampler == "heun":
+        return HeunDiscreteScheduler.from_config(config, use_karras_sigmas=karras)
+    if sampler == "plms":
+        return PNDMScheduler.from_config(config, skip_prk_steps=True)
+    if sampler == "lms":
+        return LMSDiscreteScheduler.from_config(config, use_karras_sigmas=karras)
+    if sampler == "unipc":
+        return UniPCMultistepScheduler.from_config(config)
     raise ValueError(sampler)
 
 
@@ -129,19 +170,24 @@ def reference_images(
 ) -> list[np.ndarray]:
     """diffusers' images, one generator per image seeded seed + i (DESIGN.md, same seed same image);
     `pipeline_options` go to the pipeline call as they are (guidance_rescale, clip_skip)."""
-    pipe.scheduler = reference_scheduler(pipe, sampler, karras)
-    images = pipe(
-        prompt,
-        negative_prompt=negative_prompt,
-        num_images_per_prompt=num_images,
-        generator=[torch.Generator("cpu").manual_seed(seed + i) for i in range(num_images)],
-        num_inference_steps=steps,
-        guidance_scale=guidance,
-        eta=eta,  # the pipeline passes it to schedulers whose step() takes it: DDIM only
-        height=height,
-        width=width,
-        **pipeline_options,
-    ).images
+    # The folder's scheduler goes back afterwards: from_config on a scheduler another test put
+    # there would carry its settings (use_karras_sigmas, solver_order, ...) into the next.
+    folder_scheduler, pipe.scheduler = pipe.scheduler, reference_scheduler(pipe, sampler, karras)
+    try:
+        images = pipe(
+            prompt,
+            negative_prompt=negative_prompt,
+            num_images_per_prompt=num_images,
+            generator=[torch.Generator("cpu").manual_seed(seed + i) for i in range(num_images)],
+            num_inference_steps=steps,
+            guidance_scale=guidance,
+            eta=eta,  # the pipeline passes it to schedulers whose step() takes it: DDIM only
+            height=height,
+            width=width,
+            **pipeline_options,
+        ).images
+    finally:
+        pipe.scheduler = folder_scheduler
     return [np.asarray(image) for image in images]
 
 

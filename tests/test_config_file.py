@@ -116,7 +116,7 @@ def test_your_photos_turn_the_example_subject_off_and_without_them_it_gets_its_o
 @pytest.mark.parametrize("override, message", [
     ("validation.guidance_rescale=1.5", "validation.guidance_rescale must be in [0, 1], got 1.5"),
     ("model.clip_skip=0", "model.clip_skip must be at least 1, got 0"),
-    ("data.class_sampler=unipc", "data.class_sampler='unipc' is not one of ddim, ddpm, euler-a, dpmpp-2m"),
+    ("data.class_sampler=dpm-fast", "data.class_sampler='dpm-fast' is not one of ddim, ddpm, euler-a, dpmpp-2m, euler"),
 ])
 def test_sampling_options_are_checked_before_anything_loads(override, message):
     with pytest.raises(ConfigError, match=re.escape(message)):

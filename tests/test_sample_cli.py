@@ -110,7 +110,7 @@ def test_pngs_carry_the_generation_parameters(sample, weights, tmp_path):
     text = Image.open(tmp_path / "00001-13.png").text["parameters"]
     assert text == (
         f"{PROMPT}\nNegative prompt: blurry, low quality\n"
-        "Steps: 4, Sampler: dpmpp-2m karras, CFG scale: 5.0, Seed: 13, Size: 48x32, Eta: 0.0, Model: tiny-sd.safetensors"
+        "Steps: 4, Sampler: DPM++ 2M Karras, CFG scale: 5.0, Seed: 13, Size: 48x32, Eta: 0.0, Model: tiny-sd.safetensors"
     )
     assert Image.open(tmp_path / "00001-13.png").size == (48, 32)
 
@@ -144,7 +144,7 @@ def test_pngs_name_the_loras_as_a1111_does(sample, weights, lora_file, tmp_path)
     short_hash = hashlib.sha256(data[8 + int.from_bytes(data[:8], "little"):]).hexdigest()[:12]  # after the header
     assert Image.open(tmp_path / "00000-0.png").text["parameters"] == (
         f"{PROMPT} <lora:sks-dog:0.75> <lora:second:1>\nNegative prompt: \n"
-        "Steps: 4, Sampler: ddim, CFG scale: 7.5, Seed: 0, Size: 48x32, Eta: 0.0, Model: tiny-sd.safetensors, "
+        "Steps: 4, Sampler: DDIM, CFG scale: 7.5, Seed: 0, Size: 48x32, Eta: 0.0, Model: tiny-sd.safetensors, "
         f'Lora hashes: "sks-dog: {short_hash}, second: {short_hash}"'
     )
 
@@ -189,8 +189,8 @@ def test_bf16_on_the_cpu_gives_nearly_the_fp32_image(sample, weights, tmp_path, 
     (["--height", "0"], "--height and --width must be positive, got 0x48"),
     (["--width", "-32"], "--height and --width must be positive, got 32x-32"),
     (["--sampler", "euler-a", "--eta", "0.5"], "eta applies only to the ddim sampler, not euler-a; leave it at 0"),
-    (["--sampler", "ddim", "--karras"], "karras sigmas apply only to the dpmpp-2m sampler, not ddim"),
-    (["--sampler", "unipc"], "argument --sampler: invalid choice: 'unipc'"),
+    (["--sampler", "ddim", "--karras"], "karras sigmas apply only to the euler, heun, lms, dpmpp-2m, dpmpp-2m-sde samplers, not ddim"),
+    (["--sampler", "dpm-fast"], "argument --sampler: invalid choice: 'dpm-fast'"),
     (["--num-images", "0"], "--num-images must be at least 1"),
     (["--eta", "1.5"], "eta must be in [0, 1]"),
     (["--guidance-rescale", "1.5"], "--guidance-rescale must be in [0, 1], got 1.5"),
@@ -245,7 +245,7 @@ def test_help_explains_every_flag(sample, capsys):
     assert exit_info.value.code == 0
     text = capsys.readouterr().out
     for flag in ("--weights", "--prompt", "--negative-prompt", "--num-images", "--batch-size", "--seed", "--steps",
-                 "--sampler", "ddim", "ddpm", "euler-a", "dpmpp-2m", "--karras", "--guidance", "--eta", "--height",
+                 "--sampler", "ddim", "ddpm", "euler-a", "dpmpp-2m", "euler", "heun", "plms", "lms", "dpmpp-2m-sde", "unipc", "--karras", "--guidance", "--eta", "--height",
                  "--width", "--dtype", "bf16", "--device", "--from-file", "--out", "--guidance-rescale", "--clip-skip",
                  "--lora", "PATH[:SCALE]"):
         assert flag in text

@@ -6,6 +6,9 @@ one CPU generator per image, seeded seed + i, as DESIGN.md's seed rule says. The
 the full SD 1.5 shapes, with random weights.
 """
 
+import json
+import shutil
+
 import numpy as np
 import pytest
 import torch
@@ -40,7 +43,10 @@ from minidream.models.unet import UNet
 from minidream.models.vae import AutoencoderKL
 
 # diffusers' own schedulers trip over numpy 2's __array__ protocol; not ours to fix.
-pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
+pytestmark = [
+    pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning"),
+    pytest.mark.usefixtures("lms_quadrature"),  # diffusers' LMS without scipy
+]
 
 PROMPT = "a photo of sks dog on the beach"
 NEGATIVE = "blurry, low quality"
@@ -90,9 +96,16 @@ CASES = [
     ("euler-a", 0.0, False, 1.0, 64, 64, 12, 1),
     ("dpmpp-2m", 0.0, False, 7.5, 64, 64, 21, 1),
     ("dpmpp-2m", 0.0, True, 7.5, 32, 48, 31, 2),
+    ("euler", 0.0, False, 7.5, 32, 48, 41, 1),
+    ("euler", 0.0, True, 7.5, 48, 32, 42, 2),
+    ("heun", 0.0, True, 7.5, 32, 48, 43, 1),
+    ("plms", 0.0, False, 7.5, 32, 48, 44, 1),
+    ("lms", 0.0, True, 7.5, 32, 48, 45, 1),
+    ("dpmpp-2m-sde", 0.0, True, 7.5, 32, 48, 46, 2),
+    ("unipc", 0.0, False, 7.5, 48, 32, 47, 1),
 ]
 CASE_IDS = ["ddim", "ddim-guidance1-nonsquare", "ddim-eta1", "ddpm", "euler-a-tall", "euler-a-guidance1",
-            "dpmpp-2m", "dpmpp-2m-karras"]
+            "dpmpp-2m", "dpmpp-2m-karras", "euler", "euler-karras", "heun-karras", "plms", "lms-karras", "dpmpp-2m-sde-karras", "unipc"]
 
 
 @pytest.mark.parametrize("sampler, eta, karras, guidance, height, width, seed, batch_size", CASES, ids=CASE_IDS)
@@ -108,6 +121,22 @@ def test_sample_py_gives_diffusers_images(tiny_folder, reference, sample, tmp_pa
     # Not vacuous: real images, each different (its own generator).
     assert all(image.std() > 10 for image in ours)
     assert all(max_difference([ours[i]], [ours[i + 1]]) > 10 * TOLERANCE for i in range(num_images - 1))
+
+
+def test_a_scheduler_config_without_spacing_gives_diffusers_images(tiny_folder, sample, tmp_path):
+    """SD 1.x's own scheduler_config.json names no timestep_spacing: Euler then uses diffusers'
+    EulerDiscreteScheduler default, "linspace", in both (DDIM's "leading" would be another image)."""
+    folder = tmp_path / "silent"
+    shutil.copytree(tiny_folder, folder)
+    config_file = folder / "scheduler" / "scheduler_config.json"
+    config = json.loads(config_file.read_text())
+    del config["timestep_spacing"]
+    config_file.write_text(json.dumps(config))
+    settings = dict(seed=51, num_images=2, steps=6, sampler="euler", guidance=7.5, height=32, width=48)
+    ours = run_sample(sample, folder, tmp_path / "silent-out", **settings)
+    assert max_difference(ours, reference_images(load_reference(folder), PROMPT, NEGATIVE, **settings)) <= TOLERANCE
+    leading = run_sample(sample, tiny_folder, tmp_path / "leading-out", **settings)
+    assert max_difference(ours, leading) > 10 * TOLERANCE
 
 
 def penultimate_layer_embeds(reference, prompt: str) -> torch.Tensor:

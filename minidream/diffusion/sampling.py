@@ -55,12 +55,15 @@ def denoise(
 ) -> torch.Tensor:
     """Run the sampler from pure noise to clean latents: B x 4 x h x w (unscaled by 0.18215)."""
     sampler = make_sampler(sampler_name, pipe.config.schedule, steps, eta, karras)
+    if progress is not None:  # one tick per UNet call: Heun makes 2N - 1, PLMS N + 1
+        progress.reset(total=len(sampler.timesteps))
     # Every draw is made up front, in the order the seed rule fixes (initial latents, then each
     # stochastic step's noise), and the timesteps are moved once: the loop itself never waits
     # on a host-to-device copy.
     latents = draw_noise(generators, latent_shape, pipe.dtype, pipe.device) * sampler.init_noise_sigma
+    noise_dtype = getattr(sampler, "noise_dtype", pipe.dtype)  # diffusers' SDE solver draws in float32
     steps_noise = [
-        draw_noise(generators, latent_shape, pipe.dtype, pipe.device) if sampler.draws_noise(i) else None
+        draw_noise(generators, latent_shape, noise_dtype, pipe.device) if sampler.draws_noise(i) else None
         for i in range(len(sampler.timesteps))
     ]
     timesteps = sampler.timesteps.to(pipe.device)

@@ -215,7 +215,7 @@ def schedule_config_from_diffusers(config: dict) -> ScheduleConfig:
     names = [field.name for field in dataclasses.fields(ScheduleConfig)]
     cfg = ScheduleConfig(**{name: config[name] for name in names if name in config})
     schedule.check_prediction_type(cfg.prediction_type)
-    if cfg.timestep_spacing not in schedule.TIMESTEP_SPACINGS:
+    if cfg.timestep_spacing not in (None, *schedule.TIMESTEP_SPACINGS):
         raise ValueError(f"unsupported timestep_spacing {cfg.timestep_spacing!r}: expected one of {schedule.TIMESTEP_SPACINGS}")
     schedule.betas_of(cfg)  # raises if the beta schedule is unknown
     return cfg
@@ -225,7 +225,9 @@ def schedule_config_to_diffusers(cfg: ScheduleConfig) -> dict:
     return {
         "_class_name": "DDIMScheduler",
         "_diffusers_version": DIFFUSERS_VERSION,
-        **dataclasses.asdict(cfg),
+        # A spacing the model's config did not give stays unsaid, so that diffusers' schedulers take
+        # their own defaults from the file as minidream's samplers do.
+        **{key: value for key, value in dataclasses.asdict(cfg).items() if value is not None},
         **SCHEDULER_OFF,
     }
 
