@@ -289,7 +289,7 @@ class CheckpointSection:
 @dataclass(frozen=True)
 class RunSection:
     output_dir: str = "runs/dreambooth"
-    resume: str = "none"  # "none" | "latest" or "auto" (the newest complete checkpoint if any, else start) | a checkpoint folder
+    resume: str = "none"  # "none" | "latest" (the newest intact checkpoint; an error when there is none) | "auto" (the same, or a fresh start) | a checkpoint folder
     tensorboard: bool = False
     log_every_n_steps: int = 10  # how often the host reads losses back from the GPU (metrics keep every step)
     export_dtype: FilePrecision = "fp16"  # dtype of the exported model.safetensors
