@@ -90,11 +90,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.show_config:  # notes about the config go to stderr: stdout is the YAML alone
             cfg = load_train_config(args.config, args.overrides, say=lambda note: print(note, file=sys.stderr))
-        else:
-            cfg = load_train_config(args.config, args.overrides)
-        if args.show_config:
             print(yaml.safe_dump(to_dict(cfg), sort_keys=False), end="")
             return 0
+        cfg = load_train_config(args.config, args.overrides)
         env = init_distributed(cfg.train.device, cfg.train.collective_timeout_s)
     except (ConfigError, RuntimeError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
@@ -303,11 +301,13 @@ def export(cfg: TrainConfig, env: Distributed, pipe: Pipeline, trained: dict[str
 
 def nonfinite_weights(trained: dict[str, nn.Module], ema: EMA | None) -> str | None:
     """The name of a trained weight (or EMA weight) holding NaN or inf on any rank, else None: such
-    weights are never exported. One host read, at the end of the run. (Sharded: each rank checks its shards.)"""
-    named = [(f"{name}.{key}", p) for name, module in trained.items() for key, p in module.named_parameters()]
+    weights are never exported. Frozen weights are not checked (training cannot change them). One
+    reduction and one host read, at the end of the run. (Sharded: each rank checks its shards.)"""
+    named = [(f"{name}.{key}", p) for name, module in trained.items() for key, p in module.named_parameters() if p.requires_grad]
     if ema is not None:
         named += [(f"ema {name}", s) for name, s in zip(ema.names, ema.shadow)]
-    bad = next((name for name, p in named if not torch.isfinite(sharding.local(p.detach())).all()), None)
+    finite = torch.stack([torch.isfinite(sharding.local(p.detach())).all() for _, p in named])
+    bad = None if finite.all() else named[int((~finite).nonzero()[0])][0]
     return next((name for name in gather_objects(bad) if name), None)
 
 

@@ -43,8 +43,13 @@ def checkpoint_dir(run_dir: Path, step: int) -> Path:
 
 def partial_dir(final: Path) -> Path:
     """Where the checkpoint `final` is written until complete: `step-N.tmp`, the name by which
-    checkpointer.list_checkpoints recognises an interrupted write."""
+    partial_dirs recognises an interrupted write."""
     return final.with_name(final.name + ".tmp")
+
+
+def partial_dirs(run_dir: Path) -> list[Path]:
+    """The run's checkpoints left incomplete (partial_dir), oldest first."""
+    return sorted((Path(run_dir) / "checkpoints").glob("step-*.tmp"))
 
 
 def capture_rng() -> dict:

@@ -26,6 +26,7 @@ from minidream.training.checkpoint import (
     capture_rng,
     damage,
     load_checkpoint,
+    partial_dirs,
     save_checkpoint,
 )
 from minidream.training.distributed import Distributed, barrier, gather_objects
@@ -38,7 +39,7 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
     folder = Path(run_dir) / "checkpoints"
     if not folder.is_dir():
         return []
-    for partial in sorted(folder.glob("step-*.tmp")):
+    for partial in partial_dirs(run_dir):
         warnings.warn(f"ignoring incomplete checkpoint {partial} (interrupted while writing)", stacklevel=2)
     return sorted(p for p in folder.iterdir() if NAME.match(p.name) and p.is_dir())
 
@@ -46,7 +47,7 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
 def rotate(run_dir: Path, keep_last: int) -> None:
     """Delete all but the newest `keep_last` complete checkpoints (never the newest one), and
     the partial folders that interrupted writes left. Call after a save: no write is under way."""
-    for partial in (Path(run_dir) / "checkpoints").glob("step-*.tmp"):
+    for partial in partial_dirs(run_dir):
         shutil.rmtree(partial, ignore_errors=True)
     for old in list_checkpoints(run_dir)[: -max(1, keep_last)]:
         shutil.rmtree(old, ignore_errors=True)
