@@ -4,8 +4,7 @@ adapters loaded by diffusers from minidream's kohya file and from its diffusers 
 size and keys of the file kohya's default settings give at rank 4.
 
 Lean: minidream's models share the references' weight storage (one copy of SD 1.5's UNet and
-text encoder, about 4 GB), one forward each at a 8x8 latent. Run it under
-`flock /tmp/bigtest.lock`. Tolerance: 1e-5 relative (max |diff| / max |reference|).
+text encoder, about 4 GB), one forward each at a 8x8 latent. Tolerance: 1e-5 relative (max |diff| / max |reference|).
 """
 
 import pytest

@@ -1,8 +1,10 @@
 """A file at SD 2.1's full shapes as stabilityai releases it (no minidream metadata, fp16):
 loaded by shape detection and ComfyUI's prediction-type rule, from .safetensors and from .ckpt
 (weights only), written back bit for bit, and read by diffusers' own converters as minidream's
-modules. ~2.6 GB of fp16 tensors, files and memory maps: run under `flock /tmp/bigtest.lock`.
+modules. ~2.6 GB of fp16 tensors, files and memory maps; the file is removed when the module ends.
 """
+
+import shutil
 
 import pytest
 import torch
@@ -14,6 +16,8 @@ from minidream.io.single_file import V_PREDICTION_PROBE, single_file_tensors
 from minidream.io.tensor_files import read_tensor_file
 from minidream.io.weights import load_pipeline, save_pipeline
 from minidream.models.pipeline import random_pipeline
+
+pytestmark = pytest.mark.sd_shapes  # full SD 2.1 shapes
 
 
 @pytest.fixture(scope="module")
@@ -30,7 +34,9 @@ def release(tmp_path_factory):
     del pipe
     path = tmp_path_factory.mktemp("sd21") / "v2-1_768-ema-pruned.safetensors"
     save_file(tensors, path)  # no metadata, as the release
-    return path
+    del tensors
+    yield path
+    shutil.rmtree(path.parent)  # 2.6 GB: gone before the next module's files are made
 
 
 def test_full_sd21_loads_round_trips_and_converts(release, tmp_path):

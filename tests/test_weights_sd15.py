@@ -3,8 +3,10 @@ a folder written by diffusers' save_pretrained, minidream's single file read by 
 single-file converters, and a Lightning-style `.ckpt`. Each big file is made once per module."""
 
 import dataclasses
+import shutil
 import sys
 import types
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -60,7 +62,7 @@ def seeded_text_encoder(seed: int) -> CLIPTextModel:
 
 
 @pytest.fixture(scope="module")
-def sd15_folder(tmp_path_factory) -> Path:
+def sd15_folder(tmp_path_factory) -> Iterator[Path]:
     """A random SD 1.5-shaped fp16 pipeline, written by diffusers' own save_pretrained."""
     root = tmp_path_factory.mktemp("sd15")
     CLIPTokenizer().save_folder(root / "tokenizer-source")
@@ -75,7 +77,9 @@ def sd15_folder(tmp_path_factory) -> Path:
         requires_safety_checker=False,
     )
     pipe.save_pretrained(root / "diffusers")
-    return root / "diffusers"
+    del pipe
+    yield root / "diffusers"
+    shutil.rmtree(root)  # 4 GB with the single file: gone before the next module's files are made
 
 
 @pytest.fixture(scope="module")
