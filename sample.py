@@ -1,4 +1,4 @@
-"""Text to image with any supported Stable Diffusion 1.x or 2.x checkpoint.
+"""Text to image with any supported Stable Diffusion 1.x, 2.x or XL checkpoint.
 
     python sample.py --weights weights/v1-5-pruned-emaonly.safetensors --prompt "a photo of an astronaut"
     python sample.py --weights runs/tiny --prompt "a photo of sks toy" --num-images 4
@@ -9,6 +9,8 @@ Image i uses seed S + i (its own CPU generator), so `--seed 7 --num-images 1` re
 second image of `--seed 6 --num-images 2`. Files are named NNNNN-SEED.png and carry their
 generation parameters as PNG text ("parameters", as popular UIs read it; --lora files as
 A1111 names them: `<lora:name:scale>` in the prompt, their short hashes in "Lora hashes").
+The size and guidance left out follow the model's family (SD 1.x/2.x: 512 and 7.5; SDXL: 1024
+and 5.0, with diffusers' size conditioning), and the PNG text records the values used.
 
 Everything that can be refused without the model (flags, the prompt file, the image size the
 model can take, an --out that cannot be written) is refused before it loads, in one line with
@@ -23,7 +25,6 @@ from PIL import PngImagePlugin
 from tqdm.auto import tqdm
 
 from minidream import sampling_flags as flags
-from minidream.config import check_image_size
 from minidream.files import atomic_file, prove_writable
 from minidream.io.weights import load_pipeline, size_multiple
 
@@ -31,8 +32,8 @@ DEFAULT_OUT = Path("runs/samples")  # inside runs/, which .gitignore keeps out o
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description="Generate images from text with a Stable Diffusion 1.x or 2.x checkpoint.")
-    parser.add_argument("--weights", required=True, help="SD 1.x/2.x .safetensors/.ckpt file, diffusers folder, or a train.py run folder")
+    parser = argparse.ArgumentParser(description="Generate images from text with a Stable Diffusion 1.x, 2.x or XL checkpoint.")
+    parser.add_argument("--weights", required=True, help="SD 1.x/2.x/XL .safetensors/.ckpt file, diffusers folder, or a train.py run folder")
     parser.add_argument("--prompt", help="what to draw (or use --from-file)")
     parser.add_argument("--from-file", type=Path, help="a text file with one prompt per line; each line is one image per --num-images")
     parser.add_argument("--num-images", type=int, default=1, help="images per prompt (default: %(default)s)")
@@ -66,11 +67,11 @@ def main(argv: list[str] | None = None) -> int:
     made = missing_folders(args.out)
     try:
         prompts = read_prompts(args)
-        what = f"--width {args.width} --height {args.height}"
-        check_image_size(args.width, args.height, size_multiple(args.weights, "sd15"), what)
+        flags.check_image_size_flags(args, size_multiple(args.weights, "sd15"))
         prove_writable(args.out)  # an unwritable --out fails now, not after the model loads
         pipe = load_pipeline(args.weights, device=device, dtype=dtype, loras=args.lora, prediction_type=args.prediction_type)
         flags.check_flags_fit(args, pipe)
+        flags.fill_model_defaults(args, pipe.config)
     except (ValueError, OSError) as error:  # WeightsError and ConfigError are ValueErrors; WriteError an OSError
         remove_empty(made)
         print(f"error: {error}", file=sys.stderr)

@@ -27,7 +27,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
-from minidream.config import ARCHITECTURES, ConfigError, ScheduleConfig, TrainConfig, to_dict
+from minidream.config import ARCHITECTURES, ConfigError, ModelConfig, ScheduleConfig, TrainConfig, to_dict
 from minidream.diffusion import schedule
 from minidream.diffusion.sampling import generate, image_grid
 from minidream.dreambooth_prompts import subject_prompts
@@ -128,9 +128,19 @@ def resume_command(argv: list[str], env: Distributed) -> str:
 
 def load_models(cfg: TrainConfig, env: Distributed) -> Pipeline:
     if cfg.model.weights:
-        return load_pipeline(cfg.model.weights, device=env.device, dtype=torch.float32, use_ema=cfg.model.use_ema)
+        pipe = load_pipeline(cfg.model.weights, device=env.device, dtype=torch.float32, use_ema=cfg.model.use_ema)
+        refuse_sdxl(pipe.config, f"model.weights={cfg.model.weights}")
+        return pipe
+    refuse_sdxl(ARCHITECTURES[cfg.model.architecture], f"model.architecture={cfg.model.architecture}")
     log(env, f"model.weights is not set: starting from random {cfg.model.architecture} weights (seed {cfg.train.seed})")
     return random_pipeline(ARCHITECTURES[cfg.model.architecture], seed=cfg.train.seed).to(env.device)
+
+
+def refuse_sdxl(config: ModelConfig, source: str) -> None:
+    """DreamBooth on SDXL (two encoders, the size conditioning of every batch) is not built yet."""
+    if config.is_sdxl:
+        raise ConfigError(f"{source}: an SDXL model; train.py trains SD 1.x and 2.x for now "
+                          "(sample.py, python -m minidream.convert and SDXL LoRA files work with SDXL)")
 
 
 def validation_prompts(cfg: TrainConfig, subjects: list[Subject]) -> list[str]:

@@ -121,7 +121,7 @@ class Row:
     shape: str
     items: int  # what one call produces, for the rate: samples, denoising steps or images
     unit: str  # the rate's unit, e.g. "samples/s"
-    tflop_per_call: float | None  # model FLOPs of one call where DESIGN.md gives them (SD 1.5), else None
+    tflop_per_call: float | None  # model FLOPs of one call where known (see bench.models.unet_tflop), else None
     minidream_s: float
     diffusers_s: float
 
@@ -132,16 +132,15 @@ class Row:
 
 
 def compared(
-    benchmark: str, shape: str, items: int, unit: str, sd15_tflop: float, seconds: dict[str, float], settings: Settings
+    benchmark: str, shape: str, items: int, unit: str, tflop: float | None, seconds: dict[str, float]
 ) -> Row:
-    """The row of one `time_alternating` result; `sd15_tflop` (the call's FLOPs at SD 1.5 shapes)
-    counts only when the config is SD 1.5."""
+    """The row of one `time_alternating` result; `tflop`: the call's model FLOPs where known."""
     return Row(
         benchmark=benchmark,
         shape=shape,
         items=items,
         unit=unit,
-        tflop_per_call=sd15_tflop if settings.config_name == "sd15" else None,
+        tflop_per_call=tflop,
         minidream_s=seconds["minidream"],
         diffusers_s=seconds["diffusers"],
     )

@@ -1,8 +1,9 @@
-"""Peak RAM while loading an SD 1.5-shaped fp16 single file, against the file's size.
+"""Peak RAM while loading an SD 1.5- or SDXL-shaped fp16 single file, against the file's size.
 
-    python -m bench.load_memory [--dtype keep|fp32]
+    python -m bench.load_memory [--config sd15|sdxl] [--dtype keep|fp32]
 
-Writes a random SD 1.5-shaped fp16 `.safetensors` (2.1 GB) to a temporary folder, then loads it
+Writes a random fp16 `.safetensors` of those shapes (SD 1.5: 2.1 GB, SDXL: 6.9 GB, every key a
+minidream export holds) to a temporary folder, then loads it
 with `minidream.load_pipeline` in a fresh Python process and reports that process's resident
 memory (VmRSS / VmHWM from /proc/self/status) above its baseline after `import minidream.io.weights`:
 right after loading, and after reading every weight once (as the first forward pass does; the
@@ -29,28 +30,24 @@ def memory_kib() -> dict[str, int]:
     return fields
 
 
-def write_random_sd15(path: Path) -> None:
-    """Every SD 1.5 tensor under its single-file name, random fp16 (values do not matter here)."""
+def write_random(path: Path, config_name: str) -> None:
+    """Every tensor of the model's single file, random fp16 (values do not matter here), written
+    from meta-device models one tensor at a time, so the writer holds one copy."""
     import torch
     from safetensors.torch import save_file
 
-    from minidream.config import SD15
-    from minidream.io.single_file import TEXT_ENCODER_PREFIX, UNET_PREFIX, VAE_PREFIX
-    from minidream.models.clip import CLIPTextModel
-    from minidream.models.unet import UNet
-    from minidream.models.vae import AutoencoderKL
+    from minidream.config import ARCHITECTURES
+    from minidream.io.single_file import single_file_tensors
+    from minidream.models.pipeline import random_pipeline
 
     generator = torch.Generator().manual_seed(0)
-    tensors = {}
     with torch.device("meta"):
-        models = (
-            (UNET_PREFIX, UNet(SD15.unet)),
-            (VAE_PREFIX, AutoencoderKL(SD15.vae)),
-            (TEXT_ENCODER_PREFIX, CLIPTextModel(SD15.text_encoder)),
-        )
-    for prefix, model in models:
-        for key, meta in model.state_dict().items():
-            tensors[prefix + key] = (0.02 * torch.randn(meta.shape, generator=generator)).half()
+        layout = single_file_tensors(random_pipeline(ARCHITECTURES[config_name]), None)
+    tensors = {
+        key: (0.02 * torch.randn(meta.shape, generator=generator)).half() if meta.is_floating_point()
+        else torch.zeros(meta.shape, dtype=meta.dtype)
+        for key, meta in layout.items()
+    }
     save_file(tensors, path, metadata={"format": "pt"})
 
 
@@ -63,7 +60,7 @@ def measure(path: Path, dtype_name: str) -> dict:
     pipe = load_pipeline(path, dtype=None if dtype_name == "keep" else torch.float32)
     after_load = memory_kib()["VmHWM"]
     with torch.no_grad():  # read every weight once, one fp32 copy of one tensor at a time
-        for model in (pipe.unet, pipe.vae, pipe.text_encoder):
+        for model in (pipe.unet, pipe.vae, *pipe.text_encoders):
             for param in model.parameters():
                 param.float().sum()
     return {
@@ -78,20 +75,21 @@ def main() -> None:
     parser.add_argument(
         "--dtype", choices=("keep", "fp32"), default="keep", help="load as stored (fp16) or cast to fp32"
     )
+    parser.add_argument("--config", choices=("sd15", "sdxl"), default="sd15", help="the shapes of the file")
     parser.add_argument("--write", type=Path, help=argparse.SUPPRESS)  # child process: make the file
     parser.add_argument("--measure", type=Path, help=argparse.SUPPRESS)  # child process: load it
     args = parser.parse_args()
     if args.write is not None:
-        write_random_sd15(args.write)
+        write_random(args.write, args.config)
         return
     if args.measure is not None:
         print(json.dumps(measure(args.measure, args.dtype)))
         return
 
     with tempfile.TemporaryDirectory(prefix="minidream-bench-") as folder:
-        path = Path(folder) / "sd15-random-fp16.safetensors"
+        path = Path(folder) / f"{args.config}-random-fp16.safetensors"
         # Separate processes: the writer's memory must not count, and the reader starts clean.
-        subprocess.run([sys.executable, __file__, "--write", str(path)], check=True)
+        subprocess.run([sys.executable, __file__, "--write", str(path), "--config", args.config], check=True)
         child = subprocess.run(
             [sys.executable, __file__, "--measure", str(path), "--dtype", args.dtype],
             check=True,
@@ -101,7 +99,7 @@ def main() -> None:
         result = json.loads(child.stdout.strip().splitlines()[-1])
         size = path.stat().st_size
 
-    print(f"file: SD 1.5 shapes, fp16, {size / GIB:.2f} GiB; loaded with dtype={args.dtype}")
+    print(f"file: {args.config} shapes, fp16, {size / GIB:.2f} GiB; loaded with dtype={args.dtype}")
     print(f"baseline RSS after `import minidream.io.weights`: {result['baseline_kib'] / 1024**2:.2f} GiB")
     for label, key in (("after load_pipeline", "peak_above_baseline_after_load_kib"),
                        ("after reading every weight", "peak_above_baseline_after_reading_all_weights_kib")):

@@ -11,20 +11,19 @@ import subprocess
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
 
 import torch
 
 from bench.common import Settings, command, machine, parser, settings_from, versions
-from bench.models import IMPLEMENTATIONS, unet_forward, unet_pair
+from bench.models import IMPLEMENTATIONS, unet_pair
 from bench.unet_train_step import (
     add_training_options,
     make_optimizer,
-    train_step,
-    training_benchmark,
-    training_inputs,
+    sampling_step_runs,
+    step_benchmark,
     training_models,
+    training_runs,
 )
 
 REPO_ROOT = Path(__file__).resolve().parents[1]  # where `python -m bench.memory` finds the package
@@ -43,18 +42,9 @@ def workload(impl: str, args: argparse.Namespace, settings: Settings):
     if args.workload == "train":
         unet, twin = training_models(settings, args.gradient_checkpointing)
         params = list(unet.parameters())
-        forward = unet_forward(impl, unet, twin)
-        inputs = training_inputs(settings, args.batch, args.latent)
         optimizer = make_optimizer(params, args.optimizer)
-        return partial(train_step, forward, inputs, params, optimizer, settings)
-    unet, twin = unet_pair(settings, settings.dtype)
-    unet.eval()
-    twin.eval()
-    forward = unet_forward(impl, unet, twin)
-    # One guided denoising step: the UNet on the doubled (uncond + cond) batch.
-    x, t, context, _ = training_inputs(settings, 2 * args.batch, args.latent)
-    x, context = x.to(settings.dtype), context.to(settings.dtype)
-    return torch.no_grad()(partial(forward, x, t, context))
+        return training_runs(settings, unet, twin, params, optimizer, args.batch, args.latent)[impl]
+    return sampling_step_runs(settings, *unet_pair(settings, settings.dtype), args.batch, args.latent)[impl]
 
 
 def cuda_peak_mb(run: Callable[[], object], calls: int, device: torch.device) -> float:
@@ -130,7 +120,6 @@ def report(row: MemoryRow, settings: Settings, command_line: str) -> None:
 def main(argv: list[str] | None = None) -> MemoryRow | None:
     argv = sys.argv[1:] if argv is None else argv
     options = parser(__doc__.splitlines()[0])
-    options.add_argument("--workload", choices=["train", "sample"], default="train")
     options.add_argument("--batch", type=int, default=1, help="training batch, or images per sampling step")
     add_training_options(options)
     options.add_argument("--child", choices=IMPLEMENTATIONS, help=argparse.SUPPRESS)
@@ -141,7 +130,7 @@ def main(argv: list[str] | None = None) -> MemoryRow | None:
         return None
 
     peaks = {impl: measure_in_subprocess(impl, argv) for impl in IMPLEMENTATIONS}
-    name = training_benchmark(args) if args.workload == "train" else "UNet guided sampling step"
+    name = step_benchmark(args)
     shape = f"batch {args.batch}, latent {args.latent}x{args.latent}"
     row = MemoryRow(name, shape, peaks["minidream"], peaks["diffusers"])
     report(row, settings, command(__spec__.name, argv))

@@ -7,6 +7,7 @@ tests are not on the path (the GPU machine gets `python -m bench.gpu_suite`), wh
 already import `bench` (pytest's `pythonpath = .`).
 """
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -14,8 +15,9 @@ import torch
 from diffusers import AutoencoderKL as DiffusersAutoencoderKL
 from diffusers import UNet2DConditionModel
 from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
 
-from bench.common import Settings
+from bench.common import SD15_TFLOP, Settings, latent_scale
 from minidream.config import UNetConfig, VAEConfig
 from minidream.io.diffusers_layout import (
     unet_config_to_diffusers,
@@ -23,7 +25,7 @@ from minidream.io.diffusers_layout import (
     vae_config_to_diffusers,
     vae_to_diffusers,
 )
-from minidream.models.unet import UNet
+from minidream.models.unet import UNet, size_conditioning
 from minidream.models.vae import AutoencoderKL
 
 IMPLEMENTATIONS = ("minidream", "diffusers")
@@ -126,12 +128,59 @@ def vae_pair(settings: Settings, dtype: torch.dtype) -> tuple[AutoencoderKL, Dif
     return vae, twin
 
 
-def unet_forward(impl: str, unet: UNet, twin: UNet2DConditionModel) -> UNetForward:
-    """eps = forward(x, t, context) of one implementation of the pair."""
-    if impl == "minidream":
+@dataclass(frozen=True)
+class VectorConditioning:
+    """SDXL's vector conditioning of a batch, as each implementation takes it: minidream as
+    y = `size_conditioning(pooled, size_ids)`, diffusers as `added_cond_kwargs`, each building
+    the Fourier features of the ids inside its call."""
+
+    pooled: torch.Tensor  # B x 1280: bigG's pooled projection
+    size_ids: torch.Tensor  # B x 6: original height, width, crop top, left, target height, width
+
+
+def unet_forward(
+    impl: str, unet: UNet, twin: UNet2DConditionModel, vector: VectorConditioning | None = None
+) -> UNetForward:
+    """eps = forward(x, t, context) of one implementation of the pair; `vector`: SDXL's y for
+    the batch (None for models without it)."""
+    if impl == "minidream" and vector is None:
         return unet
+    if impl == "minidream":
+
+        def forward_with_y(x: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+            return unet(x, t, context, size_conditioning(vector.pooled, vector.size_ids, unet.config.size_embed_dim))
+
+        return forward_with_y
+    added = None if vector is None else {"text_embeds": vector.pooled, "time_ids": vector.size_ids}
 
     def forward(x: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-        return twin(x, t, encoder_hidden_states=context, return_dict=False)[0]
+        return twin(x, t, encoder_hidden_states=context, added_cond_kwargs=added, return_dict=False)[0]
 
     return forward
+
+
+def unet_tflop(settings: Settings, batch: int, latent: int, backward: bool) -> float:
+    """Model FLOPs of one UNet call, forward or forward and backward, at batch x latent x latent, in
+    TFLOP: DESIGN.md's figures for SD 1.5 (scaled by the latent's area), counted for other shapes."""
+    if settings.config_name == "sd15":
+        return SD15_TFLOP["unet_train" if backward else "unet_forward"] * batch * latent_scale(latent, latent)
+    cfg = settings.model_config
+    return counted_unet_tflop(cfg.unet, batch, latent, cfg.text_encoder.context_length, backward)
+
+
+@functools.cache
+def counted_unet_tflop(cfg: UNetConfig, batch: int, latent: int, tokens: int, backward: bool) -> float:
+    """torch's FlopCounterMode over one call of a meta-device UNet (matmuls, convolutions and
+    attention; shapes only: no memory, no kernels). At SD 1.5's 512 px it counts 0.803 / 2.407
+    TFLOP per sample, DESIGN.md's 0.80 / 2.41."""
+    with torch.device("meta"):
+        unet = UNet(cfg).requires_grad_(backward)
+        x = torch.empty(batch, cfg.in_channels, latent, latent)
+        context = torch.empty(batch, tokens, cfg.context_dim)
+        y = None if cfg.adm_in_channels is None else torch.empty(batch, cfg.adm_in_channels)
+        t = torch.zeros(batch)
+    with FlopCounterMode(display=False) as counter, torch.set_grad_enabled(backward):
+        out = unet(x, t, context, y)
+        if backward:
+            out.sum().backward()
+    return counter.get_total_flops() / 1e12

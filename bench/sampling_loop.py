@@ -1,7 +1,8 @@
 """DDIM sampling loop with classifier-free guidance, minidream against diffusers.
 
 minidream: `minidream.diffusion.sampling.denoise`, what `generate` runs between encoding the prompts
-and decoding. diffusers: the real `StableDiffusionPipeline`, given the same prompt
+and decoding. diffusers: the real `StableDiffusionPipeline` (SDXL: `StableDiffusionXLPipeline`,
+also given the pooled vectors; the size ids are both sides' defaults), given the same prompt
 embeddings and `output_type="latent"`, so it runs the same span. Weights are cast to --dtype
 (as `sample.py` and diffusers' `torch_dtype` do); both start from the same per-image seeds,
 so their final latents must agree, and the largest difference is printed as a check.
@@ -11,33 +12,56 @@ import sys
 from collections.abc import Callable
 
 import torch
-from diffusers import DDIMScheduler, StableDiffusionPipeline
+from diffusers import DDIMScheduler, DiffusionPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
 
 from bench.common import (
-    SD15_TFLOP,
     Row,
     Settings,
     command,
     compared,
-    latent_scale,
     parser,
     report,
     settings_from,
     time_alternating,
 )
-from bench.models import unet_pair
-from minidream.diffusion.sampling import denoise, image_generators
+from bench.models import unet_pair, unet_tflop
+from minidream.diffusion.sampling import Conditioning, denoise, image_generators
 from minidream.io.diffusers_folder import schedule_config_to_diffusers
 from minidream.models.pipeline import Pipeline
 
 
-def prompt_embeddings(settings: Settings, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Seeded stand-ins for the text encoder's output: (cond, uncond), each B x 77 x width."""
+def prompt_embeddings(settings: Settings, batch: int) -> tuple[Conditioning, Conditioning]:
+    """Seeded stand-ins for the text encoders' output, (cond, uncond): each B x 77 x width and,
+    for SDXL, a pooled vector B x 1280."""
     cfg = settings.model_config
     generator = torch.Generator().manual_seed(settings.seed)
-    shape = (batch, cfg.text_encoder.context_length, cfg.unet.context_dim)
-    cond, uncond = (torch.randn(shape, generator=generator).to(settings.device, settings.dtype) for _ in range(2))
-    return cond, uncond
+
+    def draw(*shape: int) -> torch.Tensor:
+        return torch.randn(shape, generator=generator).to(settings.device, settings.dtype)
+
+    def conditioning() -> Conditioning:
+        context = draw(batch, cfg.text_encoder.context_length, cfg.unet.context_dim)
+        return Conditioning(context, None if cfg.text_encoder_2 is None else draw(batch, cfg.text_encoder_2.width))
+
+    return conditioning(), conditioning()
+
+
+def diffusers_pipeline(settings: Settings, twin) -> DiffusionPipeline:
+    """diffusers' pipeline of the model family around the UNet twin, with DDIM on the same schedule."""
+    cfg = settings.model_config
+    scheduler = DDIMScheduler.from_config(schedule_config_to_diffusers(cfg.schedule))
+    if cfg.text_encoder_2 is None:
+        pipe = StableDiffusionPipeline(
+            vae=None, text_encoder=None, tokenizer=None, unet=twin, scheduler=scheduler,
+            safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+        )
+    else:
+        pipe = StableDiffusionXLPipeline(
+            vae=None, text_encoder=None, text_encoder_2=None, tokenizer=None, tokenizer_2=None, unet=twin,
+            scheduler=scheduler, add_watermarker=False,
+        )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
 
 
 def sampling_runs(
@@ -47,13 +71,12 @@ def sampling_runs(
     cfg = settings.model_config
     # denoise reads only the UNet and the schedule of the pipeline.
     pipe = Pipeline(unet=unet, vae=None, text_encoder=None, tokenizer=None, config=cfg)
-    diffusers_pipe = StableDiffusionPipeline(
-        vae=None, text_encoder=None, tokenizer=None, unet=twin,
-        scheduler=DDIMScheduler.from_config(schedule_config_to_diffusers(cfg.schedule)),
-        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
-    )
-    diffusers_pipe.set_progress_bar_config(disable=True)
+    diffusers_pipe = diffusers_pipeline(settings, twin)
     cond, uncond = prompt_embeddings(settings, batch)
+    # SDXL's pooled vectors, by diffusers' names (none for SD 1.x and 2.x)
+    pooled = {} if cond.pooled is None else {
+        "pooled_prompt_embeds": cond.pooled, "negative_pooled_prompt_embeds": uncond.pooled
+    }
     seeds = [settings.seed + i for i in range(batch)]
     latent_shape = (cfg.unet.in_channels, latent, latent)
 
@@ -62,8 +85,8 @@ def sampling_runs(
 
     def run_diffusers() -> torch.Tensor:
         return diffusers_pipe(
-            prompt_embeds=cond, negative_prompt_embeds=uncond, height=8 * latent, width=8 * latent,
-            num_inference_steps=steps, guidance_scale=guidance, generator=image_generators(seeds),
+            prompt_embeds=cond.context, negative_prompt_embeds=uncond.context, **pooled, height=8 * latent,
+            width=8 * latent, num_inference_steps=steps, guidance_scale=guidance, generator=image_generators(seeds),
             output_type="latent", return_dict=False,
         )[0]
 
@@ -79,9 +102,9 @@ def sampling_row(
     batch: int, latent: int, steps: int, guidance: float, seconds: dict[str, float], settings: Settings
 ) -> Row:
     # Each denoising step runs the UNet forward on the doubled (uncond + cond) batch.
-    tflop = SD15_TFLOP["unet_forward"] * 2 * batch * steps * latent_scale(latent, latent)
+    tflop = unet_tflop(settings, 2 * batch, latent, backward=False) * steps
     shape = f"batch {batch}, latent {latent}x{latent}, {steps} steps"
-    return compared(f"DDIM loop, guidance {guidance:g}", shape, steps, "steps/s", tflop, seconds, settings)
+    return compared(f"DDIM loop, guidance {guidance:g}", shape, steps, "steps/s", tflop, seconds)
 
 
 def main(argv: list[str] | None = None) -> list[Row]:

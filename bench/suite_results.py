@@ -136,6 +136,16 @@ def target_lines(record: SuiteRecord) -> list[str]:
     ]
 
 
+def flops_line(record: SuiteRecord) -> str:
+    """The model FLOPs behind the MFU figures, one per benchmark and shape (bench.models.unet_tflop)."""
+    known = {
+        f"{row.benchmark}, {row.shape}": row.tflop_per_call
+        for stage in record.stages for row, _ in stage.timings if row.tflop_per_call is not None
+    }
+    listed = "; ".join(f"{what}: {tflop:.4g} TFLOP" for what, tflop in known.items()) or "none known"
+    return f"- Model FLOPs per call (SD 1.5: DESIGN.md's; other shapes: counted by torch's FlopCounterMode): {listed}"
+
+
 def markdown(record: SuiteRecord) -> str:
     peak = f"{record.peak_tflops:g} TFLOP/s bf16 dense (datasheet, by the GPU's name)" if record.peak_tflops else "unknown"
     state = "finished" if record.finished else "still running or cut short"
@@ -144,7 +154,8 @@ def markdown(record: SuiteRecord) -> str:
         "",
         f"- Command: `{record.command}`",
         "- Versions: " + ", ".join(f"{name} {value}" for name, value in record.versions.items() if value),
-        f"- Peak for MFU: {peak}; SD 1.5 model FLOPs from DESIGN.md (2.41 TFLOP per 512 px training sample)",
+        f"- Peak for MFU: {peak}",
+        flops_line(record),
         f"- Timing: {record.timing}",
         f"- Budget {record.budget_s:.0f} s, {record.elapsed_s:.0f} s used ({state})",
         "",

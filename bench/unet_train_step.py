@@ -1,8 +1,11 @@
-"""UNet training step, minidream against diffusers: forward, MSE loss, backward, AdamW step.
+"""UNet training step, minidream against diffusers: forward, MSE loss, backward, AdamW step (or,
+with --workload sample, the UNet call of one guided sampling step).
 
 fp32 master weights with the forward under autocast in --dtype, as train.py and diffusers'
 train_dreambooth.py run; fused AdamW, as train.py uses. The two models hold the same parameters and
-share one optimizer, so only the forward and backward differ between them.
+share one optimizer, so only the forward and backward differ between them. The sampling step is
+the forward on the doubled (uncond + cond) batch, weights and inputs in --dtype, without autograd,
+as sample.py and diffusers' pipelines run it. SDXL shapes get their vector conditioning y too.
 """
 
 import sys
@@ -13,12 +16,10 @@ import torch
 import torch.nn.functional as F
 
 from bench.common import (
-    SD15_TFLOP,
     Row,
     Settings,
     command,
     compared,
-    latent_scale,
     parser,
     report,
     settings_from,
@@ -27,9 +28,11 @@ from bench.common import (
 from bench.models import (
     IMPLEMENTATIONS,
     UNetForward,
+    VectorConditioning,
     memory_format,
     unet_forward,
     unet_pair,
+    unet_tflop,
 )
 
 TrainingInputs = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
@@ -45,6 +48,19 @@ def training_inputs(settings: Settings, batch: int, latent: int) -> TrainingInpu
     target = torch.randn(batch, cfg.unet.out_channels, latent, latent, generator=generator)
     x = x.to(settings.device, memory_format=memory_format(settings))
     return x, t.to(settings.device), context.to(settings.device), target.to(settings.device)
+
+
+def vector_inputs(settings: Settings, batch: int, latent: int, dtype: torch.dtype = torch.float32) -> VectorConditioning | None:
+    """SDXL's y for the batch, on the device: a seeded pooled embedding, and diffusers' default
+    size ids for images of the latent's size (original size = target size, no crop). None for
+    models without y."""
+    pooled_encoder = settings.model_config.text_encoder_2
+    if pooled_encoder is None:
+        return None
+    size = 8 * latent  # the VAE's factor
+    size_ids = torch.tensor([[size, size, 0, 0, size, size]], dtype=torch.float32).expand(batch, -1)
+    pooled = torch.randn(batch, pooled_encoder.width, generator=torch.Generator().manual_seed(settings.seed + 1))
+    return VectorConditioning(pooled.to(settings.device, dtype), size_ids.to(settings.device))
 
 
 def make_optimizer(params: list[torch.nn.Parameter], name: str) -> torch.optim.Optimizer | None:
@@ -74,6 +90,10 @@ def train_step(
 
 
 def add_training_options(parser) -> None:
+    parser.add_argument(
+        "--workload", choices=["train", "sample"], default="train",
+        help="sample: the UNet call of one guided sampling step, in place of the training step",
+    )
     parser.add_argument("--latent", type=int, default=64, help="latent height and width (64: 512px images)")
     parser.add_argument(
         "--optimizer", choices=["adamw", "none"], default="adamw",
@@ -82,8 +102,13 @@ def add_training_options(parser) -> None:
     parser.add_argument("--gradient-checkpointing", action="store_true", help="on in both models")
 
 
-def training_benchmark(args) -> str:
-    """The benchmark column for the training options given."""
+SAMPLING_STEP = "UNet guided sampling step"
+
+
+def step_benchmark(args) -> str:
+    """The benchmark column for the workload and training options given."""
+    if args.workload == "sample":
+        return SAMPLING_STEP
     name = "UNet train step" if args.optimizer == "adamw" else "UNet forward+backward"
     return name + (", grad checkpointing" if args.gradient_checkpointing else "")
 
@@ -104,14 +129,53 @@ def training_runs(
 ) -> dict[str, Callable[[], torch.Tensor]]:
     """One training step of each implementation at this batch, ready to call."""
     inputs = training_inputs(settings, batch, latent)
+    vector = vector_inputs(settings, batch, latent)
     step = partial(train_step, inputs=inputs, params=params, optimizer=optimizer, settings=settings)
-    return {impl: partial(step, unet_forward(impl, unet, twin)) for impl in IMPLEMENTATIONS}
+    return {impl: partial(step, unet_forward(impl, unet, twin, vector)) for impl in IMPLEMENTATIONS}
 
 
 def training_row(benchmark: str, batch: int, latent: int, seconds: dict[str, float], settings: Settings) -> Row:
-    tflop = SD15_TFLOP["unet_train"] * batch * latent_scale(latent, latent)
+    tflop = unet_tflop(settings, batch, latent, backward=True)
     shape = f"batch {batch}, latent {latent}x{latent}"
-    return compared(benchmark, shape, batch, "samples/s", tflop, seconds, settings)
+    return compared(benchmark, shape, batch, "samples/s", tflop, seconds)
+
+
+def sampling_step_runs(settings: Settings, unet, twin, batch: int, latent: int) -> dict[str, Callable[[], torch.Tensor]]:
+    """The UNet call of one guided denoising step of each implementation, ready to call: the
+    doubled batch, inputs in --dtype (the pair's weights too: `unet_pair(settings, settings.dtype)`)."""
+    x, t, context, _ = training_inputs(settings, 2 * batch, latent)
+    vector = vector_inputs(settings, 2 * batch, latent, settings.dtype)
+    x, context = x.to(settings.dtype), context.to(settings.dtype)
+    return {
+        impl: torch.no_grad()(partial(unet_forward(impl, unet, twin, vector), x, t, context))
+        for impl in IMPLEMENTATIONS
+    }
+
+
+def sampling_step_row(batch: int, latent: int, seconds: dict[str, float], settings: Settings) -> Row:
+    tflop = unet_tflop(settings, 2 * batch, latent, backward=False)
+    shape = f"batch {batch} x 2 (uncond + cond), latent {latent}x{latent}"
+    return compared(SAMPLING_STEP, shape, 1, "steps/s", tflop, seconds)
+
+
+def training_rows(args, settings: Settings) -> list[Row]:
+    unet, twin = training_models(settings, args.gradient_checkpointing)
+    params = list(unet.parameters())
+    optimizer = make_optimizer(params, args.optimizer)
+    rows = []
+    for batch in args.batches:
+        seconds = time_alternating(training_runs(settings, unet, twin, params, optimizer, batch, args.latent), settings)
+        rows.append(training_row(step_benchmark(args), batch, args.latent, seconds, settings))
+    return rows
+
+
+def sampling_step_rows(args, settings: Settings) -> list[Row]:
+    unet, twin = unet_pair(settings, settings.dtype)
+    rows = []
+    for batch in args.batches:
+        seconds = time_alternating(sampling_step_runs(settings, unet, twin, batch, args.latent), settings)
+        rows.append(sampling_step_row(batch, args.latent, seconds, settings))
+    return rows
 
 
 def main(argv: list[str] | None = None) -> list[Row]:
@@ -121,15 +185,7 @@ def main(argv: list[str] | None = None) -> list[Row]:
     add_training_options(options)
     args = options.parse_args(argv)
     settings = settings_from(args)
-
-    unet, twin = training_models(settings, args.gradient_checkpointing)
-    params = list(unet.parameters())
-    optimizer = make_optimizer(params, args.optimizer)
-    rows = []
-    for batch in args.batches:
-        runs = training_runs(settings, unet, twin, params, optimizer, batch, args.latent)
-        seconds = time_alternating(runs, settings)
-        rows.append(training_row(training_benchmark(args), batch, args.latent, seconds, settings))
+    rows = (sampling_step_rows if args.workload == "sample" else training_rows)(args, settings)
     report(rows, settings, command(__spec__.name, argv))
     return rows
 

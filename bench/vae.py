@@ -50,9 +50,9 @@ def vae_runs(settings: Settings, vae, twin, batch: int, image: int) -> dict[str,
 
 
 def vae_row(job: str, batch: int, image: int, seconds: dict[str, float], settings: Settings) -> Row:
-    tflop = SD15_TFLOP[f"vae_{job}"] * batch * (image / 512) ** 2
+    tflop = SD15_TFLOP[f"vae_{job}"] * batch * (image / 512) ** 2 if settings.config_name == "sd15" else None
     shape = f"batch {batch}, {image}x{image} px"
-    return compared(f"VAE {job}", shape, batch, "images/s", tflop, seconds, settings)
+    return compared(f"VAE {job}", shape, batch, "images/s", tflop, seconds)
 
 
 def main(argv: list[str] | None = None) -> list[Row]:

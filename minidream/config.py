@@ -20,7 +20,7 @@ Sampler = Literal["ddim", "ddpm", "euler-a", "dpmpp-2m", "euler", "heun", "plms"
 Precision = Literal["fp32", "fp16", "bf16"]  # torch dtypes by name: minidream.models.precision.DTYPES
 MixedPrecision = Literal["no", "fp16", "bf16"]  # "no" = fp32 weights and no autocast
 FilePrecision = Literal["fp16", "fp32"]  # what SD files are released in
-Architecture = Literal["sd15", "tiny", "sd21", "sd21-base", "tiny-sd2"]  # the keys of ARCHITECTURES
+Architecture = Literal["sd15", "tiny", "sd21", "sd21-base", "tiny-sd2", "sdxl", "tiny-sdxl"]  # the keys of ARCHITECTURES
 LRSchedule = Literal["constant", "linear", "cosine"]
 Device = Literal["auto", "cpu", "cuda"]
 ExportEMA = Literal["ema", "raw", "both"]
@@ -61,6 +61,9 @@ class TextEncoderConfig:
     # Then `layers` counts all its resblocks (24 in ViT-H/14), SD 2.x conditions on the
     # penultimate one, and clip_skip counts from there (1 = SD 2.x's layer, 2 = one earlier).
     open_clip: bool = False
+    # SDXL (sgm's `legacy=False`): the conditioning layer's states go to the UNet without the
+    # final layer norm; SD 1.x and 2.x apply it.
+    final_norm: bool = True
 
     @property
     def conditioning_layers(self) -> int:
@@ -81,7 +84,9 @@ class UNetConfig:
     attention_levels: tuple[int, ...] = (0, 1, 2)  # levels (by index into channel_mult) with cross-attention
     num_heads: int = 8  # SD 1.x: a fixed head count
     head_dim: int | None = None  # SD 2.x: a fixed head size (64); overrides num_heads when set
-    transformer_depth: int = 1
+    # Transformer blocks per SpatialTransformer: one number for every level, or one per level
+    # (SDXL: (1, 2, 10), the first unused: no attention there), the middle block taking the deepest level's.
+    transformer_depth: int | tuple[int, ...] = 1
     context_dim: int = 768  # SD 2.x: 1024
     use_linear_proj: bool = False  # SD 2.x: proj_in/proj_out are Linear instead of 1x1 Conv
     norm_groups: int = 32
@@ -89,6 +94,17 @@ class UNetConfig:
     # SD 2.1: attention scores (q.k and softmax) in fp32 when q and k are half, as diffusers'
     # classic AttnProcessor does for upcast_attention=True; no effect in fp32.
     upcast_attention: bool = False
+    # SDXL's vector conditioning y (sgm's `adm_in_channels`, 2816): the pooled text embedding and
+    # the Fourier features of the six size-and-crop ids, through `label_emb` into the timestep
+    # embedding. None: no y (SD 1.x and 2.x).
+    adm_in_channels: int | None = None
+    size_embed_dim: int = 256  # the Fourier features of each size-and-crop id (SDXL: 256)
+
+    def depth(self, level: int | None) -> int:
+        """Transformer blocks at `level` (None: the middle block)."""
+        if isinstance(self.transformer_depth, int):
+            return self.transformer_depth
+        return self.transformer_depth[-1 if level is None else level]
 
 
 @dataclass(frozen=True)
@@ -132,6 +148,13 @@ class ModelConfig:
     unet: UNetConfig = field(default_factory=UNetConfig)
     vae: VAEConfig = field(default_factory=VAEConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    # SDXL's second text encoder (OpenCLIP ViT-bigG/14); its states follow the first's on the
+    # channel axis, and its pooled projection feeds the UNet's y. None: one encoder (SD 1.x, 2.x).
+    text_encoder_2: TextEncoderConfig | None = None
+
+    @property
+    def is_sdxl(self) -> bool:
+        return self.text_encoder_2 is not None
 
 
 SD15 = ModelConfig()
@@ -172,6 +195,42 @@ TINY_SD2 = ModelConfig(
     vae=TINY.vae,
     schedule=ScheduleConfig(prediction_type="v_prediction"),
 )
+
+# Stable Diffusion XL base 1.0 (Podell et al. 2023; sgm's configs/inference/sd_xl_base.yaml):
+# three levels, no attention at the first, 1/2/10 transformer blocks per level (10 in the
+# middle), 64-wide heads, a 2048-wide context: CLIP ViT-L/14's penultimate states (768) beside
+# OpenCLIP ViT-bigG/14's (1280), neither layer-normed. y = bigG's pooled projection (1280) and
+# six 256-wide size-and-crop features (1536). Same VAE architecture, new weights, scale 0.13025.
+# SDXL's scheduler_config.json: Euler, "leading" spacing, SD 1.5's betas.
+SDXL = ModelConfig(
+    text_encoder=TextEncoderConfig(clip_skip=2, final_norm=False),
+    unet=UNetConfig(
+        channel_mult=(1, 2, 4), attention_levels=(1, 2), head_dim=64, transformer_depth=(1, 2, 10),
+        context_dim=2048, use_linear_proj=True, adm_in_channels=2816,
+    ),
+    vae=VAEConfig(scaling_factor=0.13025),
+    schedule=ScheduleConfig(timestep_spacing="leading"),
+    text_encoder_2=TextEncoderConfig(
+        width=1280, layers=32, heads=20, mlp_width=5120, activation="gelu", open_clip=True, final_norm=False
+    ),
+)
+
+# SDXL's layout at TINY's sizes (as diffusers' own SDXL test components): two 32-wide encoders,
+# three levels with attention at the last two, 8-wide size features (y: 32 + 6 x 8 = 80).
+TINY_SDXL = ModelConfig(
+    text_encoder=dataclasses.replace(TINY.text_encoder, clip_skip=2, final_norm=False),
+    unet=UNetConfig(
+        model_channels=32, channel_mult=(1, 2, 2), num_res_blocks=1, attention_levels=(1, 2), head_dim=16,
+        transformer_depth=(1, 1, 2), context_dim=64, use_linear_proj=True, norm_groups=8, adm_in_channels=80,
+        size_embed_dim=8,
+    ),
+    vae=dataclasses.replace(TINY.vae, scaling_factor=0.13025),
+    schedule=SDXL.schedule,
+    text_encoder_2=dataclasses.replace(
+        TINY.text_encoder, layers=3, activation="gelu", open_clip=True, final_norm=False
+    ),
+)
+
 
 @dataclass(frozen=True)
 class ModelSection:
@@ -338,7 +397,10 @@ class TrainConfig:
     eval: EvalSection = field(default_factory=EvalSection)
 
 
-ARCHITECTURES = {"sd15": SD15, "tiny": TINY, "sd21": SD21, "sd21-base": SD21_BASE, "tiny-sd2": TINY_SD2}
+ARCHITECTURES = {
+    "sd15": SD15, "tiny": TINY, "sd21": SD21, "sd21-base": SD21_BASE, "tiny-sd2": TINY_SD2,
+    "sdxl": SDXL, "tiny-sdxl": TINY_SDXL,
+}
 
 
 def image_size_multiple(vae_levels: int, unet_levels: int) -> int:
@@ -492,6 +554,8 @@ def coerce(value, hint, where: str):
             return None
         raise ConfigError(f"{where}: must not be empty")
     for member in alternatives:
+        if dataclasses.is_dataclass(member) and isinstance(value, dict):  # e.g. text_encoder_2: TextEncoderConfig | None
+            return from_dict(member, value, where, sep=".")
         if member is bool and isinstance(value, bool):
             return value
         if member is int and isinstance(value, int) and not isinstance(value, bool):

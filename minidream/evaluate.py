@@ -38,7 +38,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 import minidream
-from minidream.config import CLIP_PREPROCESS, DINO_PREPROCESS, ImagePreprocessConfig, check_image_size
+from minidream.config import CLIP_PREPROCESS, DINO_PREPROCESS, ImagePreprocessConfig
 from minidream.dreambooth_prompts import LIVE_CLASSES, PROMPT_LISTS, subject_prompts
 from minidream.eval_report import (
     PAPER_TABLE,
@@ -64,9 +64,11 @@ from minidream.sampling_flags import (
     Sampling,
     add_sampling_flags,
     check_flags_fit,
+    check_image_size_flags,
     check_sampling_flags,
     device_and_dtype,
     draw,
+    fill_model_defaults,
     lora_hashes,
     parameters_text,
     sampling_of,
@@ -343,14 +345,14 @@ class Job:
 def prepare(args: argparse.Namespace) -> Job:
     """Read the prompts, the photos and every model; ValueError (one line) for what is wrong."""
     device, dtype = device_and_dtype(args)
-    what = f"--width {args.width} --height {args.height}"
-    check_image_size(args.width, args.height, size_multiple(args.weights, "sd15"), what)  # before any model loads
+    check_image_size_flags(args, size_multiple(args.weights, "sd15"))  # before any model loads
     prompt_list, templates = read_prompt_templates(args.prompts, args.class_noun)
     real_images = subject_images(args.subject_dir)
     # The evaluation models are small: fp32, whatever the sampling dtype.
     models = eval_models(_load("--clip", load_clip, args.clip, device), _load("--dino", load_dino, args.dino, device))
     pipe = load_pipeline(args.weights, device=device, dtype=dtype, loras=args.lora, prediction_type=args.prediction_type)
     check_flags_fit(args, pipe)  # refuses e.g. too many steps
+    fill_model_defaults(args, pipe.config)  # the family's size and guidance, as the images and eval.json record them
     prove_writable(args.out)  # WriteError now rather than after the images are drawn
     sampling = sampling_of(args)
     prompts = subject_prompts(templates, args.identifier, args.class_noun)

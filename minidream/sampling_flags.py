@@ -14,9 +14,9 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from minidream.config import PREDICTION_TYPES, SAMPLERS
+from minidream.config import PREDICTION_TYPES, SAMPLERS, ModelConfig, check_image_size
 from minidream.diffusion.samplers import KARRAS_SAMPLERS, check_sampler_options, make_sampler
-from minidream.diffusion.sampling import generate
+from minidream.diffusion.sampling import SizeConditioning, clip_skip_limit, family_defaults, generate
 from minidream.io.lora_files import lora_argument, lora_hash
 from minidream.models.pipeline import Pipeline
 from minidream.models.precision import DTYPES
@@ -39,26 +39,45 @@ A1111_NAMES = {
     "ddim": "DDIM", "ddpm": "DDPM", "euler-a": "Euler a", "dpmpp-2m": "DPM++ 2M", "euler": "Euler", "heun": "Heun",
     "plms": "PLMS", "lms": "LMS", "dpmpp-2m-sde": "DPM++ 2M SDE", "unipc": "UniPC",
 }  # fmt: skip
+SIZE_FLAGS = ("original_size", "crop_top_left", "target_size")  # SDXL's micro-conditioning, as args names them
 
 
 def add_sampling_flags(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--negative-prompt", default="", help="what to steer away from (default: none)")
+    parser.add_argument("--negative-prompt", default=None,
+                        help='what to steer away from (default: none, which SDXL models take as zero embeddings, '
+                        'as diffusers does, and SD 1.x/2.x as the empty prompt); an explicit --negative-prompt "" '
+                        "is encoded like any prompt, as diffusers and ComfyUI do (A1111 zeroes it instead)")
     parser.add_argument("--batch-size", type=int, default=1, help="images denoised together (default: %(default)s)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the first image; image i uses seed+i (default: %(default)s)")
-    parser.add_argument("--steps", type=int, default=50, help="denoising steps (default: %(default)s)")
+    parser.add_argument("--steps", type=int, default=50, help="denoising steps (default: %(default)s, diffusers' for every family)")
     parser.add_argument("--sampler", choices=SAMPLERS, default="ddim",
                         help=" | ".join(f"{name}: {use}" for name, use in SAMPLER_USES.items()) + " (default: %(default)s)")
     parser.add_argument("--karras", action="store_true",
                         help=f"Karras sigma spacing, often better at few steps ({', '.join(KARRAS_SAMPLERS)})")
-    parser.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale; 1 disables it (default: %(default)s)")
+    parser.add_argument("--guidance", type=float, default=None,
+                        help="classifier-free guidance scale; 1 disables it (default: 7.5 for SD 1.x/2.x, 5.0 for SDXL)")
     parser.add_argument("--guidance-rescale", type=float, default=0.0, metavar="PHI",
                         help="guidance rescale phi in [0, 1] (Lin et al. 2024; 0.7 for zero-terminal-SNR models; default: off)")
     parser.add_argument("--eta", type=float, default=0.0, help="DDIM noise: 0 deterministic, 1 ancestral (default: %(default)s)")
     parser.add_argument("--clip-skip", type=int, default=None, metavar="N",
-                        help="condition on text-encoder layer -N: 2 = penultimate, as SD UIs count (default: the model's, 1)")
-    size_rule = "multiples of 64 for SD 1.x/2.x (8 x 2^(UNet levels - 1) in general; checked before the model loads)"
-    parser.add_argument("--height", type=int, default=512, help=f"pixels, {size_rule} (default: %(default)s)")
-    parser.add_argument("--width", type=int, default=512, help=f"pixels, {size_rule} (default: %(default)s)")
+                        help="condition on an earlier text-encoder layer: SD 1.x reads layer -N (2 = penultimate, as "
+                        "SD UIs count); SD 2.x and SDXL count from the penultimate layer they read (1 = it, 2 = one "
+                        "earlier) (default: the model's)")
+    size_rule = ("multiples of 64 for SD 1.x/2.x and 32 for SDXL (8 x 2^(UNet levels - 1) in general; checked "
+                 "before the model loads); default: 512 for SD 1.x/2.x, 1024 for SDXL")
+    parser.add_argument("--height", type=int, default=None, help=f"pixels, {size_rule}")
+    parser.add_argument("--width", type=int, default=None, help=f"pixels, {size_rule}")
+    sizes = parser.add_argument_group(
+        "SDXL micro-conditioning",
+        "SDXL was trained told each photo's size before it was resized and where it was cropped (Podell et al. "
+        "2023, sec. 2.2); sampling with other values changes the look. Defaults, as diffusers': original size = "
+        "target size = the image's, crop 0 0. SD 1.x/2.x models take none of these.",
+    )
+    sizes.add_argument("--original-size", type=int, nargs=2, metavar=("H", "W"),
+                       help="the size the model is told the image had: smaller looks blurrier, as an upscaled photo")
+    sizes.add_argument("--crop-top-left", type=int, nargs=2, metavar=("TOP", "LEFT"),
+                       help="the crop's top-left corner in the original: nonzero values draw subjects cut off at the edges")
+    sizes.add_argument("--target-size", type=int, nargs=2, metavar=("H", "W"), help="the size the model is told it makes")
     parser.add_argument("--lora", action="append", type=lora_argument, default=[], metavar="PATH[:SCALE]",
                         help="merge this LoRA file into the model at strength SCALE (default 1); repeat for several")
     parser.add_argument("--prediction-type", choices=PREDICTION_TYPES, default=None,
@@ -71,8 +90,13 @@ def add_sampling_flags(parser: argparse.ArgumentParser) -> None:
 def check_sampling_flags(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     """parser.error (exit 2, one line) for flag values that cannot work together. (Which sizes the
     model takes is checked by the commands, from its file: config.check_image_size.)"""
-    if args.height <= 0 or args.width <= 0:
-        parser.error(f"--height and --width must be positive, got {args.height}x{args.width}")
+    if any(side is not None and side <= 0 for side in (args.height, args.width)):
+        given = "x".join("(default)" if side is None else str(side) for side in (args.height, args.width))
+        parser.error(f"--height and --width must be positive, got {given}")
+    for name in SIZE_FLAGS:
+        values, lowest = getattr(args, name), 0 if name == "crop_top_left" else 1
+        if values is not None and min(values) < lowest:
+            parser.error(f"--{name.replace('_', '-')} {values[0]} {values[1]}: each value must be at least {lowest}")
     for name in ("batch_size", "steps"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1")
@@ -92,17 +116,43 @@ def check_sampling_flags(parser: argparse.ArgumentParser, args: argparse.Namespa
         parser.error("--device cuda: torch sees no CUDA GPU")
 
 
+def check_image_size_flags(args: argparse.Namespace, multiple: int) -> None:
+    """ConfigError unless the --height and --width given are multiples of `multiple` (io/weights.size_multiple,
+    read before the model loads); a side left out takes the model's default size, which fits."""
+    width, height = args.width or args.height, args.height or args.width
+    if width is not None:
+        sides = (("width", args.width), ("height", args.height))
+        given = " ".join(f"--{name} {side}" for name, side in sides if side is not None)
+        check_image_size(width, height, multiple, given)
+
+
 def check_flags_fit(args: argparse.Namespace, pipe: Pipeline) -> None:
     """ValueError for what the loaded checkpoint cannot take (more steps than it was trained
-    with, a clip skip deeper than its text encoder): refused before any image, not as a
-    traceback from the first."""
+    with, a clip skip deeper than its text encoder, size conditioning for a model without it):
+    refused before any image, not as a traceback from the first."""
     make_sampler(args.sampler, pipe.config.schedule, args.steps, args.eta, args.karras)
-    check_clip_skip(args.clip_skip, pipe.config.text_encoder.conditioning_layers)
+    check_clip_skip(args.clip_skip, clip_skip_limit(pipe.config))
+    given = [name for name in SIZE_FLAGS if getattr(args, name) is not None]
+    if given and not pipe.config.is_sdxl:
+        raise ValueError(f"--{given[0].replace('_', '-')}: only SDXL models take size conditioning; this is SD 1.x/2.x")
+
+
+def fill_model_defaults(args: argparse.Namespace, config: ModelConfig) -> None:
+    """Give the size and guidance flags left out the model family's defaults (and, for SDXL, the
+    size conditioning diffusers' defaults), in place: `args` then hold every setting the images
+    are drawn with, as their PNG text records them."""
+    defaults = family_defaults(config)
+    args.height, args.width = (defaults.size if side is None else side for side in (args.height, args.width))
+    args.guidance = defaults.guidance if args.guidance is None else args.guidance
+    if config.is_sdxl:
+        image = [args.height, args.width]
+        args.original_size, args.target_size = args.original_size or image, args.target_size or image
+        args.crop_top_left = args.crop_top_left or [0, 0]
 
 
 def check_clip_skip(clip_skip: int | None, layers: int | None = None) -> None:
     """ValueError unless --clip-skip (None: the model's) is at least 1 and, once the text encoder
-    is known, at most its `layers` (TextEncoderConfig.conditioning_layers)."""
+    is known, at most its `layers` (sampling.clip_skip_limit)."""
     if clip_skip is not None and clip_skip < 1:
         raise ValueError(f"--clip-skip must be at least 1, got {clip_skip}")
     if clip_skip is not None and layers is not None and clip_skip > layers:
@@ -116,26 +166,30 @@ def device_and_dtype(args: argparse.Namespace) -> tuple[torch.device, torch.dtyp
 
 @dataclass(frozen=True)
 class Sampling:
-    """How images are drawn: the sampling flags, as `generate` takes them."""
+    """How images are drawn: the sampling flags, as `generate` takes them (None: the model family's
+    size and guidance; no negative prompt)."""
 
     steps: int = 50
     sampler: str = "ddim"
-    guidance: float = 7.5
+    guidance: float | None = None
     eta: float = 0.0
     karras: bool = False
-    height: int = 512
-    width: int = 512
-    negative_prompt: str = ""
+    height: int | None = None
+    width: int | None = None
+    negative_prompt: str | None = None
     batch_size: int = 4
     guidance_rescale: float = 0.0
     clip_skip: int | None = None
+    sizes: SizeConditioning = SizeConditioning()
 
 
 def sampling_of(args: argparse.Namespace) -> Sampling:
+    original, target = (None if pair is None else tuple(pair) for pair in (args.original_size, args.target_size))
+    sizes = SizeConditioning(original, tuple(args.crop_top_left or (0, 0)), target)
     return Sampling(
         steps=args.steps, sampler=args.sampler, guidance=args.guidance, eta=args.eta, karras=args.karras,
         height=args.height, width=args.width, negative_prompt=args.negative_prompt, batch_size=args.batch_size,
-        guidance_rescale=args.guidance_rescale, clip_skip=args.clip_skip,
+        guidance_rescale=args.guidance_rescale, clip_skip=args.clip_skip, sizes=sizes,
     )  # fmt: skip
 
 
@@ -143,11 +197,13 @@ def draw(
     pipe: Pipeline, prompts: Sequence[str], seeds: Sequence[int], sampling: Sampling, show_progress: bool = False
 ) -> list[Image.Image]:
     """One image per (prompt, seed), all in one batch: `generate` with the sampling settings."""
+    negatives = None if sampling.negative_prompt is None else [sampling.negative_prompt] * len(prompts)
     return generate(
-        pipe, list(prompts), list(seeds), negative_prompts=[sampling.negative_prompt] * len(prompts),
+        pipe, list(prompts), list(seeds), negative_prompts=negatives,
         steps=sampling.steps, sampler=sampling.sampler, guidance=sampling.guidance, eta=sampling.eta,
         height=sampling.height, width=sampling.width, karras=sampling.karras,
-        guidance_rescale=sampling.guidance_rescale, clip_skip=sampling.clip_skip, show_progress=show_progress,
+        guidance_rescale=sampling.guidance_rescale, clip_skip=sampling.clip_skip, sizes=sampling.sizes,
+        show_progress=show_progress,
     )  # fmt: skip
 
 
@@ -157,7 +213,8 @@ def lora_hashes(args: argparse.Namespace) -> dict[str, str]:
 
 
 def parameters_text(args: argparse.Namespace, prompt: str, seed: int, hashes: Mapping[str, str]) -> str:
-    """The A1111-style "parameters" PNG text: prompt, negative prompt, then the settings line.
+    """The A1111-style "parameters" PNG text: prompt, negative prompt, then the settings line
+    (`args` after fill_model_defaults, so the size and guidance are the ones drawn with).
 
     LoRAs as A1111 writes them: a `<lora:name:strength>` tag in the prompt (what its prompt
     parser applies when the text is pasted back) and `Lora hashes: "name: hash, ..."` in the
@@ -165,13 +222,27 @@ def parameters_text(args: argparse.Namespace, prompt: str, seed: int, hashes: Ma
     """
     tags = "".join(f" <lora:{path.stem}:{scale:g}>" for path, scale in args.lora)
     sampler = f"{A1111_NAMES[args.sampler]}{' Karras' if args.karras else ''}"
+    sdxl = args.original_size is not None  # fill_model_defaults sets it for SDXL models only
     extras = (f", CFG Rescale phi: {args.guidance_rescale}" if args.guidance_rescale else "") + (
         f", Clip skip: {args.clip_skip}" if args.clip_skip else ""
-    )
+    ) + (sdxl_settings_text(args) if sdxl else "")
     loras = ', '.join(f"{name}: {digest}" for name, digest in hashes.items())
     return (
-        f"{prompt}{tags}\nNegative prompt: {args.negative_prompt}\n"
+        f"{prompt}{tags}\nNegative prompt: {args.negative_prompt or ''}\n"
         f"Steps: {args.steps}, Sampler: {sampler}, CFG scale: {args.guidance}, Seed: {seed}, "
         f"Size: {args.width}x{args.height}, Eta: {args.eta}{extras}, Model: {Path(args.weights).name}"
         + (f', Lora hashes: "{loras}"' if loras else "")
+    )
+
+
+def sdxl_settings_text(args: argparse.Namespace) -> str:
+    """The size conditioning, in A1111's style: A1111 itself writes none (its crop is a global
+    setting, sdxl_crop_top/left, "crop top/left coordinate"; its sizes are the image's), so the
+    crop takes those names and the sizes are width x height like its "Size". And an explicit empty
+    negative prompt, which minidream encodes where A1111 (reading "Negative prompt: " back) zeroes it."""
+    (original_h, original_w), (top, left), (target_h, target_w) = args.original_size, args.crop_top_left, args.target_size
+    encoded_empty = ", Empty negative prompt: encoded" if args.negative_prompt == "" else ""
+    return (
+        f", Original size: {original_w}x{original_h}, Crop top: {top}, Crop left: {left}, "
+        f"Target size: {target_w}x{target_h}{encoded_empty}"
     )

@@ -7,6 +7,8 @@ import re
 import subprocess
 import sys
 
+import pytest
+
 from bench import (
     memory,
     sampling_loop,
@@ -15,16 +17,21 @@ from bench import (
     unet_train_step,
     vae,
 )
+from bench.common import SD15_TFLOP
+from bench.models import counted_unet_tflop
+from minidream.config import SD15
 
-TINIEST = ["--device", "cpu", "--config", "tiny", "--warmup", "0", "--repeats", "1"]
+TIMING = ["--device", "cpu", "--warmup", "0", "--repeats", "1"]
+TINIEST = [*TIMING, "--config", "tiny"]
 
 
-def assert_timed(rows, count: int) -> None:
+def assert_timed(rows, count: int, has_flops: bool) -> None:
+    """has_flops: the UNet's rows carry model FLOPs at any shape (counted), the VAE's at SD 1.5's only."""
     assert len(rows) == count
     for row in rows:
         assert row.minidream_s > 0 and row.diffusers_s > 0
         assert math.isfinite(row.ratio)
-        assert row.tflop_per_call is None  # DESIGN.md's FLOPs are for SD 1.5, not the tiny config
+        assert (row.tflop_per_call > 0) if has_flops else (row.tflop_per_call is None)
 
 
 def assert_table(printed: str, module: str, data_rows: int) -> None:
@@ -35,16 +42,33 @@ def assert_table(printed: str, module: str, data_rows: int) -> None:
     assert len(table) == 1 + data_rows
 
 
-def test_unet_train_step(capsys):
-    rows = unet_train_step.main([*TINIEST, "--latent", "8", "--batches", "1", "2"])
-    assert_timed(rows, 2)
+@pytest.mark.parametrize("config", ["tiny", "tiny-sdxl"])
+def test_unet_train_step(capsys, config):
+    rows = unet_train_step.main([*TIMING, "--config", config, "--latent", "8", "--batches", "1", "2"])
+    assert_timed(rows, 2, has_flops=True)
     assert [row.items for row in rows] == [1, 2]
     assert_table(capsys.readouterr().out, "unet_train_step", 2)
 
 
-def test_sampling_loop_times_identical_runs(capsys):
-    rows = sampling_loop.main([*TINIEST, "--latent", "8", "--steps", "2"])
-    assert_timed(rows, 1)
+@pytest.mark.parametrize("config", ["tiny", "tiny-sdxl"])
+def test_unet_sampling_step(capsys, config):
+    rows = unet_train_step.main([*TIMING, "--config", config, "--latent", "8", "--batches", "1", "--workload", "sample"])
+    assert_timed(rows, 1, has_flops=True)
+    assert rows[0].benchmark == "UNet guided sampling step"
+    assert_table(capsys.readouterr().out, "unet_train_step", 1)
+
+
+def test_counted_unet_flops_equal_design_mds_at_sd15():
+    """FlopCounterMode's count (every shape but SD 1.5's) against DESIGN.md's SD 1.5 figures at
+    512 px: 0.80 TFLOP forward, 2.41 forward and backward, per sample."""
+    for backward, figure in ((False, SD15_TFLOP["unet_forward"]), (True, SD15_TFLOP["unet_train"])):
+        assert counted_unet_tflop(SD15.unet, 1, 64, 77, backward) == pytest.approx(figure, rel=5e-3)
+
+
+@pytest.mark.parametrize("config", ["tiny", "tiny-sdxl"])
+def test_sampling_loop_times_identical_runs(capsys, config):
+    rows = sampling_loop.main([*TIMING, "--config", config, "--latent", "8", "--steps", "2"])
+    assert_timed(rows, 1, has_flops=True)
     printed = capsys.readouterr().out
     assert_table(printed, "sampling_loop", 1)
     difference = float(re.search(r"max \|minidream - diffusers\| = (\S+)", printed).group(1))
@@ -53,7 +77,7 @@ def test_sampling_loop_times_identical_runs(capsys):
 
 def test_vae(capsys):
     rows = vae.main([*TINIEST, "--image", "32"])
-    assert_timed(rows, 2)
+    assert_timed(rows, 2, has_flops=False)
     assert_table(capsys.readouterr().out, "vae", 2)
 
 

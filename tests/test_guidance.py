@@ -65,7 +65,7 @@ def test_guided_prediction_uses_one_batched_call_and_equals_two_separate_calls(s
     uncond_ctx, cond_ctx = pair(seed + 1, (2, 7, 8))
     t = torch.tensor([10, 900])
     model = CountingModel()
-    got = guidance.guided_prediction(model, x, t, uncond_ctx, cond_ctx, scale, phi)
+    got = guidance.guided_prediction(model, x, t, (uncond_ctx,), (cond_ctx,), scale, phi)
     assert model.calls == 1
     uncond, cond = model(x, t, uncond_ctx), model(x, t, cond_ctx)
     expected = guidance.combine(uncond, cond, scale)
@@ -83,7 +83,7 @@ def test_guided_prediction_scale_one_skips_the_unconditional_half():
         seen.append(x.shape[0])
         return x * 2
 
-    out = guidance.guided_prediction(model, x, torch.tensor(5), uncond_ctx, cond_ctx, 1.0)
+    out = guidance.guided_prediction(model, x, torch.tensor(5), (uncond_ctx,), (cond_ctx,), 1.0)
     assert seen == [2] and torch.equal(out, x * 2)
 
 
@@ -91,9 +91,27 @@ def test_scalar_timestep_is_broadcast_to_the_doubled_batch():
     x, _ = pair(0, (2, 4, 3, 3))
     uncond_ctx, cond_ctx = pair(1, (2, 7, 8))
     model = CountingModel()
-    got = guidance.guided_prediction(model, x, torch.tensor(500), uncond_ctx, cond_ctx, 7.5)
+    got = guidance.guided_prediction(model, x, torch.tensor(500), (uncond_ctx,), (cond_ctx,), 7.5)
     t = torch.tensor([500, 500])
     expected = guidance.combine(model(x, t, uncond_ctx), model(x, t, cond_ctx), 7.5)
+    torch.testing.assert_close(got, expected, atol=1e-12, rtol=0)
+
+
+def test_every_conditioning_argument_is_doubled_unconditional_half_first():
+    """SDXL's UNet takes (x, t, context, y): y is doubled beside the context, in the same order."""
+    x, _ = pair(0, (2, 4, 3, 3))
+    uncond_ctx, cond_ctx = pair(1, (2, 7, 8))
+    uncond_y, cond_y = pair(2, (2, 5))
+    calls = []
+
+    def model(x, t, context, y):
+        calls.append(x.shape[0])
+        return torch.sin(x) + context.mean(dim=(1, 2)).reshape(-1, 1, 1, 1) * y.sum(dim=1).reshape(-1, 1, 1, 1)
+
+    got = guidance.guided_prediction(model, x, torch.tensor(3), (uncond_ctx, uncond_y), (cond_ctx, cond_y), 7.5)
+    t = torch.tensor([3, 3])
+    expected = guidance.combine(model(x, t, uncond_ctx, uncond_y), model(x, t, cond_ctx, cond_y), 7.5)
+    assert calls[0] == 4
     torch.testing.assert_close(got, expected, atol=1e-12, rtol=0)
 
 

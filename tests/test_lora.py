@@ -16,7 +16,7 @@ from transformers import CLIPTextModel as TransformersCLIPTextModel
 
 from minidream.config import SD15, TINY
 from minidream.io.diffusers_layout import unet_config_to_diffusers
-from minidream.io.lora_files import unet_layers
+from minidream.io.lora_names import unet_layers
 from minidream.models import lora
 from minidream.models.clip import CLIPTextModel
 from minidream.models.unet import UNet

@@ -211,7 +211,7 @@ def test_open_clip_adapters_are_those_of_the_transformers_layout():
     twin.load_state_dict(open_clip_layout.to_transformers(state, cfg.layers))
     names = lora.add_lora(ours, "all", rank=2, alpha=4, generator=5)
     twin_names = lora.add_lora(twin, "all", rank=2, alpha=4, generator=5)
-    mapping = {ours_name: theirs for ours_name, (theirs, _) in open_clip_layout.lora_layers(cfg).items()}
+    mapping = {ours_name: theirs for ours_name, (theirs, _) in open_clip_layout.lora_layers(cfg, lora.lora_resblocks(cfg)).items()}
     assert [mapping[name] for name in names] == twin_names
     theirs = lora.adapters_of(twin)
     for name, adapter in lora.adapters_of(ours).items():

@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 
 from minidream.config import ScheduleConfig
 from minidream.diffusion import samplers, schedule
-from minidream.diffusion.sampling import denoise, image_generators
+from minidream.diffusion.sampling import Conditioning, denoise, image_generators
 
 # diffusers' own schedulers trip over numpy 2's __array__ protocol; not ours to fix.
 pytestmark = [
@@ -423,7 +423,7 @@ def test_denoise_counts_every_unet_call_in_its_progress(name, calls):
 
     pipe = SimpleNamespace(unet=unet, config=SimpleNamespace(schedule=ScheduleConfig()), dtype=torch.float32,
                            device=torch.device("cpu"))
-    context = torch.zeros(1, 77, 8)
+    conditioning = Conditioning(torch.zeros(1, 77, 8))
     with tqdm(total=5, file=io.StringIO()) as bar:
-        denoise(pipe, context, context, image_generators([0]), (4, 8, 8), name, 5, 1.0, progress=bar)
+        denoise(pipe, conditioning, conditioning, image_generators([0]), (4, 8, 8), name, 5, 1.0, progress=bar)
         assert bar.n == bar.total == len(unet_calls) == calls

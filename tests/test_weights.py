@@ -320,17 +320,13 @@ def test_scheduler_settings_minidream_cannot_honour_are_refused(tiny_folder, tmp
     assert_one_clear_line(error, config_file, fragment)
 
 
-# ---- what is not SD 1.x (SD 2.x: test_sd2_single_file.py) ------------------------------------------
+# ---- what is not SD 1.x (SD 2.x: test_sd2_single_file.py; SDXL: test_sdxl_files.py) -----------------
 
 def z():
     return torch.zeros(1)  # a fresh tensor each time: safetensors refuses to write one tensor twice
 
 
 NOT_SD1 = {
-    "sdxl": (
-        {"model.diffusion_model.label_emb.0.0.weight": z(), "conditioner.embedders.0.transformer.text_model.x": z()},
-        "an SDXL checkpoint",
-    ),
     "label-emb": ({"model.diffusion_model.label_emb.0.0.weight": z()}, "a UNet with class/size conditioning"),
     "inpainting": ({"model.diffusion_model.input_blocks.0.0.weight": torch.zeros(2, 9, 3, 3)}, "an SD 1.x inpainting model"),
     "lora-kohya": ({"lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight": z()}, "a LoRA"),
@@ -351,7 +347,6 @@ def test_other_architectures_get_one_line_saying_what_they_are(tmp_path, kind):
 
 
 @pytest.mark.parametrize("change, what", [
-    (lambda f: edit_json(f / "model_index.json", {"_class_name": "StableDiffusionXLPipeline"}), "an SDXL pipeline"),
     (lambda f: edit_json(f / "unet" / "config.json", {"in_channels": 9}), "an inpainting pipeline"),
     (lambda f: edit_json(f / "unet" / "config.json", {"in_channels": 5}), "a depth-to-image pipeline"),
 ])

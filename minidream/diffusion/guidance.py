@@ -1,10 +1,13 @@
 """Classifier-free guidance (Ho & Salimans 2022) from one batched model call.
 
 The unconditional and conditional predictions come from a single forward over a doubled
-batch, unconditional half first, so the UNet runs once per sampling step.
+batch, unconditional half first, so the UNet runs once per sampling step. The conditioning is
+the model's arguments after x and t, doubled one by one: the UNet's text context, and for SDXL
+also its vector conditioning y (diffusers' SDXL pipeline doubles embeddings, pooled vectors and
+time ids alike, negative first).
 """
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -37,23 +40,25 @@ def rescale(guided: torch.Tensor, cond: torch.Tensor, phi: float) -> torch.Tenso
 
 
 def guided_prediction(
-    model: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor],
+    model: Callable[..., torch.Tensor],
     x: torch.Tensor,
     t: torch.Tensor,
-    uncond_context: torch.Tensor,
-    cond_context: torch.Tensor,
+    uncond: Sequence[torch.Tensor],
+    cond: Sequence[torch.Tensor],
     scale: float,
     rescale_phi: float = 0.0,
 ) -> torch.Tensor:
-    """The guided model output at (x, t), from one call of `model(x, t, context)`.
+    """The guided model output at (x, t), from one call of `model(x, t, *conditioning)`.
 
+    uncond, cond: the model's arguments after x and t, (context,) or (context, y), each B x ...
     With scale 1 the unconditional half would not change the result, so it is skipped and
     the batch is not doubled.
     """
     if scale == 1.0:
-        return model(x, t, cond_context)
+        return model(x, t, *cond)
     t = t.expand(x.shape[0]) if t.dim() == 0 else t
-    out = model(double_batch(x, x), double_batch(t, t), double_batch(uncond_context, cond_context))
-    uncond, cond = split_batch(out)
-    guided = combine(uncond, cond, scale)
-    return rescale(guided, cond, rescale_phi) if rescale_phi > 0 else guided
+    doubled = [double_batch(u, c) for u, c in zip(uncond, cond, strict=True)]
+    out = model(double_batch(x, x), double_batch(t, t), *doubled)
+    uncond_out, cond_out = split_batch(out)
+    guided = combine(uncond_out, cond_out, scale)
+    return rescale(guided, cond_out, rescale_phi) if rescale_phi > 0 else guided

@@ -5,27 +5,122 @@ Seed rule (docs/sampling.md, "Same seed, same image"): image i owns
 and then the noise of every stochastic step, each of shape (1, 4, H/8, W/8). diffusers does the
 same when given one generator per image, so the two agree image for image, and any image can be
 reproduced alone.
+
+SDXL (Podell et al. 2023) conditions the UNet on two text encoders' states side by side and on a
+vector y: bigG's pooled projection and the micro-conditioning (sec. 2.2: the image's original
+size, crop and target size). Both are doubled under guidance, the negative half first, as in
+diffusers' StableDiffusionXLPipeline, whose defaults this module follows.
 """
 
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import numpy as np
 import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from minidream.config import image_size_multiple
+from minidream.config import ModelConfig, image_size_multiple
 from minidream.diffusion.guidance import guided_prediction
 from minidream.diffusion.samplers import make_sampler
 from minidream.models.pipeline import Pipeline
+from minidream.models.unet import size_conditioning
+
+PIXELS_PER_LATENT = 8  # the VAE's downsampling, in every SD family
+
+
+class Conditioning(NamedTuple):
+    """What prompts condition the UNet on: the text states it attends to (B x 77 x width) and,
+    for SDXL, bigG's pooled projection (B x 1280; None for SD 1.x and 2.x)."""
+
+    context: torch.Tensor
+    pooled: torch.Tensor | None = None
+
+
+class SizeConditioning(NamedTuple):
+    """SDXL's micro-conditioning, each pair (height, width) in pixels (Podell et al. 2023, sec. 2.2):
+    the size the image had before it was resized for training, the top-left corner of the crop
+    taken from it, and the size generated. None: the generated image's size; with crop (0, 0)
+    these are diffusers' defaults (an uncropped image at its own size)."""
+
+    original_size: tuple[int, int] | None = None
+    crop_top_left: tuple[int, int] = (0, 0)
+    target_size: tuple[int, int] | None = None
+
+    def ids(self, height: int, width: int) -> list[int]:
+        """The six ids of an image of height x width, in sgm's and diffusers' order: original
+        height, width, crop top, left, target height, width."""
+        image = (height, width)
+        return [*(self.original_size or image), *self.crop_top_left, *(self.target_size or image)]
+
+
+class FamilyDefaults(NamedTuple):
+    size: int  # pixels per side
+    guidance: float
+
+
+def family_defaults(config: ModelConfig) -> FamilyDefaults:
+    """The image side and guidance scale of diffusers' pipeline for the model's family: SDXL's
+    1024 and 5.0 (StableDiffusionXLPipeline), else SD 1.5's 512 and 7.5, which minidream keeps
+    for SD 2.x too. Both take 50 steps."""
+    return FamilyDefaults(1024, 5.0) if config.is_sdxl else FamilyDefaults(512, 7.5)
 
 
 @torch.no_grad()
-def encode_prompts(pipe: Pipeline, prompts: Sequence[str], clip_skip: int | None = None) -> torch.Tensor:
-    """B prompts -> B x 77 x width text-encoder states, in the pipeline's device and dtype.
-    clip_skip: 2 reads the penultimate layer (None: the text encoder's config)."""
+def encode_prompts(pipe: Pipeline, prompts: Sequence[str], clip_skip: int | None = None) -> Conditioning:
+    """B prompts -> their Conditioning, in the pipeline's device and dtype.
+
+    SDXL: CLIP ViT-L's and bigG's penultimate states, neither layer-normed, concatenated (768 +
+    1280 = 2048 wide), and bigG's pooled projection: sgm's GeneralConditioner, diffusers' encode_prompt.
+    clip_skip (None: the model's setting): SD 1.x conditions on CLIP's layer -clip_skip (2 = the
+    penultimate, as UIs count); SD 2.x and SDXL count from their own penultimate layer (1 = it,
+    2 = one earlier, which is diffusers' SDXL clip_skip=1). The pooled vector always comes from
+    bigG's last layer, as in sgm and diffusers.
+    """
     ids = pipe.tokenizer(list(prompts)).to(pipe.device)
-    return pipe.text_encoder(ids, clip_skip=clip_skip).to(pipe.dtype)
+    if pipe.text_encoder_2 is None:
+        return Conditioning(pipe.text_encoder(ids, clip_skip=clip_skip).to(pipe.dtype))
+    # CLIP-L counts its layers from the last (its SDXL config's clip_skip 2 is the penultimate),
+    # bigG from the penultimate: the same user setting is one more for CLIP-L.
+    states_1 = pipe.text_encoder(ids, clip_skip=None if clip_skip is None else clip_skip + 1)
+    ids_2 = pipe.tokenizer_2(list(prompts)).to(pipe.device)
+    states_2, pooled = pipe.text_encoder_2.encode(ids_2, clip_skip=clip_skip)
+    return Conditioning(torch.cat([states_1, states_2], dim=-1).to(pipe.dtype), pooled.to(pipe.dtype))
+
+
+def clip_skip_limit(config: ModelConfig) -> int:
+    """The largest clip_skip `encode_prompts` takes for this model: the layers its text encoders
+    can count back through (SDXL: CLIP-L's, one used up by its penultimate start, and bigG's)."""
+    if config.text_encoder_2 is None:
+        return config.text_encoder.conditioning_layers
+    return min(config.text_encoder.conditioning_layers - 1, config.text_encoder_2.conditioning_layers)
+
+
+def negative_conditioning(
+    pipe: Pipeline, negative_prompts: Sequence[str] | None, cond: Conditioning, clip_skip: int | None
+) -> Conditioning:
+    """The guidance's unconditional half. Without negative prompts, SDXL conditions on zeros, the
+    states and the pooled vector alike (diffusers' force_zeros_for_empty_prompt, set in SDXL
+    base: its training dropped captions by zeroing the embeddings, sgm's GeneralConditioner),
+    SD 1.x and 2.x on the empty prompt. Negative prompts given, "" included, are encoded."""
+    if negative_prompts is not None:
+        return encode_prompts(pipe, negative_prompts, clip_skip)
+    if pipe.config.is_sdxl:
+        return Conditioning(*(torch.zeros_like(part) for part in cond))
+    return encode_prompts(pipe, [""] * len(cond.context), clip_skip)
+
+
+def unet_arguments(
+    pipe: Pipeline, conditioning: Conditioning, sizes: SizeConditioning, latent_shape: tuple[int, int, int]
+) -> tuple[torch.Tensor, ...]:
+    """The UNet's arguments after x and t: (context,), or for SDXL (context, y), y the pooled
+    vector beside the Fourier features of the six size ids (the same for every image)."""
+    if conditioning.pooled is None:
+        return (conditioning.context,)
+    height, width = (PIXELS_PER_LATENT * side for side in latent_shape[1:])
+    ids = torch.tensor(sizes.ids(height, width), dtype=torch.float32, device=conditioning.pooled.device)
+    batch_ids = ids.expand(conditioning.pooled.shape[0], -1)
+    return conditioning.context, size_conditioning(conditioning.pooled, batch_ids, pipe.config.unet.size_embed_dim)
 
 
 def image_generators(seeds: Sequence[int]) -> list[torch.Generator]:
@@ -41,8 +136,8 @@ def draw_noise(generators: Sequence[torch.Generator], shape: tuple[int, ...], dt
 @torch.no_grad()
 def denoise(
     pipe: Pipeline,
-    cond: torch.Tensor,
-    uncond: torch.Tensor,
+    cond: Conditioning,
+    uncond: Conditioning,
     generators: Sequence[torch.Generator],
     latent_shape: tuple[int, int, int],
     sampler_name: str,
@@ -52,9 +147,13 @@ def denoise(
     karras: bool = False,
     guidance_rescale: float = 0.0,
     progress: tqdm | None = None,
+    sizes: SizeConditioning = SizeConditioning(),
 ) -> torch.Tensor:
-    """Run the sampler from pure noise to clean latents: B x 4 x h x w (unscaled by 0.18215)."""
+    """Run the sampler from pure noise to clean latents: B x 4 x h x w (unscaled by the VAE's
+    scaling factor). sizes: SDXL's micro-conditioning (ignored by SD 1.x and 2.x)."""
     sampler = make_sampler(sampler_name, pipe.config.schedule, steps, eta, karras)
+    cond_arguments = unet_arguments(pipe, cond, sizes, latent_shape)
+    uncond_arguments = unet_arguments(pipe, uncond, sizes, latent_shape)
     if progress is not None:  # one tick per UNet call: Heun makes 2N - 1, PLMS N + 1
         progress.reset(total=len(sampler.timesteps))
     # Every draw is made up front, in the order the seed rule fixes (initial latents, then each
@@ -71,7 +170,9 @@ def denoise(
     for i, noise in enumerate(steps_noise):
         model_input = sampler.scale_model_input(latents, i)
         t_batch = timesteps[i].expand(latents.shape[0])
-        output = guided_prediction(pipe.unet, model_input, t_batch, uncond, cond, guidance, guidance_rescale)
+        output = guided_prediction(
+            pipe.unet, model_input, t_batch, uncond_arguments, cond_arguments, guidance, guidance_rescale
+        )
         latents, state = sampler.step(latents, output, i, state, noise)
         if progress is not None:
             progress.update(1)
@@ -99,33 +200,39 @@ def generate(
     negative_prompts: Sequence[str] | None = None,
     steps: int = 50,
     sampler: str = "ddim",
-    guidance: float = 7.5,
+    guidance: float | None = None,
     eta: float = 0.0,
-    height: int = 512,
-    width: int = 512,
+    height: int | None = None,
+    width: int | None = None,
     karras: bool = False,
     guidance_rescale: float = 0.0,
     clip_skip: int | None = None,
+    sizes: SizeConditioning = SizeConditioning(),
     show_progress: bool = False,
 ) -> list[Image.Image]:
     """One image per (prompt, seed) pair, as PIL images.
 
+    negative_prompts: None = no negative prompt (see `negative_conditioning`: SDXL zeros).
+    guidance, height, width: None = the model family's (`family_defaults`).
     guidance_rescale: phi of guidance rescale (0 = off), as diffusers' `guidance_rescale`.
-    clip_skip: 2 conditions on the penultimate text-encoder layer (None: the model's setting).
+    clip_skip: see `encode_prompts` (None: the model's setting).
+    sizes: SDXL's micro-conditioning (default: diffusers', from height and width).
     """
     if len(prompts) != len(seeds):
         raise ValueError(f"got {len(prompts)} prompts but {len(seeds)} seeds; give one seed per image")
+    defaults = family_defaults(pipe.config)
+    height, width = (defaults.size if side is None else side for side in (height, width))
+    guidance = defaults.guidance if guidance is None else guidance
     multiple = image_size_multiple(len(pipe.config.vae.channel_mult), len(pipe.config.unet.channel_mult))
     if height % multiple or width % multiple:
         raise ValueError(f"this model needs height and width that are multiples of {multiple}, got {height}x{width}")
-    negative_prompts = list(negative_prompts) if negative_prompts is not None else [""] * len(prompts)
     cond = encode_prompts(pipe, prompts, clip_skip)
-    uncond = encode_prompts(pipe, negative_prompts, clip_skip) if guidance != 1.0 else cond
-    latent_shape = (pipe.config.unet.in_channels, height // 8, width // 8)
+    uncond = negative_conditioning(pipe, negative_prompts, cond, clip_skip) if guidance != 1.0 else cond
+    latent_shape = (pipe.config.unet.in_channels, height // PIXELS_PER_LATENT, width // PIXELS_PER_LATENT)
     with tqdm(total=steps, desc="denoising", disable=not show_progress, leave=False) as bar:
         latents = denoise(
             pipe, cond, uncond, image_generators(seeds), latent_shape, sampler, steps, guidance, eta, karras,
-            guidance_rescale, bar,
+            guidance_rescale, bar, sizes,
         )
     return [Image.fromarray(image) for image in decode_latents(pipe, latents)]
 

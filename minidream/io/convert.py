@@ -1,4 +1,4 @@
-"""Convert a Stable Diffusion 1.x or 2.x checkpoint between formats, merge LoRAs into it, or
+"""Convert a Stable Diffusion 1.x, 2.x or XL checkpoint between formats, merge LoRAs into it, or
 convert a LoRA file between the kohya and diffusers layouts.
 
     python -m minidream.convert SRC DST [--format single-file|diffusers] [--dtype fp16|fp32] [--ema] [--lora PATH[:SCALE]]...
@@ -24,22 +24,27 @@ from minidream.io.weights import (
 from minidream.models.precision import DTYPES
 
 DESCRIPTION = """\
-Convert a Stable Diffusion 1.x or 2.x checkpoint between formats, merge LoRAs into it, or
-convert a LoRA file between the kohya/A1111 and diffusers layouts.
+Convert a Stable Diffusion 1.x, 2.x or XL (SDXL base 1.0 and its fine-tunes) checkpoint between
+formats, merge LoRAs into it, or convert a LoRA file between the kohya/A1111 and diffusers layouts.
 
 SRC may be
-  an SD single file       *.safetensors, or *.ckpt / *.pt (read with torch.load(weights_only=True))
+  an SD single file       *.safetensors, or *.ckpt / *.pt (read with torch.load(weights_only=True)), of
+                          SD 1.x, 2.x or XL; SDXL's v-prediction markers (v_pred and ztsnr keys,
+                          modelspec.prediction_type metadata) are read
   a diffusers folder      model_index.json, unet/, vae/, text_encoder/, tokenizer/, scheduler/
+                          (SDXL: also text_encoder_2/, tokenizer_2/)
   a minidream run folder  the model.safetensors that train.py exported
   a LoRA file             *.safetensors with kohya (lora_unet_*, lora_te_*) or diffusers/PEFT
                           (*.lora_A / *.lora_B) keys: converted to the other layout (--format)
 
 DST is written as
   single-file   one *.safetensors with the UNet, VAE and text encoder under the SD key names
-                (model.diffusion_model.*, first_stage_model.*, cond_stage_model.transformer.*),
-                which AUTOMATIC1111, ComfyUI and diffusers' from_single_file open
-  diffusers     a folder that diffusers.StableDiffusionPipeline.from_pretrained opens, with a
-                DDIM scheduler carrying SRC's noise-schedule settings;
+                (model.diffusion_model.*, first_stage_model.*, cond_stage_model.transformer.*;
+                SDXL: conditioner.embedders.0.transformer.* and .1.model.*, and v_pred/ztsnr for a
+                v-prediction model), which AUTOMATIC1111, ComfyUI and diffusers' from_single_file open
+  diffusers     a folder that diffusers' StableDiffusionPipeline (SDXL: StableDiffusionXLPipeline)
+                .from_pretrained opens, with a DDIM (SDXL: Euler) scheduler carrying SRC's
+                noise-schedule settings;
                 for a LoRA SRC: a *.safetensors that diffusers' load_lora_weights opens
   kohya         (a LoRA SRC only, the default) the kohya/A1111 layout ComfyUI and AUTOMATIC1111 map
 
@@ -54,6 +59,7 @@ EXAMPLES = """\
 examples:
   python -m minidream.convert weights/stable-diffusion-v1-5 weights/sd15.safetensors
   python -m minidream.convert weights/sd-v1-4.ckpt weights/sd14-diffusers
+  python -m minidream.convert weights/sd_xl_base_1.0.safetensors weights/sdxl-diffusers
   python -m minidream.convert weights/sd-v1-4-full-ema.ckpt weights/sd14-ema.safetensors --ema --dtype fp32
   python -m minidream.convert runs/dreambooth weights/my-dog.safetensors
   python -m minidream.convert weights/sd15.safetensors weights/sd15-my-dog.safetensors --lora runs/my-dog/lora.safetensors:0.8

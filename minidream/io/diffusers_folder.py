@@ -5,12 +5,15 @@
     text_encoder/              config.json (transformers' CLIPTextConfig) + model.safetensors
     tokenizer/                 vocab.json + merges.txt, or tokenizer.json
     scheduler/                 scheduler_config.json: the noise schedule and timestep spacing
+    text_encoder_2/ tokenizer_2/   (SDXL) OpenCLIP ViT-bigG as CLIPTextModelWithProjection, its tokenizer
 
 The UNet and VAE tensor names and config.json fields are translated by `diffusers_layout`; the
 text encoder's names are minidream's already (transformers >= 5 writes them without the
-`text_model.` level, which is put back on reading). Written folders open with
-`diffusers.StableDiffusionPipeline.from_pretrained(folder)`; the scheduler written is DDIM,
-minidream's default sampler, with the pipeline's schedule settings.
+`text_model.` level, which is put back on reading); SDXL's bigG is OpenCLIP's tower in
+minidream, translated by `open_clip_layout`. Written folders open with diffusers'
+`StableDiffusionPipeline` / `StableDiffusionXLPipeline.from_pretrained(folder)`; the scheduler
+written is DDIM for SD 1.x/2.x (minidream's default sampler) and Euler for SDXL (SDXL's own),
+with the pipeline's schedule settings.
 """
 
 import dataclasses
@@ -21,6 +24,7 @@ from pathlib import Path
 import torch
 
 from minidream.config import (
+    SDXL,
     ModelConfig,
     ScheduleConfig,
     TextEncoderConfig,
@@ -44,11 +48,19 @@ from minidream.io.diffusers_layout import (
     vae_names,
     vae_to_diffusers,
 )
+from minidream.io.transformers_clip import (
+    sdxl_conditioning,
+    text_encoder_config_from_transformers,
+    text_encoder_config_to_transformers,
+    with_projection_shapes,
+)
 from minidream.io.tensor_files import (
+    POSITION_IDS,
     StoredPipeline,
     Tensors,
     WeightsError,
     cast,
+    check_tensors,
     read_tensor_file,
     unsupported,
     with_text_model_prefix,
@@ -59,28 +71,13 @@ from minidream.models.pipeline import Pipeline
 from minidream.models.tokenizer import CLIPTokenizer
 
 PARTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+SDXL_PARTS = ("text_encoder_2", "tokenizer_2")
 # Weights file names in order of preference; the fp16 "variants" are what some repositories hold alone.
 DIFFUSERS_WEIGHTS = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.fp16.safetensors",
                      "diffusion_pytorch_model.bin", "diffusion_pytorch_model.fp16.bin")
 TRANSFORMERS_WEIGHTS = ("model.safetensors", "model.fp16.safetensors", "pytorch_model.bin", "pytorch_model.fp16.bin")
 DIFFUSERS_VERSION = "0.42.1"  # the diffusers release the written folders are tested with
 
-# transformers' CLIPTextConfig field -> TextEncoderConfig field
-TEXT_ENCODER_FIELDS = {
-    "vocab_size": "vocab_size",
-    "max_position_embeddings": "context_length",
-    "hidden_size": "width",
-    "num_hidden_layers": "layers",
-    "num_attention_heads": "heads",
-    "intermediate_size": "mlp_width",
-    "hidden_act": "activation",
-    "layer_norm_eps": "layer_norm_eps",
-    "eos_token_id": "eos_token_id",
-}
-TEXT_ENCODER_OPTIONAL = {"hidden_act", "layer_norm_eps", "eos_token_id"}  # absent: transformers' defaults = SD's
-# SD 1.x's text_encoder/config.json predates real special-token ids and says eos_token_id=2;
-# transformers then takes the largest id in each row, which is EOS (49407), the default here.
-LEGACY_EOS_TOKEN_ID = 2
 # Scheduler options diffusers offers that SD 1.x does not use, with their off values.
 SCHEDULER_OFF = {"trained_betas": None, "thresholding": False}
 
@@ -90,21 +87,24 @@ def is_diffusers_folder(path: Path) -> bool:
 
 
 def read_diffusers_folder(path: Path) -> StoredPipeline:
-    missing = [f"{part}/" for part in PARTS if not (path / part).is_dir()]
+    model_index = _read_json(path / "model_index.json") if (path / "model_index.json").is_file() else {}
+    sdxl = "XL" in str(model_index.get("_class_name", "")) or (path / "text_encoder_2").is_dir()
+    parts = PARTS + (SDXL_PARTS if sdxl else ())
+    missing = [f"{part}/" for part in parts if not (path / part).is_dir()]
+    if sdxl and missing == ["text_encoder/", "tokenizer/"]:  # SDXL's refiner: bigG alone, as text_encoder_2
+        raise unsupported(path, "an SDXL refiner (text_encoder_2/ without text_encoder/), which is not supported")
     if missing:
         raise WeightsError(
             f"{path}: incomplete diffusers folder: no {', '.join(missing)} "
-            f"(a diffusers folder has {', '.join(part + '/' for part in PARTS)})"
+            f"({'an SDXL' if sdxl else 'a'} diffusers folder has {', '.join(part + '/' for part in parts)})"
         )
-    model_index = _read_json(path / "model_index.json") if (path / "model_index.json").is_file() else {}
     unet_json = _read_json(path / "unet" / "config.json")
-    text_json = _read_json(path / "text_encoder" / "config.json")
     what = _unsupported_kind(path, model_index, unet_json)
     if what is not None:
         raise unsupported(path, what)
 
     config = ModelConfig(
-        text_encoder=_parse(path / "text_encoder" / "config.json", text_encoder_config_from_transformers, text_json),
+        text_encoder=_read_text_encoder_config(path / "text_encoder"),
         unet=_parse(path / "unet" / "config.json", unet_config_from_diffusers, unet_json),
         vae=_parse(path / "vae" / "config.json", vae_config_from_diffusers, _read_json(path / "vae" / "config.json")),
         schedule=_parse(
@@ -112,25 +112,25 @@ def read_diffusers_folder(path: Path) -> StoredPipeline:
             schedule_config_from_diffusers,
             _read_json(path / "scheduler" / "scheduler_config.json"),
         ),
+        text_encoder_2=_read_text_encoder_config(path / "text_encoder_2", with_projection=True) if sdxl else None,
     )
-    try:
-        tokenizer = CLIPTokenizer.from_folder(path / "tokenizer", context_length=config.text_encoder.context_length)
-    except (OSError, ValueError, KeyError) as error:
-        raise WeightsError(f"{path / 'tokenizer'}: unreadable tokenizer ({error})") from None
+    if sdxl:
+        config = dataclasses.replace(config, text_encoder=sdxl_conditioning(config.text_encoder, SDXL.text_encoder),
+                                     text_encoder_2=sdxl_conditioning(config.text_encoder_2, SDXL.text_encoder_2))
     return StoredPipeline(
         config=config,
-        tokenizer=tokenizer,
+        tokenizer=_read_tokenizer(path / "tokenizer", config.text_encoder),
         unet=_read_renamed(path / "unet", "UNet", unet_names(config.unet), unet_from_diffusers, config.unet),
         vae=_read_renamed(path / "vae", "AutoencoderKL", vae_names(config.vae), vae_from_diffusers, config.vae),
         text_encoder=_read_text_encoder(path / "text_encoder"),
+        text_encoder_2=_read_text_encoder_2(path / "text_encoder_2", config.text_encoder_2) if sdxl else None,
+        tokenizer_2=_read_tokenizer(path / "tokenizer_2", config.text_encoder_2) if sdxl else None,
     )
 
 
 def _unsupported_kind(path: Path, model_index: dict, unet_json: dict) -> str | None:
-    """What the folder is when it is not an SD 1.x/2.x text-to-image pipeline (None when it is one)."""
+    """What the folder is when it is not an SD 1.x/2.x/XL text-to-image pipeline (None when it is one)."""
     pipeline_class = str(model_index.get("_class_name", ""))
-    if "XL" in pipeline_class or (path / "text_encoder_2").is_dir():
-        return "an SDXL pipeline"
     if "Inpaint" in pipeline_class or unet_json.get("in_channels") == 9:
         return "an inpainting pipeline (UNet with 9 input channels)"
     if "Depth2Img" in pipeline_class or unet_json.get("in_channels") == 5:
@@ -156,6 +156,28 @@ def _read_text_encoder(folder: Path) -> Tensors:
     file = _weights_file(folder, TRANSFORMERS_WEIGHTS)
     tensors, _ = read_tensor_file(file)
     return Tensors(with_text_model_prefix(tensors), str(file), "the CLIP text encoder")
+
+
+def _read_text_encoder_2(folder: Path, cfg: TextEncoderConfig) -> Tensors:
+    """SDXL's bigG, checked under the file's (transformers') names, then given OpenCLIP's."""
+    file = _weights_file(folder, TRANSFORMERS_WEIGHTS)
+    tensors, _ = read_tensor_file(file)
+    tensors = {key: t for key, t in with_text_model_prefix(tensors).items() if key != POSITION_IDS}
+    what = f"the CLIPTextModelWithProjection of {folder.name}/config.json"
+    check_tensors(Tensors(tensors, str(file), what), with_projection_shapes(cfg))
+    return Tensors(open_clip_layout.from_with_projection(tensors, cfg.layers), str(file), what)
+
+
+def _read_tokenizer(folder: Path, cfg: TextEncoderConfig) -> CLIPTokenizer:
+    try:
+        return CLIPTokenizer.from_folder(folder, context_length=cfg.context_length)
+    except (OSError, ValueError, KeyError) as error:
+        raise WeightsError(f"{folder}: unreadable tokenizer ({error})") from None
+
+
+def _read_text_encoder_config(folder: Path, with_projection: bool = False) -> TextEncoderConfig:
+    file = folder / "config.json"
+    return _parse(file, lambda data: text_encoder_config_from_transformers(data, with_projection), _read_json(file))
 
 
 def _weights_file(folder: Path, names: tuple[str, ...]) -> Path:
@@ -185,28 +207,6 @@ def _parse(file: Path, parse: Callable, data: dict):
         raise WeightsError(f"{file}: " + " ".join(str(error).split())) from None
 
 
-def text_encoder_config_from_transformers(config: dict) -> TextEncoderConfig:
-    missing = sorted(set(TEXT_ENCODER_FIELDS) - TEXT_ENCODER_OPTIONAL - config.keys())
-    if missing:
-        raise ValueError(f"missing text encoder config fields: {', '.join(missing)}")
-    values = {ours: config[theirs] for theirs, ours in TEXT_ENCODER_FIELDS.items() if theirs in config}
-    if values.get("eos_token_id") == LEGACY_EOS_TOKEN_ID:
-        del values["eos_token_id"]
-    if values.get("activation", "quick_gelu") not in ("quick_gelu", "gelu"):
-        raise ValueError(f"unsupported hidden_act {values['activation']!r}: expected quick_gelu (SD 1.x) or gelu")
-    return TextEncoderConfig(**values)
-
-
-def text_encoder_config_to_transformers(cfg: TextEncoderConfig) -> dict:
-    """transformers' CLIPTextConfig as config.json; fields left out take transformers' defaults.
-    clip_skip is a sampling option in diffusers, not part of this file."""
-    return {
-        "architectures": ["CLIPTextModel"],
-        "model_type": "clip_text_model",
-        **{theirs: getattr(cfg, ours) for theirs, ours in TEXT_ENCODER_FIELDS.items()},
-    }
-
-
 def schedule_config_from_diffusers(config: dict) -> ScheduleConfig:
     """ScheduleConfig's fields have diffusers' names; absent ones take SD 1.x's values."""
     refused = [f"{key}={config[key]!r}" for key, off in SCHEDULER_OFF.items() if config.get(key, off) != off]
@@ -221,9 +221,9 @@ def schedule_config_from_diffusers(config: dict) -> ScheduleConfig:
     return cfg
 
 
-def schedule_config_to_diffusers(cfg: ScheduleConfig) -> dict:
+def schedule_config_to_diffusers(cfg: ScheduleConfig, scheduler_class: str = "DDIMScheduler") -> dict:
     return {
-        "_class_name": "DDIMScheduler",
+        "_class_name": scheduler_class,
         "_diffusers_version": DIFFUSERS_VERSION,
         # A spacing the model's config did not give stays unsaid, so that diffusers' schedulers take
         # their own defaults from the file as minidream's samplers do.
@@ -232,20 +232,34 @@ def schedule_config_to_diffusers(cfg: ScheduleConfig) -> dict:
     }
 
 
-def model_index() -> dict:
-    """An SD 1.x pipeline without safety checker (null components are what diffusers itself
-    writes for a pipeline saved with safety_checker=None)."""
-    return {
-        "_class_name": "StableDiffusionPipeline",
-        "_diffusers_version": DIFFUSERS_VERSION,
+def model_index(sdxl: bool = False) -> dict:
+    """An SD 1.x/2.x pipeline without safety checker, or an SDXL one, as diffusers' save_pretrained
+    writes them (null components for the optional parts left out)."""
+    components = {
         "unet": ["diffusers", "UNet2DConditionModel"],
         "vae": ["diffusers", "AutoencoderKL"],
         "text_encoder": ["transformers", "CLIPTextModel"],
         "tokenizer": ["transformers", "CLIPTokenizer"],
-        "scheduler": ["diffusers", "DDIMScheduler"],
-        "safety_checker": [None, None],
         "feature_extractor": [None, None],
         "image_encoder": [None, None],
+    }
+    if sdxl:
+        return {
+            "_class_name": "StableDiffusionXLPipeline",
+            "_diffusers_version": DIFFUSERS_VERSION,
+            **components,
+            "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"],
+            "tokenizer_2": ["transformers", "CLIPTokenizer"],
+            "scheduler": ["diffusers", "EulerDiscreteScheduler"],
+            # SDXL base's: the negative prompt's embeddings and pooled vector are zeros when none is given.
+            "force_zeros_for_empty_prompt": True,
+        }
+    return {
+        "_class_name": "StableDiffusionPipeline",
+        "_diffusers_version": DIFFUSERS_VERSION,
+        **components,
+        "scheduler": ["diffusers", "DDIMScheduler"],
+        "safety_checker": [None, None],
         "requires_safety_checker": False,
     }
 
@@ -258,12 +272,19 @@ def write_diffusers_folder(pipe: Pipeline, path: Path, dtype: torch.dtype | None
         vae_json = {**vae_config_to_diffusers(cfg.vae), "_diffusers_version": DIFFUSERS_VERSION}
     except ValueError as error:
         raise WeightsError(f"{path}: cannot write a diffusers folder: {error}") from None
-    components = (
+    components = [
         # base_state_dict: a model with live LoRA adapters is written without them (merge them first).
         ("unet", unet_json, unet_to_diffusers(base_state_dict(pipe.unet), cfg.unet), DIFFUSERS_WEIGHTS[0]),
         ("vae", vae_json, vae_to_diffusers(pipe.vae.state_dict(), cfg.vae), DIFFUSERS_WEIGHTS[0]),
         ("text_encoder", *_text_encoder_component(pipe), TRANSFORMERS_WEIGHTS[0]),
-    )
+    ]
+    if pipe.text_encoder_2 is not None:
+        bigg = cfg.text_encoder_2
+        components.append((
+            "text_encoder_2", text_encoder_config_to_transformers(bigg, with_projection=True),
+            open_clip_layout.to_with_projection(base_state_dict(pipe.text_encoder_2), bigg.layers),
+            TRANSFORMERS_WEIGHTS[0],
+        ))
     try:
         _write_folder(path, components, pipe, dtype)
     except FileExistsError as error:  # a non-empty folder is never replaced: it may hold the user's files
@@ -281,7 +302,8 @@ def _text_encoder_component(pipe: Pipeline) -> tuple[dict, dict[str, torch.Tenso
     return text_encoder_config_to_transformers(cfg), tensors
 
 
-def _write_folder(path: Path, components: tuple, pipe: Pipeline, dtype: torch.dtype | None) -> None:
+def _write_folder(path: Path, components: list[tuple], pipe: Pipeline, dtype: torch.dtype | None) -> None:
+    sdxl = pipe.text_encoder_2 is not None
     with atomic_folder(path) as folder:
         for name, config_json, tensors, weights_name in components:
             (folder / name).mkdir()
@@ -289,9 +311,14 @@ def _write_folder(path: Path, components: tuple, pipe: Pipeline, dtype: torch.dt
             cast_tensors = {key: cast(tensor, dtype) for key, tensor in tensors.items()}
             write_safetensors(cast_tensors, folder / name / weights_name, {"format": "pt"})
         pipe.tokenizer.save_folder(folder / "tokenizer")
+        if sdxl:
+            pipe.tokenizer_2.save_folder(folder / "tokenizer_2")
         (folder / "scheduler").mkdir()
-        _write_json(folder / "scheduler" / "scheduler_config.json", schedule_config_to_diffusers(pipe.config.schedule))
-        _write_json(folder / "model_index.json", model_index())
+        # SDXL's own scheduler is Euler (its scheduler_config.json); SD 1.x/2.x get minidream's default, DDIM.
+        scheduler_class = "EulerDiscreteScheduler" if sdxl else "DDIMScheduler"
+        _write_json(folder / "scheduler" / "scheduler_config.json",
+                    schedule_config_to_diffusers(pipe.config.schedule, scheduler_class))
+        _write_json(folder / "model_index.json", model_index(sdxl))
 
 
 def _write_json(file: Path, data: dict) -> None:

@@ -60,6 +60,8 @@ def unet_renames(cfg: UNetConfig) -> list[Rename]:
         Rename("time_embed.2", "time_embedding.linear_2"),
         Rename("input_blocks.0.0", "conv_in"),
     ]
+    if cfg.adm_in_channels is not None:  # SDXL's vector conditioning (diffusers: addition_embed_type "text_time")
+        renames += [Rename("label_emb.0.0", "add_embedding.linear_1"), Rename("label_emb.0.2", "add_embedding.linear_2")]
     levels = len(cfg.channel_mult)
     block = 1
     for level in range(levels):
@@ -233,8 +235,6 @@ UNET_FIXED = {
     "num_attention_heads": None,
     "dual_cross_attention": False,
     "class_embed_type": None,
-    "addition_embed_type": None,
-    "addition_time_embed_dim": None,
     "num_class_embeds": None,
     "resnet_time_scale_shift": "default",
     "resnet_skip_time_act": False,
@@ -246,7 +246,6 @@ UNET_FIXED = {
     "time_cond_proj_dim": None,
     "conv_in_kernel": 3,
     "conv_out_kernel": 3,
-    "projection_class_embeddings_input_dim": None,
     "attention_type": "default",
     "class_embeddings_concat": False,
     "mid_block_only_cross_attention": None,
@@ -275,7 +274,11 @@ UNET_FIELDS = {
     "in_channels", "out_channels", "block_out_channels", "layers_per_block", "down_block_types",
     "up_block_types", "attention_head_dim", "cross_attention_dim", "norm_num_groups", "norm_eps",
 }
-UNET_OPTIONAL = {"transformer_layers_per_block": 1, "use_linear_projection": False, "upcast_attention": False}
+UNET_OPTIONAL = {
+    "transformer_layers_per_block": 1, "use_linear_projection": False, "upcast_attention": False,
+    # SDXL's y (UNetConfig.adm_in_channels): "text_time" is the only addition embedding minidream has.
+    "addition_embed_type": None, "addition_time_embed_dim": None, "projection_class_embeddings_input_dim": None,
+}
 VAE_FIELDS = {
     "in_channels", "out_channels", "down_block_types", "up_block_types", "block_out_channels",
     "layers_per_block", "latent_channels", "norm_num_groups",
@@ -299,7 +302,12 @@ def unet_config_to_diffusers(cfg: UNetConfig, sample_size: int = 64) -> dict:
         # diffusers' "attention_head_dim" is the number of heads (a historical misnomer): one
         # count for SD 1.x, one per level for SD 2.x's fixed head size.
         "attention_head_dim": cfg.num_heads if cfg.head_dim is None else [w // cfg.head_dim for w in widths],
-        "transformer_layers_per_block": cfg.transformer_depth,
+        "transformer_layers_per_block": (
+            cfg.transformer_depth if isinstance(cfg.transformer_depth, int) else list(cfg.transformer_depth)
+        ),
+        "addition_embed_type": None if cfg.adm_in_channels is None else "text_time",
+        "addition_time_embed_dim": None if cfg.adm_in_channels is None else cfg.size_embed_dim,
+        "projection_class_embeddings_input_dim": cfg.adm_in_channels,
         "cross_attention_dim": cfg.context_dim,
         "use_linear_projection": cfg.use_linear_proj,
         "upcast_attention": cfg.upcast_attention,
@@ -321,10 +329,12 @@ def unet_config_from_diffusers(config: dict) -> UNetConfig:
             "expected (CrossAttn)DownBlock2D levels mirrored by (CrossAttn)UpBlock2D"
         )
     depth = config["transformer_layers_per_block"]
-    if isinstance(depth, list):
-        if len(set(depth)) != 1:
-            raise ValueError(f"transformer_layers_per_block {depth}: only one depth for all levels is supported")
-        depth = depth[0]
+    if isinstance(depth, list):  # one per level (SDXL); one number when they agree, as SD's presets say
+        depth = depth[0] if len(set(depth)) == 1 else tuple(depth)
+    if config["addition_embed_type"] not in (None, "text_time"):
+        raise ValueError(f"unsupported addition_embed_type {config['addition_embed_type']!r}: "
+                         "minidream has SDXL's \"text_time\" only")
+    text_time = config["addition_embed_type"] == "text_time"
     num_heads, head_dim = _heads_from_diffusers(config["attention_head_dim"], widths)
     return UNetConfig(
         in_channels=config["in_channels"],
@@ -341,6 +351,8 @@ def unet_config_from_diffusers(config: dict) -> UNetConfig:
         norm_groups=config["norm_num_groups"],
         norm_eps=config["norm_eps"],
         upcast_attention=config["upcast_attention"],
+        adm_in_channels=config["projection_class_embeddings_input_dim"] if text_time else None,
+        size_embed_dim=config["addition_time_embed_dim"] if text_time else UNetConfig.size_embed_dim,
     )
 
 

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from minidream.config import CLIPConfig, TextEncoderConfig, VisionTransformerConfig
-from minidream.io.diffusers_folder import TEXT_ENCODER_FIELDS
+from minidream.io.transformers_clip import TEXT_ENCODER_FIELDS
 from minidream.io.tensor_files import Tensors, WeightsError, read_tensor_file
 from minidream.io.weights import load_module
 from minidream.models.vision import CLIPModel, ViTModel

@@ -20,6 +20,14 @@ in OpenCLIP's tower (SD 2.x single files) those are the slices `attn.in_proj_q/k
 in_proj_weight, `attn.out_proj`, `mlp.c_fc`, `mlp.c_proj` (io/open_clip_layout.py's table).
 A1111 and kohya map to OpenCLIP names (`model_transformer_resblocks_N_attn_q_proj`) only in
 memory; no file layout with them is read.
+
+SDXL files add a second text encoder, OpenCLIP ViT-bigG/14, trained as transformers' 32-layer
+CLIPTextModelWithProjection: `lora_te1_` (CLIP-L) and `lora_te2_` (bigG) in kohya's layout,
+`text_encoder.` and `text_encoder_2.` in diffusers'; kohya names an SDXL UNet's layers by their
+SAI paths (io/lora_names.py has the names). minidream writes SDXL files as kohya does, with its
+`ss_*` and `modelspec.*` metadata, and never `lora_te2_text_projection` (OneTrainer wrote it;
+diffusers and SD.Next refused those files, OneTrainer issues #47 and #314). A file for SDXL on
+an SD 1.x/2.x model, or the reverse, is refused in one line naming the family it is for.
 """
 
 import contextlib
@@ -33,10 +41,20 @@ import safetensors
 import torch
 from torch import nn
 
-from minidream.config import SD15, ModelConfig, TrainConfig, UNetConfig
+from minidream.config import SD15, ModelConfig, ScheduleConfig, TrainConfig
 from minidream.files import file_sha256
-from minidream.io import open_clip_layout
-from minidream.io.diffusers_layout import unet_names
+from minidream.io.lora_names import (
+    DIFFUSERS_PREFIXES,
+    KOHYA_PREFIXES,
+    Layer,
+    family,
+    file_modules,
+    kohya_module,
+    kohya_prefixes,
+    model_layers,
+    refuse_other_text_encoders,
+    refuse_other_widths,
+)
 from minidream.io.single_file import LORA_MARKERS
 from minidream.io.tensor_files import (
     WeightsError,
@@ -54,27 +72,27 @@ from minidream.models.lora import (
     lora_scale,
     weight_delta,
 )
+from minidream.models.open_clip_text import OpenCLIPTextModel
 from minidream.models.pipeline import Pipeline
 from minidream.models.unet import UNet
 
 FORMATS = ("kohya", "diffusers")
-KOHYA_PREFIXES = {"unet": "lora_unet_", "text_encoder": "lora_te_"}
-DIFFUSERS_PREFIXES = {"unet": "unet.", "text_encoder": "text_encoder."}
-MODEL_FAMILIES = {768: "SD 1.x", 1024: "SD 2.x", 2048: "SDXL"}  # by cross-attention width (the text encoding's)
-TEXT_FAMILIES = {768: "SD 1.x", 1024: "SD 2.x", 1280: "SDXL"}  # by text-encoder width
-# Keys of adapter kinds that are not LoRA, or not for SD 1.x, and the one line that names them.
+# Keys of adapter kinds that are not LoRA, and the one line that names them.
 NOT_LORA = "minidream reads plain LoRA files (lora_down/lora_up or lora_A/lora_B)"
-NOT_SD1 = "minidream applies LoRAs to Stable Diffusion 1.x and 2.x models"
 OTHER_KINDS = [
     ("hada_", f"a LoHa (LyCORIS) file; {NOT_LORA}"),
     ("lokr_", f"a LoKr (LyCORIS) file; {NOT_LORA}"),
     ("dora_scale", f"a DoRA file (dora_scale keys: a learned magnitude); {NOT_LORA}"),
     ("lora_magnitude_vector", f"a DoRA file (lora_magnitude_vector keys: a learned magnitude); {NOT_LORA}"),
     ("lora_mid", f"a LyCORIS LoCon with Tucker-decomposed convs (lora_mid keys); {NOT_LORA}"),
-    ("lora_te1_", f"an SDXL LoRA (lora_te1_/lora_te2_ keys: two text encoders); {NOT_SD1}"),
-    ("lora_te2_", f"an SDXL LoRA (lora_te1_/lora_te2_ keys: two text encoders); {NOT_SD1}"),
-    ("text_encoder_2.", f"an SDXL LoRA (text_encoder_2 keys: two text encoders); {NOT_SD1}"),
 ]
+# What kohya's sai_model_spec.py records in an SDXL LoRA (ModelSpec, github.com/Stability-AI/ModelSpec).
+SDXL_MODELSPEC = {
+    "modelspec.sai_model_spec": "1.0.0",
+    "modelspec.architecture": "stable-diffusion-xl-v1-base/lora",
+    "modelspec.implementation": "https://github.com/Stability-AI/generative-models",
+    "modelspec.resolution": "1024x1024",  # kohya's default for SDXL
+}
 
 
 class LoRAFile(NamedTuple):
@@ -83,40 +101,11 @@ class LoRAFile(NamedTuple):
     unet: dict[str, Adapter]
     text_encoder: dict[str, Adapter]
     metadata: dict[str, str]
+    text_encoder_2: dict[str, Adapter] = {}  # SDXL's bigG; the shared empty default is never mutated
 
-
-class Layer(NamedTuple):
-    """One adaptable layer: its minidream name, its diffusers name, its weight's shape."""
-
-    minidream: str
-    diffusers: str
-    shape: torch.Size
-
-
-def unet_layers(cfg: UNetConfig) -> list[Layer]:
-    """Every Linear/Conv2d of the UNet, named both ways through the diffusers key table."""
-    with torch.device("meta"):
-        model = UNet(cfg)
-    diffusers = {name.minidream: name.diffusers for name in unet_names(cfg)}
-    return [
-        Layer(name, diffusers[f"{name}.weight"].removesuffix(".weight"), module.weight.shape)
-        for name, module in model.named_modules()
-        if isinstance(module, (nn.Linear, nn.Conv2d))
-    ]
-
-
-def text_encoder_layers(cfg: ModelConfig) -> list[Layer]:
-    """Every Linear of the text encoder; its names agree in both layouts, except in OpenCLIP's tower."""
-    if cfg.text_encoder.open_clip:
-        return [Layer(ours, theirs, shape) for ours, (theirs, shape) in open_clip_layout.lora_layers(cfg.text_encoder).items()]
-    with torch.device("meta"):
-        model = CLIPTextModel(cfg.text_encoder)
-    return [Layer(name, name, module.weight.shape) for name, module in model.named_modules()
-            if isinstance(module, nn.Linear)]
-
-
-def model_layers(cfg: ModelConfig) -> dict[str, list[Layer]]:
-    return {"unet": unet_layers(cfg.unet), "text_encoder": text_encoder_layers(cfg)}
+    def parts(self) -> dict[str, dict[str, Adapter]]:
+        """The adapters of each model part, by the part's Pipeline attribute name."""
+        return {"unet": self.unet, "text_encoder": self.text_encoder, "text_encoder_2": self.text_encoder_2}
 
 
 # ---- writing ------------------------------------------------------------------------------------
@@ -125,15 +114,26 @@ def model_layers(cfg: ModelConfig) -> dict[str, list[Layer]]:
 def save_lora(
     path: str | Path,
     unet: UNet,
-    text_encoder: CLIPTextModel | None = None,
+    text_encoder: CLIPTextModel | OpenCLIPTextModel | None = None,
     format: str = "kohya",
     dtype: torch.dtype = torch.float16,
     settings: dict[str, str] | None = None,
+    *,
+    text_encoder_2: OpenCLIPTextModel | None = None,
+    schedule: ScheduleConfig | None = None,
 ) -> None:
-    """Write the adapters of `unet` (and `text_encoder`) as a LoRA file; see `write_lora_file`."""
-    lora = LoRAFile(adapters_of(unet), adapters_of(text_encoder) if text_encoder is not None else {}, {})
-    text_config = text_encoder.config if text_encoder is not None else SD15.text_encoder
-    write_lora_file(path, lora, ModelConfig(text_encoder=text_config, unet=unet.config), format, dtype, settings)
+    """Write the adapters of `unet` (and of `text_encoder`, and SDXL's `text_encoder_2`) as a LoRA
+    file; see `write_lora_file`. schedule: the base model's (an SDXL file records its prediction
+    type; default: noise prediction)."""
+    adapters = [adapters_of(model) if model is not None else {} for model in (text_encoder, text_encoder_2)]
+    lora = LoRAFile(adapters_of(unet), adapters[0], {}, adapters[1])
+    cfg = ModelConfig(
+        text_encoder=text_encoder.config if text_encoder is not None else SD15.text_encoder,
+        unet=unet.config,
+        schedule=schedule or ScheduleConfig(),
+        text_encoder_2=text_encoder_2.config if text_encoder_2 is not None else None,
+    )
+    write_lora_file(path, lora, cfg, format, dtype, settings)
 
 
 def write_lora_file(
@@ -147,7 +147,8 @@ def write_lora_file(
     """Write `lora` atomically as safetensors in the kohya (default) or diffusers layout.
 
     dtype: of the down/up tensors (fp16 as kohya writes them); a kohya `.alpha` stays fp32.
-    settings: extra metadata (str -> str), e.g. the training settings kohya records as `ss_*`.
+    settings: extra metadata (str -> str), e.g. the training settings kohya records as `ss_*`;
+    they win over the computed metadata.
     """
     path = Path(path)
     if format not in FORMATS:
@@ -158,29 +159,29 @@ def write_lora_file(
     bad = [key for key, value in settings.items() if not (isinstance(key, str) and isinstance(value, str))]
     if bad:
         raise ValueError(f"LoRA metadata must map str to str; not: {', '.join(map(repr, bad[:3]))}")
-    diffusers_names = {part: {layer.minidream: layer.diffusers for layer in layers}
-                       for part, layers in model_layers(cfg).items()}
+    layers = {part: {layer.minidream: layer for layer in part_layers} for part, part_layers in model_layers(cfg).items()}
     tensors = {}
-    for part, adapters in (("unet", lora.unet), ("text_encoder", lora.text_encoder)):
+    for part, adapters in lora.parts().items():
         for name, adapter in adapters.items():
-            module = diffusers_names[part][name]
+            layer = layers[part][name]
             if format == "kohya":
-                key = KOHYA_PREFIXES[part] + module.replace(".", "_")
+                key = kohya_prefixes(cfg)[part] + kohya_module(part, layer, cfg).replace(".", "_")
                 tensors[f"{key}.lora_down.weight"] = adapter.down.to(dtype).contiguous()
                 tensors[f"{key}.lora_up.weight"] = adapter.up.to(dtype).contiguous()
                 tensors[f"{key}.alpha"] = torch.tensor(float(adapter.alpha))
             else:  # lora_B carries the scale: diffusers' own files mean alpha = rank
-                key = DIFFUSERS_PREFIXES[part] + module
+                key = DIFFUSERS_PREFIXES[part] + layer.diffusers
                 tensors[f"{key}.lora_A.weight"] = adapter.down.to(dtype).contiguous()
                 tensors[f"{key}.lora_B.weight"] = (lora_scale(adapter.alpha, adapter.rank) * adapter.up.float()).to(
                     dtype).contiguous()
-    metadata = kohya_metadata(lora, cfg) if format == "kohya" else {"format": "pt"}
+    metadata = kohya_metadata(lora, cfg, title=path.stem) if format == "kohya" else {"format": "pt"}
     write_safetensors(tensors, path, {**metadata, **settings})
 
 
-def kohya_metadata(lora: LoRAFile, cfg: ModelConfig) -> dict[str, str]:
-    """What kohya's train_network.py records about the network, from the adapters themselves."""
-    adapters = list(lora.unet.values()) + list(lora.text_encoder.values())
+def kohya_metadata(lora: LoRAFile, cfg: ModelConfig, title: str = "LoRA") -> dict[str, str]:
+    """What kohya's train_network.py records about the network, from the adapters themselves;
+    for SDXL also its ModelSpec (sd-scripts library/sai_model_spec.py), titled `title`."""
+    adapters = [adapter for part in lora.parts().values() for adapter in part.values()]
     if not adapters:
         raise ValueError("no adapters to write: add_lora the model first")
     first = adapters[0]
@@ -189,9 +190,13 @@ def kohya_metadata(lora: LoRAFile, cfg: ModelConfig) -> dict[str, str]:
         "ss_network_module": "networks.lora",
         "ss_network_dim": str(first.rank),
         "ss_network_alpha": _number(first.alpha),
-        "ss_base_model_version": "sd_v2" if v2 else "sd_v1",
+        "ss_base_model_version": "sdxl_base_v1-0" if cfg.is_sdxl else "sd_v2" if v2 else "sd_v1",
         "ss_v2": str(v2),
     }
+    if cfg.is_sdxl:
+        v_prediction = cfg.schedule.prediction_type == "v_prediction"
+        metadata |= {**SDXL_MODELSPEC, "modelspec.title": title,
+                     "modelspec.prediction_type": "v" if v_prediction else "epsilon"}
     convs = [a for a in adapters if a.down.ndim == 4 and a.down.shape[-1] > 1]
     if convs:  # kohya's LoCon: the 3x3 convs' own dim and alpha
         metadata["ss_network_args"] = json.dumps(
@@ -256,8 +261,8 @@ def is_lora_file(path: str | Path) -> bool:
 
 
 def read_lora_file(path: str | Path, cfg: ModelConfig = SD15) -> LoRAFile:
-    """The adapters of a kohya (diffusers- or LDM-style names) or diffusers/PEFT LoRA file for a
-    model of `cfg`. Raises WeightsError, one line naming the file, for anything else."""
+    """The adapters of a kohya (diffusers- or LDM/SAI-style names) or diffusers/PEFT LoRA file for
+    a model of `cfg`. Raises WeightsError, one line naming the file, for anything else."""
     path = Path(path)
     if not path.is_file():
         raise WeightsError(f"{path}: no such LoRA file")
@@ -265,23 +270,24 @@ def read_lora_file(path: str | Path, cfg: ModelConfig = SD15) -> LoRAFile:
     for marker, what in OTHER_KINDS:
         if any(marker in key for key in tensors):
             raise WeightsError(f"{path}: this is {what}")
-    if any(key.startswith(tuple(KOHYA_PREFIXES.values())) for key in tensors):
+    refuse_other_text_encoders(path, tensors, cfg)
+    if any(key.startswith(KOHYA_PREFIXES) for key in tensors):
         parts = _parse_kohya(path, tensors, cfg)
     elif any(".lora" in key or "_lora." in key for key in tensors):
         parts = _parse_diffusers(path, tensors, cfg, _peft_alphas(path, metadata))
     else:
         raise WeightsError(
-            f"{path}: no LoRA tensors (lora_unet_*/lora_te_* or *.lora_A/lora_B keys); is it a full model?")
-    return LoRAFile(parts["unet"], parts["text_encoder"], metadata)
+            f"{path}: no LoRA tensors (lora_unet_*/lora_te*_* or *.lora_A/lora_B keys); is it a full model?")
+    return LoRAFile(parts["unet"], parts["text_encoder"], metadata, parts.get("text_encoder_2", {}))
 
 
 def _parse_kohya(path: Path, tensors: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, dict[str, Adapter]]:
     layers = model_layers(cfg)
-    # kohya name -> (part, minidream name), from both the diffusers and the LDM (minidream) paths
+    # kohya name -> (part, minidream name), from every module path a file may use (lora_names)
     table = {}
-    for part, prefix in KOHYA_PREFIXES.items():
-        for layer in layers[part]:  # the text encoder's files use transformers' names only
-            for module in {layer.diffusers, layer.minidream} if part == "unet" else {layer.diffusers}:
+    for part, prefix in kohya_prefixes(cfg).items():
+        for layer in layers[part]:
+            for module in file_modules(part, layer, kohya=True):
                 table[prefix + module.replace(".", "_")] = (part, layer.minidream)
     roles = {".lora_down.weight": "down", ".lora_up.weight": "up", ".alpha": "alpha"}
     found, unknown = {}, []
@@ -312,10 +318,8 @@ def _parse_diffusers(
     path: Path, tensors: dict[str, torch.Tensor], cfg: ModelConfig, alphas: dict[str, "_PeftAlpha"]
 ) -> dict[str, dict[str, Adapter]]:
     layers = model_layers(cfg)
-    # transformers 5 names CLIPTextModel's modules without `text_model.`; PEFT files written with
-    # it say `text_encoder.encoder.layers...`, older ones `text_encoder.text_model.encoder.layers...`.
     table = {(part, module): (part, layer.minidream) for part, part_layers in layers.items()
-             for layer in part_layers for module in {layer.diffusers, layer.diffusers.removeprefix("text_model.")}}
+             for layer in part_layers for module in file_modules(part, layer, kohya=False)}
     found, unknown = {}, []
     for key, tensor in tensors.items():
         part, name = _diffusers_part(key.removeprefix("base_model.model."))
@@ -323,8 +327,9 @@ def _parse_diffusers(
         if role is not None and role != "alpha":
             stem = stem.replace(".processor.", ".")
             parent, _, last = stem.rpartition(".")
-            if last in OLD_PROCESSOR_LAYERS[part]:
-                stem = f"{parent}.{OLD_PROCESSOR_LAYERS[part][last]}"
+            old_names = OLD_PROCESSOR_LAYERS["unet" if part == "unet" else "text_encoder"]
+            if last in old_names:
+                stem = f"{parent}.{old_names[last]}"
         if role is None or (part, stem) not in table:
             unknown.append(key)
             continue
@@ -337,7 +342,7 @@ def _parse_diffusers(
 
 
 def _diffusers_part(key: str) -> tuple[str, str]:
-    """('unet' or 'text_encoder', the key without that prefix); unprefixed keys (PEFT's own
+    """(the model part, the key without its prefix); unprefixed keys (PEFT's own
     state dicts, diffusers' oldest attention-processor files) are told apart by their names."""
     for part, prefix in DIFFUSERS_PREFIXES.items():
         if key.startswith(prefix):
@@ -391,9 +396,9 @@ def _adapters(
 ) -> dict[str, dict[str, Adapter]]:
     """Check every layer's tensors against the model and build the adapters; one line otherwise."""
     shapes = {(part, layer.minidream): layer.shape for part, part_layers in layers.items() for layer in part_layers}
-    _refuse_other_family(path, found, shapes, cfg)
+    refuse_other_widths(path, found, shapes, cfg)
     missing, misshaped = [], []
-    parts = {"unet": {}, "text_encoder": {}}
+    parts = {part: {} for part in layers}
     for (part, name), roles in found.items():
         if "down" not in roles or "up" not in roles:
             present = (roles.get("down") or roles.get("up") or roles["alpha"])[0]
@@ -409,7 +414,7 @@ def _adapters(
         alpha = roles["alpha"][1].float().reshape(-1)[0].item() if "alpha" in roles else None
         parts[part][name] = Adapter(down, up, alpha if alpha else float(down.shape[0]))
     if missing or unknown or misshaped:
-        raise mismatch(str(path), f"the LoRA layers of this model ({_family(cfg)})", missing, unknown, misshaped)
+        raise mismatch(str(path), f"the LoRA layers of this model ({family(cfg)})", missing, unknown, misshaped)
     return parts
 
 
@@ -430,36 +435,6 @@ def _adapter_shapes(weight_shape: torch.Size, rank: int) -> tuple[torch.Size, to
     return torch.Size([rank, inp]), torch.Size([out, rank])
 
 
-def _refuse_other_family(path: Path, found, shapes, cfg: ModelConfig) -> None:
-    """A LoRA made for SD 2.x or SDXL shows it in the width its cross-attention keys/values (or
-    its text encoder) read; name that rather than list every mis-shaped key."""
-    for (part, name), roles in found.items():
-        if "down" not in roles:
-            continue
-        key, down = roles["down"]
-        width, expected = down.shape[1], shapes[part, name][1]
-        if width == expected:
-            continue
-        if part == "unet" and name.endswith(("attn2.to_k", "attn2.to_v")):
-            raise WeightsError(
-                f"{path}: this is {_family_name(MODEL_FAMILIES, width)} LoRA ({width}-wide cross-attention in "
-                f"{key}); the base model is {_family(cfg)}")
-        if part == "text_encoder":
-            raise WeightsError(
-                f"{path}: this is {_family_name(TEXT_FAMILIES, width)} LoRA ({width}-wide text encoder in "
-                f"{key}); the base model is {_family(cfg)}")
-
-
-def _family_name(families: dict[int, str], width: int) -> str:
-    name = families.get(width)
-    return f"an {name}" if name else f"a {width}-wide model's"  # "an SD ...", "an SDXL"
-
-
-def _family(cfg: ModelConfig) -> str:
-    name = MODEL_FAMILIES.get(cfg.unet.context_dim)
-    return f"{name} ({cfg.unet.context_dim}-wide)" if name else f"a {cfg.unet.context_dim}-wide model"
-
-
 # ---- using them ---------------------------------------------------------------------------------
 
 
@@ -467,7 +442,7 @@ def _family(cfg: ModelConfig) -> str:
 def merge_lora(pipe: Pipeline, lora: LoRAFile, scale: float = 1.0) -> None:
     """W += scale * (alpha / rank) * up . down for every adapter, in fp32, rounded once to W's
     dtype: what ComfyUI and A1111 do when they apply a LoRA at strength `scale`."""
-    for model, adapters in ((pipe.unet, lora.unet), (pipe.text_encoder, lora.text_encoder)):
+    for model, adapters in _models_and_adapters(pipe, lora):
         for name, adapter in adapters.items():
             weight = layer_weight(model, name)
             down, up = adapter.down.to(weight.device), adapter.up.to(weight.device)
@@ -479,10 +454,11 @@ def lora_merged(pipe: Pipeline, lora: LoRAFile, scale: float = 1.0) -> Iterator[
     """`pipe` with `lora` merged into its weights as UIs merge it, and any live adapters off, for the
     block (e.g. to render validation grids from the exported file); afterwards every weight is
     restored bit for bit from a host copy of the layers the file touches."""
-    weights = [layer_weight(model, name) for model, adapters in ((pipe.unet, lora.unet),
-               (pipe.text_encoder, lora.text_encoder)) for name in adapters]
+    weights = [layer_weight(model, name) for model, adapters in _models_and_adapters(pipe, lora) for name in adapters]
     saved = [weight.detach().to("cpu", copy=True) for weight in weights]
-    with adapters_off(pipe.unet), adapters_off(pipe.text_encoder):
+    with contextlib.ExitStack() as live_adapters_off:
+        for model in (pipe.unet, *pipe.text_encoders):
+            live_adapters_off.enter_context(adapters_off(model))
         try:
             merge_lora(pipe, lora, scale)
             yield pipe
@@ -490,6 +466,11 @@ def lora_merged(pipe: Pipeline, lora: LoRAFile, scale: float = 1.0) -> Iterator[
             with torch.no_grad():
                 for weight, copy in zip(weights, saved):
                     weight.copy_(copy)
+
+
+def _models_and_adapters(pipe: Pipeline, lora: LoRAFile) -> list[tuple[nn.Module, dict[str, Adapter]]]:
+    """(model, its adapters) for each part the file adapts (read_lora_file checked that `pipe` has it)."""
+    return [(getattr(pipe, part), adapters) for part, adapters in lora.parts().items() if adapters]
 
 
 def lora_argument(text: str) -> tuple[Path, float]:
@@ -514,7 +495,7 @@ def lora_hash(path: str | Path) -> str:
 
 
 def apply_lora_file(pipe: Pipeline, path: str | Path, scale: float = 1.0) -> LoRAFile:
-    """Merge the LoRA file at `path` into `pipe`'s UNet and text encoder weights at strength
+    """Merge the LoRA file at `path` into `pipe`'s UNet and text encoders' weights at strength
     `scale` (what load_pipeline(loras=...) and convert --lora do); returns what was read."""
     lora = read_lora_file(path, pipe.config)
     merge_lora(pipe, lora, scale)

@@ -7,9 +7,13 @@ folders hold those 23 as a 23-layer transformers model. The last resblock, `text
 and `logit_scale` have no transformers counterpart (diffusers' SD_2_TEXT_ENCODER_KEYS_TO_IGNORE
 drops them too). diffusers' `convert_open_clip_checkpoint` is the oracle for this table
 (tests/test_open_clip_layout.py).
+
+SDXL's bigG is the other way round: diffusers folders hold all its layers as transformers'
+`CLIPTextModelWithProjection` (`text_encoder_2/`), text_projection included, transposed.
 """
 
 import dataclasses
+import math
 
 import torch
 
@@ -91,14 +95,14 @@ def to_open_clip(tensors: dict[str, torch.Tensor], layers: int) -> dict[str, tor
     return out
 
 
-def lora_layers(cfg: TextEncoderConfig) -> dict[str, tuple[str, torch.Size]]:
+def lora_layers(cfg: TextEncoderConfig, resblocks: int) -> dict[str, tuple[str, torch.Size]]:
     """minidream's LoRA layer names in an OpenCLIP tower (models/lora.py) -> (transformers' module
-    name, weight shape): the q/k/v row-blocks of in_proj_weight and the Linears, of the resblocks
-    SD 2.x runs (LoRA files name no other)."""
+    name, weight shape): the q/k/v row-blocks of in_proj_weight and the Linears, of the first
+    `resblocks` (models.lora.lora_resblocks: those LoRA files name)."""
     square, fc, proj = (cfg.width, cfg.width), (cfg.mlp_width, cfg.width), (cfg.width, cfg.mlp_width)
     linears = {"attn.out_proj": square, "mlp.c_fc": fc, "mlp.c_proj": proj}
     out = {}
-    for n in range(cfg.layers - 1):
+    for n in range(resblocks):
         for part, theirs in zip(IN_PROJ_SLICES, FUSED["attn.in_proj_weight"]):
             out[f"{open_clip_layer(n)}attn.{part}"] = (transformers_layer(n) + theirs.removesuffix(".weight"), torch.Size(square))
         for ours, shape in linears.items():
@@ -111,3 +115,28 @@ def transformers_config(cfg: TextEncoderConfig) -> TextEncoderConfig:
     """The transformers-layout config computing what an OpenCLIP tower computes: one layer fewer
     (the last resblock never runs), the same clip_skip (both count from SD 2.x's layer)."""
     return dataclasses.replace(cfg, layers=cfg.layers - 1, open_clip=False)
+
+
+# transformers' CLIPTextModelWithProjection holds text_projection as a Linear, weight P^T, where
+# OpenCLIP (and SDXL's single files) hold P for x @ P: diffusers' convert_open_clip_checkpoint and
+# ComfyUI's clip_text_transformers_convert transpose it (Stability-AI/generative-models#111).
+PROJECTION = "text_projection.weight"
+# A diffusers folder has no logit_scale (CLIP's contrastive temperature, unused by SDXL), which
+# every SDXL single file carries: write CLIP's trained value, ln 100 (open_clip and OpenAI CLIP
+# clamp it there in training; ComfyUI's default 4.6055 is this in fp16, as SAI's fp16 release holds it).
+TRAINED_LOGIT_SCALE = math.log(100)
+
+
+def to_with_projection(tensors: dict[str, torch.Tensor], layers: int) -> dict[str, torch.Tensor]:
+    """A `layers`-resblock OpenCLIP tower (SDXL's bigG) as transformers' CLIPTextModelWithProjection:
+    every layer, and the projection transposed; logit_scale has no place there."""
+    return to_transformers(tensors, layers + 1) | {PROJECTION: tensors["text_projection"].T.contiguous()}
+
+
+def from_with_projection(tensors: dict[str, torch.Tensor], layers: int) -> dict[str, torch.Tensor]:
+    """The inverse of `to_with_projection`, with CLIP's trained logit_scale, in the projection's dtype."""
+    projection = tensors[PROJECTION]
+    return to_open_clip(tensors, layers) | {
+        "text_projection": projection.T.contiguous(),
+        "logit_scale": torch.tensor(TRAINED_LOGIT_SCALE, dtype=projection.dtype),
+    }

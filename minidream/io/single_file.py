@@ -7,11 +7,13 @@ A1111 and ComfyUI have it.
     cond_stage_model.model.*         the OpenCLIP text encoder (SD 2.x; models/open_clip_text.py names)
     model_ema.*                      (training checkpoints) an EMA copy of the UNet
     betas, alphas_cumprod, ...       (training checkpoints) LDM's noise-schedule buffers
+    conditioner.embedders.*          SDXL's two text encoders instead (sdxl_layout.py)
 
 Files minidream writes also carry their ModelConfig as JSON in the safetensors metadata, so a
 non-SD-1.5 shape (the tiny test model) or a v-prediction schedule survives the round trip.
-Files without it get SD 1.5's config, or SD 2.1's when they hold the OpenCLIP text encoder; an
-SD 2.x file's prediction type is not in its keys, see `sd2_prediction_type`.
+Files without it get SD 1.5's config, SD 2.1's when they hold the OpenCLIP text encoder, or
+SDXL base's when they hold SDXL's; an SD 2.x file's prediction type is not in its keys, see
+`sd2_prediction_type`, an SDXL file's is in its markers, see `sdxl_layout.schedule`.
 """
 
 import dataclasses
@@ -25,14 +27,16 @@ from minidream.config import (
     PREDICTION_TYPES,
     SD15,
     SD21_BASE,
+    SDXL,
     ModelConfig,
     ScheduleConfig,
+    TextEncoderConfig,
     UNetConfig,
     from_dict,
     to_dict,
 )
 from minidream.diffusion import schedule
-from minidream.io import open_clip_layout
+from minidream.io import open_clip_layout, sdxl_layout
 from minidream.io.tensor_files import (
     StoredPipeline,
     Tensors,
@@ -66,59 +70,68 @@ LORA_MARKERS = ("lora", "hada_", "lokr_")  # LoRA (kohya, PEFT, diffusers) and L
 
 def read_single_file(path: Path, use_ema: bool, prediction_type: str | None = None) -> StoredPipeline:
     """prediction_type: what a file without minidream's metadata predicts (None: SD 1.x files
-    predict noise, SD 2.x files are told apart by `sd2_prediction_type`)."""
+    predict noise, SD 2.x files are told apart by `sd2_prediction_type`, SDXL files by their markers)."""
     tensors, metadata = read_tensor_file(path)
     what = unsupported_kind(tensors)
     if what is not None:
         raise unsupported(path, what)
     config = _config_from_metadata(path, metadata, tensors, prediction_type)
     _check_schedule_buffers(path, tensors, config.schedule)
+    sdxl = config.text_encoder_2 is not None
     sd2_layout = any(key.startswith(OPEN_CLIP_PREFIX) for key in tensors)
-    text_prefix = OPEN_CLIP_PREFIX if sd2_layout else TEXT_ENCODER_PREFIX
-    generation = "SD 2.x" if sd2_layout else "SD 1.x"
-    components = (UNET_PREFIX, VAE_PREFIX, text_prefix, EMA_PREFIX)
-    unexpected = sorted(k for k in tensors if not k.startswith(components) and k not in SCHEDULE_BUFFERS)
+    generation = "SDXL" if sdxl else "SD 2.x" if sd2_layout else "SD 1.x"
+    sd_text_prefix = OPEN_CLIP_PREFIX if sd2_layout else TEXT_ENCODER_PREFIX
+    components = (UNET_PREFIX, VAE_PREFIX, EMA_PREFIX, *(sdxl_layout.TEXT_PREFIXES if sdxl else (sd_text_prefix,)))
+    extra_keys = SCHEDULE_BUFFERS | (sdxl_layout.MARKERS if sdxl else set())
+    unexpected = sorted(k for k in tensors if not k.startswith(components) and k not in extra_keys)
     if unexpected:
         raise mismatch(str(path), f"the {generation} single-file layout", [], unexpected, [])
     if use_ema:
-        unet = _ema_unet(path, tensors, config.unet)
+        unet = _ema_unet(path, tensors, config.unet, generation)
     else:
         unet = Tensors(_strip(tensors, UNET_PREFIX), str(path), f"the {generation} UNet", UNET_PREFIX)
-    text_tensors = _strip(tensors, text_prefix)
-    if config.text_encoder.open_clip:
-        text_encoder = Tensors(text_tensors, str(path), "the SD 2.x OpenCLIP text encoder", text_prefix)
-    elif sd2_layout:  # the layers SD 2.x runs, for a transformers-layout model (see single_file_tensors)
-        text_encoder = Tensors(
-            open_clip_layout.to_transformers(text_tensors, config.text_encoder.layers + 1, strict=False),
-            str(path), "the SD 2.x text encoder (transformers layout)", text_prefix,
-            renamed={theirs: ours for ours, theirs in open_clip_layout.renames(config.text_encoder.layers).items()},
-        )
+    if sdxl:
+        text_encoder, text_encoder_2 = sdxl_layout.text_encoders(path, tensors)
     else:
-        text_encoder = Tensors(
-            with_text_model_prefix(text_tensors), str(path), "the SD 1.x CLIP text encoder", text_prefix
-        )
+        text_encoder, text_encoder_2 = _sd_text_encoder(path, tensors, config.text_encoder, sd_text_prefix), None
     return StoredPipeline(
         config=config,
         tokenizer=default_tokenizer(config.text_encoder),
         unet=unet,
         vae=Tensors(_strip(tensors, VAE_PREFIX), str(path), f"the {generation} VAE", VAE_PREFIX),
         text_encoder=text_encoder,
+        text_encoder_2=text_encoder_2,
+        tokenizer_2=default_tokenizer(config.text_encoder_2) if sdxl else None,
     )
 
 
+def _sd_text_encoder(path: Path, tensors: dict[str, torch.Tensor], cfg: TextEncoderConfig, text_prefix: str) -> Tensors:
+    """SD 1.x's CLIP or SD 2.x's OpenCLIP text encoder, under the names of the model `cfg` builds."""
+    text_tensors = _strip(tensors, text_prefix)
+    if cfg.open_clip:
+        return Tensors(text_tensors, str(path), "the SD 2.x OpenCLIP text encoder", text_prefix)
+    if text_prefix == OPEN_CLIP_PREFIX:  # SD 2.x's layers, for a transformers-layout model (see single_file_tensors)
+        return Tensors(
+            open_clip_layout.to_transformers(text_tensors, cfg.layers + 1, strict=False),
+            str(path), "the SD 2.x text encoder (transformers layout)", text_prefix,
+            renamed={theirs: ours for ours, theirs in open_clip_layout.renames(cfg.layers).items()},
+        )
+    return Tensors(with_text_model_prefix(text_tensors), str(path), "the SD 1.x CLIP text encoder", text_prefix)
+
+
 def unsupported_kind(tensors: dict[str, torch.Tensor]) -> str | None:
-    """What the file is when it is not an SD 1.x checkpoint minidream can load (None when it
-    is one), from its key names and the shapes that tell the SD generations apart."""
+    """What the file is when it is not an SD 1.x, 2.x or XL checkpoint minidream can load (None
+    when it is one), from its key names and the shapes that tell the SD generations apart."""
     keys = tensors.keys()
     if any(marker in key for key in keys for marker in LORA_MARKERS):
         return "a LoRA (or LyCORIS) file, which modifies a model rather than being one"
-    if any(key.startswith("conditioner.embedders.") for key in keys):
-        return "an SDXL checkpoint"
     if not any(key.startswith(UNET_PREFIX) for key in keys):
         if "encoder.conv_in.weight" in keys and "decoder.conv_in.weight" in keys:
             return "a standalone VAE, not a whole pipeline"
         first = ", ".join(sorted(keys)[:3]) or "none"
         return f"not a Stable Diffusion checkpoint (no {UNET_PREFIX}* tensors; first keys: {first})"
+    if any(key.startswith(sdxl_layout.SGM_PREFIX) for key in keys):
+        return sdxl_layout.unsupported_kind(tensors)
     if any(key.startswith(("embedder.", "noise_augmentor.")) for key in keys):
         return "an SD 2.x unCLIP model (image-embedding conditioning), which is not supported"
     if any(key.startswith(UNET_PREFIX + "label_emb.") for key in keys):
@@ -173,7 +186,7 @@ def ema_key(unet_key: str) -> str:
     return EMA_PREFIX + ("diffusion_model." + unet_key).replace(".", "")
 
 
-def _ema_unet(path: Path, tensors: dict[str, torch.Tensor], cfg: UNetConfig) -> Tensors:
+def _ema_unet(path: Path, tensors: dict[str, torch.Tensor], cfg: UNetConfig, generation: str) -> Tensors:
     """The UNet from the EMA buffers, under the UNet's names; weights.py checks them like any part."""
     if not any(k.startswith(EMA_PREFIX) and k not in EMA_BOOKKEEPING for k in tensors):
         raise WeightsError(
@@ -182,7 +195,7 @@ def _ema_unet(path: Path, tensors: dict[str, torch.Tensor], cfg: UNetConfig) -> 
         )
     renamed = {name: ema_key(name) for name in meta_shapes(UNet, cfg)}
     present = {name: tensors[key] for name, key in renamed.items() if key in tensors}
-    return Tensors(present, f"{path} (EMA weights)", "the SD 1.x UNet", renamed=renamed)
+    return Tensors(present, f"{path} (EMA weights)", f"the {generation} UNet", renamed=renamed)
 
 
 def _strip(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
@@ -192,7 +205,8 @@ def _strip(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Ten
 def _config_from_metadata(
     path: Path, metadata: dict[str, str], tensors: dict[str, torch.Tensor], prediction_type: str | None
 ) -> ModelConfig:
-    """The file's recorded config; else SD 1.5's or SD 2.1's with the prediction type given or detected."""
+    """The file's recorded config; else SD 1.5's, SD 2.1's or SDXL base's, with the prediction type
+    given or detected."""
     if prediction_type is not None and prediction_type not in PREDICTION_TYPES:
         raise WeightsError(f"prediction_type must be one of {', '.join(PREDICTION_TYPES)}, got {prediction_type!r}")
     text = metadata.get(CONFIG_METADATA_KEY)
@@ -205,6 +219,13 @@ def _config_from_metadata(
         if prediction_type is not None and prediction_type != recorded:
             raise WeightsError(f"{path}: its metadata records prediction_type {recorded!r}, not {prediction_type!r}")
         return config
+    if sdxl_layout.has_sdxl_keys(tensors):
+        unet_keys = [key[len(UNET_PREFIX):] for key in tensors if key.startswith(UNET_PREFIX)]
+        what = sdxl_layout.distilled_kind(unet_keys, list(meta_shapes(UNet, SDXL.unet)))
+        if what is not None:
+            raise unsupported(path, what)
+        schedule_cfg = sdxl_layout.schedule(path, tensors, metadata, prediction_type, SDXL.schedule)
+        return dataclasses.replace(SDXL, schedule=schedule_cfg)
     if not is_sd2(tensors):
         config = SD15
     elif not any(key.startswith(OPEN_CLIP_PREFIX) for key in tensors):
@@ -236,23 +257,31 @@ def _check_schedule_buffers(path: Path, tensors: dict[str, torch.Tensor], cfg: S
 
 
 def single_file_tensors(pipe: Pipeline, dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
-    """The whole pipeline under the SD prefixes, floating-point tensors cast to `dtype` (None: as is).
+    """The whole pipeline under the SD or SDXL prefixes, floating-point tensors cast to `dtype`
+    (None: as is); an SDXL pipeline's v-prediction markers beside them.
 
     Only the base weights: a model with live LoRA adapters is written without them (UIs would
     not know the keys; save_lora writes the adapters, models.lora.merge folds them in first)."""
-    cfg = pipe.config.text_encoder
-    text = base_state_dict(pipe.text_encoder)
-    if cfg.open_clip:
-        text = {OPEN_CLIP_PREFIX + key: tensor for key, tensor in text.items()}
-    elif cfg.activation == "gelu":
-        # An OpenCLIP tower in transformers' layout (an SD 2.x diffusers folder): SD 2's names, so
-        # that UIs open it, with the layers SD 2.x runs (its last resblock is not in such folders).
-        text = {OPEN_CLIP_PREFIX + key: tensor for key, tensor in open_clip_layout.to_open_clip(text, cfg.layers).items()}
+    if pipe.text_encoder_2 is not None:
+        text = sdxl_layout.text_tensors(pipe) | sdxl_layout.marker_tensors(pipe.config.schedule)
     else:
-        text = {TEXT_ENCODER_PREFIX + key: tensor for key, tensor in text.items()}
+        text = _sd_text_tensors(pipe)
     parts = ((UNET_PREFIX, pipe.unet), (VAE_PREFIX, pipe.vae))
     tensors = {prefix + key: tensor for prefix, module in parts for key, tensor in base_state_dict(module).items()}
     return {key: cast(tensor, dtype) for key, tensor in (tensors | text).items()}
+
+
+def _sd_text_tensors(pipe: Pipeline) -> dict[str, torch.Tensor]:
+    cfg = pipe.config.text_encoder
+    text = base_state_dict(pipe.text_encoder)
+    if cfg.open_clip:
+        return {OPEN_CLIP_PREFIX + key: tensor for key, tensor in text.items()}
+    if cfg.activation == "gelu":
+        # An OpenCLIP tower in transformers' layout (an SD 2.x diffusers folder): SD 2's names, so
+        # that UIs open it, with the layers SD 2.x runs (its last resblock is not in such folders).
+        text = open_clip_layout.to_open_clip(text, cfg.layers)
+        return {OPEN_CLIP_PREFIX + key: tensor for key, tensor in text.items()}
+    return {TEXT_ENCODER_PREFIX + key: tensor for key, tensor in text.items()}
 
 
 def ema_tensors(unet_ema: dict[str, torch.Tensor], dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
@@ -262,4 +291,5 @@ def ema_tensors(unet_ema: dict[str, torch.Tensor], dtype: torch.dtype | None) ->
 
 def single_file_metadata(config: ModelConfig) -> dict[str, str]:
     # "format": "pt" is what transformers and diffusers expect in safetensors metadata.
-    return {"format": "pt", CONFIG_METADATA_KEY: json.dumps(to_dict(config))}
+    metadata = {"format": "pt", CONFIG_METADATA_KEY: json.dumps(to_dict(config))}
+    return metadata | (sdxl_layout.marker_metadata(config.schedule) if config.text_encoder_2 is not None else {})

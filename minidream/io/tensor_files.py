@@ -37,7 +37,7 @@ class WeightsError(ValueError):
 def unsupported(path: Path, what: str) -> WeightsError:
     return WeightsError(
         f"{path}: this is {what}; minidream supports Stable Diffusion 1.x and 2.x text-to-image models "
-        "(SD 1.4, 1.5, 2.0, 2.1, 512 base and 768-v, and their fine-tunes) only"
+        "(SD 1.4, 1.5, 2.0, 2.1, 512 base and 768-v) and SDXL base 1.0, and their fine-tunes, only"
     )
 
 
@@ -62,6 +62,8 @@ class StoredPipeline(NamedTuple):
     unet: Tensors
     vae: Tensors
     text_encoder: Tensors
+    text_encoder_2: Tensors | None = None  # SDXL's OpenCLIP ViT-bigG, under OpenCLIP's names
+    tokenizer_2: CLIPTokenizer | None = None
 
 
 @functools.cache
@@ -109,6 +111,9 @@ def cast(tensor: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
 
 
 TEXT_MODEL_PREFIX = "text_model."
+# transformers' constant 0..76 buffer, carried by many checkpoints: not a weight, so not checked.
+POSITION_IDS = "text_model.embeddings.position_ids"
+OUTSIDE_TEXT_MODEL = "text_projection.weight"  # CLIPTextModelWithProjection's, beside `text_model`
 
 
 def with_text_model_prefix(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -116,7 +121,7 @@ def with_text_model_prefix(tensors: dict[str, torch.Tensor]) -> dict[str, torch.
     files (saved with old transformers) and transformers >= 5 folders leave out."""
     if any(key.startswith(TEXT_MODEL_PREFIX) for key in tensors):
         return tensors
-    return {TEXT_MODEL_PREFIX + key: tensor for key, tensor in tensors.items()}
+    return {key if key == OUTSIDE_TEXT_MODEL else TEXT_MODEL_PREFIX + key: tensor for key, tensor in tensors.items()}
 
 
 TORCH_SUFFIXES = {".ckpt", ".pt", ".pth", ".bin"}

@@ -1,4 +1,4 @@
-"""Whole Stable Diffusion 1.x and 2.x pipelines from and to checkpoint files: `load_pipeline`, `save_pipeline`.
+"""Whole Stable Diffusion 1.x, 2.x and XL pipelines from and to checkpoint files: `load_pipeline`, `save_pipeline`.
 
 In: an SD single file (`.safetensors`, or `.ckpt`/`.pt` read weights-only; see single_file.py),
 a diffusers folder (diffusers_folder.py), or a minidream run folder (its `model.safetensors`).
@@ -17,12 +17,13 @@ import safetensors
 import torch
 from torch import nn
 
-from minidream.config import ARCHITECTURES, SD15, ModelConfig, from_dict, image_size_multiple
+from minidream.config import ARCHITECTURES, SD15, SDXL, ModelConfig, from_dict, image_size_multiple
 from minidream.io.diffusers_folder import (
     is_diffusers_folder,
     read_diffusers_folder,
     write_diffusers_folder,
 )
+from minidream.io import sdxl_layout
 from minidream.io.lora_files import apply_lora_file
 from minidream.io.single_file import (
     CONFIG_METADATA_KEY,
@@ -33,6 +34,7 @@ from minidream.io.single_file import (
     single_file_tensors,
 )
 from minidream.io.tensor_files import (
+    POSITION_IDS,
     StoredPipeline,
     Tensors,
     WeightsError,
@@ -42,6 +44,7 @@ from minidream.io.tensor_files import (
     meta_shapes,
     write_safetensors,
 )
+from minidream.models.open_clip_text import OpenCLIPTextModel
 from minidream.models.pipeline import Pipeline, text_encoder_class
 from minidream.models.precision import vae_dtype
 from minidream.models.unet import UNet
@@ -49,8 +52,6 @@ from minidream.models.vae import AutoencoderKL
 
 FORMATS = ("single-file", "diffusers")
 RUN_FOLDER_WEIGHTS = "model.safetensors"  # what train.py exports into its run folder
-# transformers' constant 0..76 buffer, carried by many checkpoints: not a weight, so not checked.
-POSITION_IDS = "text_model.embeddings.position_ids"
 
 
 def load_pipeline(
@@ -68,8 +69,8 @@ def load_pipeline(
     loras: (LoRA file, strength) pairs merged into the weights in order, as UIs apply them:
     each in fp32 and rounded once into the loaded dtype (io/lora_files.py `merge_lora`).
     prediction_type: "epsilon" | "v_prediction" for a single file that does not record it (SD 2.x
-    files do not say; without it single_file.sd2_prediction_type decides and says how); a file or
-    folder that records another one is refused.
+    files do not say; without it single_file.sd2_prediction_type decides and says how; SDXL files
+    may carry markers, sdxl_layout.schedule); a file or folder that records another one is refused.
     Raises WeightsError, whose one-line message names the file and what is wrong with it.
     """
     pipe = assemble_pipeline(read_weights(Path(path), use_ema, prediction_type), dtype)
@@ -115,10 +116,11 @@ def model_config(path: str | Path) -> ModelConfig:
 def size_multiple(weights: str | None, architecture: str) -> int:
     """The multiple every image side must be for the model at `weights` (`architecture`'s when
     weights is None or empty: the random model train.py builds then), found without loading any
-    tensor: 8 (the VAE's 2^(levels-1)) x 2^(UNet levels - 1). SD 1.x and 2.x give 64, TINY 16.
+    tensor: 8 (the VAE's 2^(levels-1)) x 2^(UNet levels - 1). SD 1.x and 2.x give 64, SDXL 32, TINY 16.
 
-    Read from headers alone: a minidream single file's config metadata (other SD single files,
-    .ckpt included, are SD 1.x/2.x as load_pipeline reads them: 64), a diffusers folder's
+    Read from headers alone: a minidream single file's config metadata (other SD single files are
+    SD 1.x/2.x or SDXL base by their keys; a .ckpt's keys cannot be read without unpickling: 64,
+    which suits both), a diffusers folder's
     unet/ and vae/ config.json, a run folder's model.safetensors. What is not a model by its header
     (a LoRA file, a broken folder) goes to the loader, whose one-line WeightsError says what it is."""
     if not weights:
@@ -133,7 +135,7 @@ def size_multiple(weights: str | None, architecture: str) -> int:
     elif path.is_dir() and (path / RUN_FOLDER_WEIGHTS).is_file():
         path = path / RUN_FOLDER_WEIGHTS
     if path.is_file() and path.suffix != ".safetensors":
-        return config_multiple(SD15)  # a pickled SD 1.x/2.x checkpoint: its keys cannot be read without unpickling
+        return config_multiple(SD15)  # a pickled checkpoint: its keys cannot be read without unpickling
     if path.is_file():
         _check_safetensors_header(path)
         try:
@@ -147,7 +149,7 @@ def size_multiple(weights: str | None, architecture: str) -> int:
             except ValueError as error:
                 raise WeightsError(f"{path}: unreadable {CONFIG_METADATA_KEY} metadata ({error})") from None
         if any(key.startswith(UNET_PREFIX) for key in keys):
-            return config_multiple(SD15)  # SD 1.x and 2.x share SD 1.5's levels
+            return config_multiple(SDXL if sdxl_layout.has_sdxl_keys(keys) else SD15)  # SD 2.x has SD 1.5's levels
     # Not a model by its header: the loader refuses it in one line (or, if it reads it, says its shape).
     return config_multiple(read_weights(path, use_ema=False).config)
 
@@ -193,12 +195,15 @@ def assemble_pipeline(stored: StoredPipeline, dtype: torch.dtype | None) -> Pipe
     text_encoder = stored.text_encoder._replace(
         tensors={key: tensor for key, tensor in stored.text_encoder.tensors.items() if key != POSITION_IDS}
     )
+    second = stored.text_encoder_2
     return Pipeline(
         unet=load_module(UNet, cfg.unet, stored.unet, dtype),
         vae=load_module(AutoencoderKL, cfg.vae, stored.vae, vae_dtype(dtype)),
         text_encoder=load_module(text_encoder_class(cfg.text_encoder), cfg.text_encoder, text_encoder, dtype),
         tokenizer=stored.tokenizer,
         config=cfg,
+        text_encoder_2=None if second is None else load_module(OpenCLIPTextModel, cfg.text_encoder_2, second, dtype),
+        tokenizer_2=stored.tokenizer_2,
     )
 
 

@@ -107,15 +107,17 @@ class CLIPTextTransformer(nn.Module):
         self.embeddings = CLIPEmbeddings(cfg)
         self.encoder = CLIPEncoder(cfg)
         self.final_layer_norm = nn.LayerNorm(cfg.width, eps=cfg.layer_norm_eps)
+        self.final_norm = cfg.final_norm
 
     def forward(self, input_ids: torch.Tensor, clip_skip: int) -> torch.Tensor:
         layers = self.encoder.layers
         check_clip_skip(clip_skip, len(layers))
         x = self.embeddings(input_ids)
-        # clip_skip=k stops k-1 layers early; the final norm is applied either way, as UIs do.
+        # clip_skip=k stops k-1 layers early; the final norm is applied either way, as UIs do,
+        # except in SDXL, whose penultimate states go unnormed.
         for layer in layers[: len(layers) - (clip_skip - 1)]:
             x = layer(x)
-        return self.final_layer_norm(x)
+        return self.final_layer_norm(x) if self.final_norm else x
 
 
 def check_clip_skip(clip_skip: int, layers: int) -> None:

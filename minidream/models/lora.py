@@ -18,6 +18,8 @@ SD 2.x's OpenCLIP text tower fuses q, k and v in one `in_proj_weight` (3*width x
 kohya and diffusers train SD 2 with transformers' separate q_proj / k_proj / v_proj. The fused
 weight gets one adapter per row-block (rows 0:w, w:2w, 2w:3w), named `<attn>.in_proj_q`,
 `in_proj_k`, `in_proj_v`: the same three low-rank changes, applied, merged and saved exactly.
+SDXL's OpenCLIP ViT-bigG/14 tower (its second text encoder) is adapted the same way, on every
+resblock (`lora_resblocks`).
 """
 
 import contextlib
@@ -28,7 +30,7 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from minidream.config import UNET_TARGETS
+from minidream.config import UNET_TARGETS, TextEncoderConfig
 from minidream.models.clip import CLIPMLP, CLIPAttention, CLIPTextModel
 from minidream.models.layers import Upsample
 from minidream.models.open_clip_text import OpenCLIPAttention, OpenCLIPTextModel
@@ -270,16 +272,25 @@ def _text_encoder_containers(targets: str) -> tuple[type, ...]:
 
 
 def _open_clip_targets(model: OpenCLIPTextModel, targets: str) -> list[str]:
-    """The layers kohya adapts in transformers' 23-layer SD 2 text encoder, under OpenCLIP's names:
-    in_proj_q/k/v (q/k/v_proj), attn.out_proj; "all" also mlp.c_fc / c_proj (fc1 / fc2). The last
-    resblock never runs in SD 2.x and no LoRA file names it: it is not adapted."""
+    """The layers kohya adapts in transformers' layout of the tower, under OpenCLIP's names:
+    in_proj_q/k/v (q/k/v_proj), attn.out_proj; "all" also mlp.c_fc / c_proj (fc1 / fc2); in the
+    resblocks `lora_resblocks` counts."""
     _text_encoder_containers(targets)  # the same target names, checked the same way
     names = []
-    for n in range(len(model.transformer.resblocks) - 1):
+    for n in range(lora_resblocks(model.config)):
         attn, mlp = f"transformer.resblocks.{n}.attn.", f"transformer.resblocks.{n}.mlp."
         names += [attn + part for part in IN_PROJ_SLICES] + [attn + "out_proj"]
         names += [mlp + "c_fc", mlp + "c_proj"] if targets == "all" else []
     return names
+
+
+def lora_resblocks(cfg: TextEncoderConfig) -> int:
+    """How many of an OpenCLIP tower's resblocks (the first ones) LoRAs adapt. SD 2.x's last
+    resblock never runs (its states are the penultimate layer's, it has no pooled output), and
+    kohya and diffusers train its 23-layer transformers twin: no file names it. SDXL's bigG
+    (told apart by its unnormed states, sgm's legacy=False) runs all 32 for the pooled
+    projection, and kohya's lora_te2_ and diffusers' text_encoder_2 adapters cover all 32."""
+    return cfg.layers - 1 if cfg.final_norm else cfg.layers
 
 
 def add_lora(

@@ -77,11 +77,12 @@ class Transformer(nn.Module):
 
 class OpenCLIPTextModel(nn.Module):
     """`text_encoder(input_ids) -> last_hidden_state`: B x N ids -> B x N x width (N <= context_length),
-    the interface of models/clip.py's CLIPTextModel.
+    the interface of models/clip.py's CLIPTextModel; `encode` adds the pooled projection (SDXL).
 
-    `text_projection` (width x width) and `logit_scale` are in every SD 2.x file but SD never
-    uses them (they map the pooled state into CLIP's joint image-text space); they are kept as
-    buffers so a file loads strictly and is written back bit for bit, and training never sees them.
+    `text_projection` (width x width, used as `x @ text_projection`) and `logit_scale` are in
+    every SD 2.x and SDXL file. SD 2.x never uses them (they map the pooled state into CLIP's
+    joint image-text space), SDXL uses the projection for its pooled vector. They are buffers, so
+    a file loads strictly and is written back bit for bit, and training never changes them.
     """
 
     def __init__(self, cfg: TextEncoderConfig):
@@ -96,12 +97,29 @@ class OpenCLIPTextModel(nn.Module):
         self.register_buffer("logit_scale", torch.tensor(2.6592))  # log(1 / 0.07), CLIP's initial temperature
 
     def forward(self, input_ids: torch.Tensor, clip_skip: int | None = None) -> torch.Tensor:
-        """States after `ln_final`; clip_skip (default: the config's) 1 = the penultimate layer, SD 2.x's."""
+        """The conditioning states; clip_skip (default: the config's) 1 = the penultimate layer, SD 2.x's
+        and SDXL's, after `ln_final` in SD 2.x and without it in SDXL (config.final_norm)."""
+        return self._run(input_ids, clip_skip, pooled=False)[0]
+
+    def encode(self, input_ids: torch.Tensor, clip_skip: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(conditioning states, pooled B x width): the pooled vector runs every layer, then
+        `ln_final`, takes each prompt's EOS state (the largest id, open_clip's argmax) and
+        projects it: SDXL's `FrozenOpenCLIPEmbedder2(always_return_pooled=True)`."""
+        return self._run(input_ids, clip_skip, pooled=True)
+
+    def _run(self, input_ids: torch.Tensor, clip_skip: int | None, pooled: bool):
         clip_skip = self.config.clip_skip if clip_skip is None else clip_skip
         layers = self.transformer.resblocks
         check_clip_skip(clip_skip, len(layers) - 1)
         x = self.token_embedding(input_ids) + self.positional_embedding[: input_ids.shape[1]]
         # SD 2.x's "penultimate": the last resblock never runs; clip_skip=k stops k-1 more early.
-        for layer in layers[: len(layers) - clip_skip]:
+        stop = len(layers) - clip_skip
+        for layer in layers[:stop]:
             x = layer(x)
-        return self.ln_final(x)
+        states = self.ln_final(x) if self.config.final_norm else x
+        if not pooled:
+            return states, None
+        for layer in layers[stop:]:
+            x = layer(x)
+        eos = self.ln_final(x)[torch.arange(x.shape[0], device=x.device), input_ids.argmax(dim=-1)]
+        return states, eos @ self.text_projection

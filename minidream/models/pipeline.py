@@ -1,4 +1,5 @@
-"""The four parts of a Stable Diffusion model, held together with their config."""
+"""The parts of a Stable Diffusion model, held together with their config: the UNet, the VAE, the
+text encoder and its tokenizer, and SDXL's second text encoder and tokenizer."""
 
 from dataclasses import dataclass
 
@@ -15,18 +16,25 @@ from minidream.models.vae import AutoencoderKL
 
 @dataclass
 class Pipeline:
-    """What `load_pipeline` returns: the models, the tokenizer, and the config they were built
-    from (its `schedule` part is the scheduler setting of the checkpoint)."""
+    """What `load_pipeline` returns: the models, the tokenizers, and the config they were built
+    from (its `schedule` part is the scheduler setting of the checkpoint). `text_encoder_2` and
+    `tokenizer_2` are SDXL's OpenCLIP ViT-bigG/14 and its tokenizer, None for SD 1.x and 2.x."""
 
     unet: UNet
     vae: AutoencoderKL
     text_encoder: CLIPTextModel | OpenCLIPTextModel
     tokenizer: CLIPTokenizer
     config: ModelConfig
+    text_encoder_2: OpenCLIPTextModel | None = None
+    tokenizer_2: CLIPTokenizer | None = None
+
+    @property
+    def text_encoders(self) -> list[CLIPTextModel | OpenCLIPTextModel]:
+        return [self.text_encoder] + ([self.text_encoder_2] if self.text_encoder_2 is not None else [])
 
     def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> "Pipeline":
         """Move the models in place; fp16 keeps the VAE in fp32 (see `vae_dtype`)."""
-        for module in (self.unet, self.text_encoder):
+        for module in (self.unet, *self.text_encoders):
             module.to(device=device, dtype=dtype)
         self.vae.to(device=device, dtype=vae_dtype(dtype))
         return self
@@ -42,6 +50,7 @@ class Pipeline:
 
 def random_pipeline(config: ModelConfig, seed: int = 0) -> Pipeline:
     """A pipeline with freshly initialised weights, reproducible from `seed` (tests, tiny runs)."""
+    second = config.text_encoder_2
     with torch.random.fork_rng(devices=[]):  # leave the caller's global RNG untouched
         torch.manual_seed(seed)
         return Pipeline(
@@ -50,6 +59,8 @@ def random_pipeline(config: ModelConfig, seed: int = 0) -> Pipeline:
             text_encoder=text_encoder_class(config.text_encoder)(config.text_encoder),
             tokenizer=default_tokenizer(config.text_encoder),
             config=config,
+            text_encoder_2=None if second is None else OpenCLIPTextModel(second),
+            tokenizer_2=None if second is None else default_tokenizer(second),
         )
 
 
@@ -60,5 +71,7 @@ def text_encoder_class(cfg: TextEncoderConfig) -> type[CLIPTextModel | OpenCLIPT
 
 def default_tokenizer(cfg: TextEncoderConfig) -> CLIPTokenizer:
     """The bundled CLIP vocabulary, padded as the text encoder was trained: SD 1.x pads with EOS,
-    SD 2.x with id 0 ("!"), as open_clip.tokenize zero-fills and SD 2's tokenizer folder names "!"."""
+    SD 2.x and SDXL's bigG with id 0 ("!"), as open_clip.tokenize zero-fills (a "!" typed in a
+    prompt stays the ordinary "!</w>", id 256, as in open_clip, sgm and ComfyUI; diffusers'
+    SDXL tokenizer_2, whose pad token is "!", turns it into id 0)."""
     return CLIPTokenizer(context_length=cfg.context_length, pad_token_id=0 if cfg.open_clip else None)

@@ -1,9 +1,10 @@
 """The Stable Diffusion UNet: LDM's `UNetModel` with cross-attention to the text encoding.
 
 Follows `ldm/modules/diffusionmodules/openaimodel.py` and `ldm/modules/attention.py` of the
-CompVis latent-diffusion / stable-diffusion code (Rombach et al. 2022). Module names are the
-checkpoint's: the state dict of `UNet(UNetConfig())` is an SD 1.x file's
-`model.diffusion_model.*` with that prefix stripped.
+CompVis latent-diffusion / stable-diffusion code (Rombach et al. 2022), and sgm's copy of them
+for SDXL (Podell et al. 2023: deeper transformers per level, and `label_emb` for the vector
+conditioning y). Module names are the checkpoint's: the state dict of `UNet(UNetConfig())` is
+an SD 1.x file's `model.diffusion_model.*` with that prefix stripped.
 """
 
 import torch
@@ -130,7 +131,7 @@ def attention_heads(channels: int, cfg: UNetConfig) -> tuple[int, int]:
 class SpatialTransformer(nn.Module):
     """Transformer blocks over the H*W positions of a feature map, as a residual around them."""
 
-    def __init__(self, channels: int, cfg: UNetConfig):
+    def __init__(self, channels: int, cfg: UNetConfig, depth: int):
         super().__init__()
         heads, head_dim = attention_heads(channels, cfg)
         if heads * head_dim != channels:
@@ -142,7 +143,7 @@ class SpatialTransformer(nn.Module):
         self.proj_in = nn.Linear(channels, channels) if cfg.use_linear_proj else nn.Conv2d(channels, channels, 1)
         self.transformer_blocks = nn.ModuleList(
             BasicTransformerBlock(channels, cfg.context_dim, heads, head_dim, cfg.upcast_attention)
-            for _ in range(cfg.transformer_depth)
+            for _ in range(depth)
         )
         self.proj_out = nn.Linear(channels, channels) if cfg.use_linear_proj else nn.Conv2d(channels, channels, 1)
 
@@ -191,8 +192,9 @@ class TimestepEmbedSequential(nn.ModuleList):
 
 
 class UNet(nn.Module):
-    """eps = unet(x, t, context): the noise in latents x (B x 4 x h x w) at timesteps t, given the
-    text encoding context (B x 77 x context_dim).
+    """eps = unet(x, t, context, y): the noise in latents x (B x 4 x h x w) at timesteps t, given the
+    text encoding context (B x 77 x context_dim) and, for SDXL, the vector conditioning y
+    (B x adm_in_channels, see `size_conditioning`; SD 1.x and 2.x take none).
 
     Set `gradient_checkpointing = True` to recompute each block's activations during backward.
     """
@@ -204,11 +206,16 @@ class UNet(nn.Module):
         base = cfg.model_channels
         emb_channels = 4 * base
         self.time_embed = nn.Sequential(nn.Linear(base, emb_channels), nn.SiLU(), nn.Linear(emb_channels, emb_channels))
+        if cfg.adm_in_channels is not None:
+            # sgm's num_classes="sequential": an MLP from y into the timestep embedding, `label_emb.0.{0,2}`.
+            self.label_emb = nn.Sequential(nn.Sequential(
+                nn.Linear(cfg.adm_in_channels, emb_channels), nn.SiLU(), nn.Linear(emb_channels, emb_channels)
+            ))
 
         def level_layers(level: int, in_channels: int, out_channels: int) -> list[nn.Module]:
             layers = [ResBlock(in_channels, out_channels, emb_channels, cfg)]
             if level in cfg.attention_levels:
-                layers.append(SpatialTransformer(out_channels, cfg))
+                layers.append(SpatialTransformer(out_channels, cfg, cfg.depth(level)))
             return layers
 
         # Encoder half: every block's output is kept for the decoder half (skip_channels tracks widths).
@@ -227,7 +234,7 @@ class UNet(nn.Module):
 
         self.middle_block = TimestepEmbedSequential([
             ResBlock(channels, channels, emb_channels, cfg),
-            SpatialTransformer(channels, cfg),
+            SpatialTransformer(channels, cfg, cfg.depth(None)),
             ResBlock(channels, channels, emb_channels, cfg),
         ])
 
@@ -248,14 +255,21 @@ class UNet(nn.Module):
             nn.Conv2d(channels, cfg.out_channels, 3, padding=1),
         )
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor | int | float, context: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, t: torch.Tensor | int | float, context: torch.Tensor, y: torch.Tensor | None = None
+    ) -> torch.Tensor:
         factor = 2 ** (len(self.config.channel_mult) - 1)
         if x.shape[-2] % factor or x.shape[-1] % factor:
             raise ValueError(f"latent size {tuple(x.shape[-2:])} must be a multiple of {factor} to downsample")
+        if (y is None) != (self.config.adm_in_channels is None):
+            wants = "needs the vector conditioning y (SDXL)" if y is None else "takes no y (only SDXL does)"
+            raise ValueError(f"this UNet {wants}")
         t = torch.as_tensor(t, device=x.device)
         if t.ndim == 0:
             t = t.expand(x.shape[0])  # one timestep for the whole batch
         emb = self.time_embed(timestep_embedding(t, self.config.model_channels).to(x.dtype))
+        if y is not None:
+            emb = emb + self.label_emb(y.to(x.dtype))
 
         skips = []
         h = x
@@ -267,3 +281,11 @@ class UNet(nn.Module):
             h = torch.cat([h, skips.pop()], dim=1)
             h = maybe_recompute(self.gradient_checkpointing, block, h, emb, context)
         return self.out(h)
+
+
+def size_conditioning(pooled: torch.Tensor, size_ids: torch.Tensor, embed_dim: int) -> torch.Tensor:
+    """SDXL's y: the pooled text embedding (B x P), then each of the six size-and-crop ids
+    (B x 6: original height, width, crop top, left, target height, width; Podell et al. 2023,
+    sec. 2.2) as `embed_dim` Fourier features (cos first, as sgm's ConcatTimestepEmbedderND)."""
+    features = timestep_embedding(size_ids.flatten(), embed_dim).reshape(size_ids.shape[0], -1)
+    return torch.cat([pooled, features.to(pooled.dtype)], dim=1)
