@@ -143,3 +143,14 @@ def test_sdxl_unet_config_reads_back_from_its_diffusers_config_json():
     assert written["projection_class_embeddings_input_dim"] == 2816
     assert written["down_block_types"] == ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"]
     assert unet_config_from_diffusers(written) == SDXL.unet
+
+
+def test_an_odd_latent_size_upsamples_to_each_skip_as_diffusers_does(pipe):
+    """A 1000 x 1000 px SDXL image is a 125 x 125 latent: odd at every level. diffusers takes it
+    (upsample_size); so does minidream's UNet, here at 11 x 13 on the tiny model."""
+    x, t, context, pooled, ids = inputs(pipe, batch=2)
+    x = torch.randn(2, 4, 11, 13, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        out = pipe.unet(x, t, context, size_conditioning(pooled, ids, pipe.config.unet.size_embed_dim))
+        expected = diffusers_unet(pipe)(x, t, context, added_cond_kwargs={"text_embeds": pooled, "time_ids": ids}).sample
+    assert out.shape == x.shape and relative_error(out, expected) <= 1e-6

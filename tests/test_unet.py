@@ -152,11 +152,17 @@ def test_layer_norm_statistics_are_fp32_for_half_inputs():
     torch.testing.assert_close(out.float(), expected, rtol=0, atol=2e-3 * expected.abs().max().item())
 
 
-def test_latent_size_must_allow_every_downsampling():
-    unet, _ = unet_twins(TINY.unet, seed=0)
-    x, t, context = unet_inputs(TINY.unet, [1, 2], height=9, width=8, seed=1)
-    with pytest.raises(ValueError, match="multiple of 2"):
-        unet(x, t, context)
+@pytest.mark.parametrize("cfg", [TINY.unet, TINY_SD2_STYLE], ids=["tiny", "tiny-sd2-knobs"])
+@pytest.mark.parametrize("height, width", [(9, 8), (7, 13)])
+def test_odd_latent_sizes_upsample_to_each_skip_as_diffusers_does(cfg, height, width):
+    """A side the downsampling rounds up (9 -> 5) comes back at the skip connection's size (5 -> 9,
+    not 10): diffusers' upsample_size."""
+    unet, reference = unet_twins(cfg, seed=0)
+    x, t, context = unet_inputs(cfg, [1, 500], height=height, width=width, seed=1)
+    with torch.no_grad():
+        out = unet(x, t, context)
+        expected = reference(x, t, context).sample
+    assert out.shape == x.shape and relative_error(out, expected) <= REL_TOL
 
 
 @pytest.fixture(scope="module")

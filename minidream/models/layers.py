@@ -84,8 +84,12 @@ class Upsample(nn.Module):
         super().__init__()
         self.conv = nn.Conv2d(channels, channels, 3, padding=1)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+    def forward(self, x: torch.Tensor, size: torch.Size | None = None) -> torch.Tensor:
+        """size: the UNet's skip connection's, when an odd side was rounded up on the way down
+        (diffusers' upsample_size); the upsampled map then takes that size instead of twice its own."""
+        if size is None or tuple(size) == (2 * x.shape[-2], 2 * x.shape[-1]):
+            return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+        return self.conv(F.interpolate(x, size=tuple(size), mode="nearest"))
 
 
 def maybe_recompute(enabled: bool, block: nn.Module, *inputs: torch.Tensor | None) -> torch.Tensor:

@@ -180,12 +180,16 @@ class TimestepEmbedSequential(nn.ModuleList):
     """One entry of input_blocks / middle_block / output_blocks: its layers in order, each given
     what it consumes — ResBlocks the timestep embedding, transformers the context."""
 
-    def forward(self, x: torch.Tensor, emb: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, emb: torch.Tensor, context: torch.Tensor, upsample_size: torch.Size | None = None
+    ) -> torch.Tensor:
         for layer in self:
             if isinstance(layer, ResBlock):
                 x = layer(x, emb)
             elif isinstance(layer, SpatialTransformer):
                 x = layer(x, context)
+            elif isinstance(layer, Upsample):
+                x = layer(x, upsample_size)
             else:
                 x = layer(x)
         return x
@@ -258,9 +262,6 @@ class UNet(nn.Module):
     def forward(
         self, x: torch.Tensor, t: torch.Tensor | int | float, context: torch.Tensor, y: torch.Tensor | None = None
     ) -> torch.Tensor:
-        factor = 2 ** (len(self.config.channel_mult) - 1)
-        if x.shape[-2] % factor or x.shape[-1] % factor:
-            raise ValueError(f"latent size {tuple(x.shape[-2:])} must be a multiple of {factor} to downsample")
         if (y is None) != (self.config.adm_in_channels is None):
             wants = "needs the vector conditioning y (SDXL)" if y is None else "takes no y (only SDXL does)"
             raise ValueError(f"this UNet {wants}")
@@ -279,7 +280,10 @@ class UNet(nn.Module):
         h = maybe_recompute(self.gradient_checkpointing, self.middle_block, h, emb, context)
         for block in self.output_blocks:
             h = torch.cat([h, skips.pop()], dim=1)
-            h = maybe_recompute(self.gradient_checkpointing, block, h, emb, context)
+            # A side that was odd on the way down was rounded up by the stride-2 conv: upsample to
+            # the next skip's size, as diffusers does, so any latent size works.
+            upsample_size = skips[-1].shape[-2:] if skips else None
+            h = maybe_recompute(self.gradient_checkpointing, block, h, emb, context, upsample_size)
         return self.out(h)
 
 
