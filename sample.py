@@ -72,6 +72,7 @@ def main(argv: list[str] | None = None) -> int:
         pipe = load_pipeline(args.weights, device=device, dtype=dtype, loras=args.lora, prediction_type=args.prediction_type)
         flags.check_flags_fit(args, pipe)
         flags.fill_model_defaults(args, pipe.config)
+        flags.use_flag_spacing(args, pipe)
     except (ValueError, OSError) as error:  # WeightsError and ConfigError are ValueErrors; WriteError an OSError
         remove_empty(made)
         print(f"error: {error}", file=sys.stderr)

@@ -69,6 +69,7 @@ from minidream.sampling_flags import (
     device_and_dtype,
     draw,
     fill_model_defaults,
+    use_flag_spacing,
     lora_hashes,
     parameters_text,
     sampling_of,
@@ -353,6 +354,7 @@ def prepare(args: argparse.Namespace) -> Job:
     pipe = load_pipeline(args.weights, device=device, dtype=dtype, loras=args.lora, prediction_type=args.prediction_type)
     check_flags_fit(args, pipe)  # refuses e.g. too many steps
     fill_model_defaults(args, pipe.config)  # the family's size and guidance, as the images and eval.json record them
+    use_flag_spacing(args, pipe)
     prove_writable(args.out)  # WriteError now rather than after the images are drawn
     sampling = sampling_of(args)
     prompts = subject_prompts(templates, args.identifier, args.class_noun)

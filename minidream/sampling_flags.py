@@ -6,6 +6,7 @@ sample.py image made with the same flags are the same image and carry the same t
 """
 
 import argparse
+import dataclasses
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -14,7 +15,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from minidream.config import PREDICTION_TYPES, SAMPLERS, ModelConfig, check_image_size
+from minidream.config import PREDICTION_TYPES, SAMPLERS, TIMESTEP_SPACINGS, ModelConfig, check_image_size
 from minidream.diffusion.samplers import KARRAS_SAMPLERS, check_sampler_options, make_sampler
 from minidream.diffusion.sampling import SizeConditioning, clip_skip_limit, family_defaults, generate
 from minidream.io.lora_files import lora_argument, lora_hash
@@ -54,6 +55,11 @@ def add_sampling_flags(parser: argparse.ArgumentParser) -> None:
                         help=" | ".join(f"{name}: {use}" for name, use in SAMPLER_USES.items()) + " (default: %(default)s)")
     parser.add_argument("--karras", action="store_true",
                         help=f"Karras sigma spacing, often better at few steps ({', '.join(KARRAS_SAMPLERS)})")
+    parser.add_argument("--timestep-spacing", choices=TIMESTEP_SPACINGS, default=None,
+                        help="which of the training timesteps the steps visit (Lin et al. 2024, table 2): 'trailing' "
+                        "reaches the last one, as zero-terminal-SNR models need (default: the model's scheduler "
+                        "config, else the sampler's diffusers default: leading for ddim, ddpm and plms, linspace "
+                        "for the others)")
     parser.add_argument("--guidance", type=float, default=None,
                         help="classifier-free guidance scale; 1 disables it (default: 7.5 for SD 1.x/2.x, 5.0 for SDXL)")
     parser.add_argument("--guidance-rescale", type=float, default=0.0, metavar="PHI",
@@ -150,6 +156,14 @@ def fill_model_defaults(args: argparse.Namespace, config: ModelConfig) -> None:
         args.crop_top_left = args.crop_top_left or [0, 0]
 
 
+def use_flag_spacing(args: argparse.Namespace, pipe: Pipeline) -> None:
+    """--timestep-spacing given: the model samples with it, as diffusers' pipeline does with a
+    scheduler built `from_config(config, timestep_spacing=...)`."""
+    if args.timestep_spacing is not None:
+        schedule = dataclasses.replace(pipe.config.schedule, timestep_spacing=args.timestep_spacing)
+        pipe.config = dataclasses.replace(pipe.config, schedule=schedule)
+
+
 def check_clip_skip(clip_skip: int | None, layers: int | None = None) -> None:
     """ValueError unless --clip-skip (None: the model's) is at least 1 and, once the text encoder
     is known, at most its `layers` (sampling.clip_skip_limit)."""
@@ -223,7 +237,8 @@ def parameters_text(args: argparse.Namespace, prompt: str, seed: int, hashes: Ma
     tags = "".join(f" <lora:{path.stem}:{scale:g}>" for path, scale in args.lora)
     sampler = f"{A1111_NAMES[args.sampler]}{' Karras' if args.karras else ''}"
     sdxl = args.original_size is not None  # fill_model_defaults sets it for SDXL models only
-    extras = (f", CFG Rescale phi: {args.guidance_rescale}" if args.guidance_rescale else "") + (
+    spacing = f", Timestep spacing: {args.timestep_spacing}" if args.timestep_spacing else ""
+    extras = spacing + (f", CFG Rescale phi: {args.guidance_rescale}" if args.guidance_rescale else "") + (
         f", Clip skip: {args.clip_skip}" if args.clip_skip else ""
     ) + (sdxl_settings_text(args) if sdxl else "")
     loras = ', '.join(f"{name}: {digest}" for name, digest in hashes.items())

@@ -14,6 +14,7 @@ import pytest
 import torch
 from diffusers import AutoencoderKL as DiffusersAutoencoderKL
 from diffusers import DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from PIL import Image
 from reference_models import SD15_UNET_CONFIG, SD15_VAE_CONFIG, seeded_diffusers_model
 from sample_runs import (
     SD15_SCHEDULER,
@@ -137,6 +138,22 @@ def test_a_scheduler_config_without_spacing_gives_diffusers_images(tiny_folder, 
     assert max_difference(ours, reference_images(load_reference(folder), PROMPT, NEGATIVE, **settings)) <= TOLERANCE
     leading = run_sample(sample, tiny_folder, tmp_path / "leading-out", **settings)
     assert max_difference(ours, leading) > 10 * TOLERANCE
+
+
+@pytest.mark.parametrize("sampler, spacing", [("euler", "trailing"), ("ddim", "linspace"), ("dpmpp-2m", "trailing")])
+def test_timestep_spacing_flag_gives_diffusers_images_with_that_spacing(tiny_folder, sample, tmp_path, sampler, spacing):
+    """--timestep-spacing X on a folder whose config says "leading" equals diffusers given a
+    scheduler config saying X (what `from_config(config, timestep_spacing=X)` builds)."""
+    folder = tmp_path / spacing
+    shutil.copytree(tiny_folder, folder)
+    config_file = folder / "scheduler" / "scheduler_config.json"
+    config_file.write_text(json.dumps(json.loads(config_file.read_text()) | {"timestep_spacing": spacing}))
+    settings = dict(seed=61, num_images=2, steps=6, sampler=sampler, guidance=7.5, height=32, width=48)
+    ours = run_sample(sample, tiny_folder, tmp_path / "flag", **settings, extra=("--timestep-spacing", spacing))
+    assert max_difference(ours, reference_images(load_reference(folder), PROMPT, NEGATIVE, **settings)) <= TOLERANCE
+    assert max_difference(ours, run_sample(sample, tiny_folder, tmp_path / "config", **settings)) > 10 * TOLERANCE
+    text = Image.open(next((tmp_path / "flag").glob("*.png"))).text["parameters"]
+    assert f"Timestep spacing: {spacing}" in text
 
 
 def penultimate_layer_embeds(reference, prompt: str) -> torch.Tensor:
