@@ -159,7 +159,7 @@ def scheduler_from_config(config, sampler: str, karras: bool = False):
     if sampler == "lms":
         return LMSDiscreteScheduler.from_config(config, use_karras_sigmas=karras)
     if sampler == "unipc":
-        return UniPCMultistepScheduler.from_config(config)
+        return UniPCMultistepScheduler.from_config(config, use_karras_sigmas=karras)
     raise ValueError(sampler)
 
 

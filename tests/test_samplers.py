@@ -33,9 +33,9 @@ CASES = [("ddim", 0.0, False), ("ddim", 1.0, False), ("ddpm", 0.0, False), ("eul
 CASES += [("dpmpp-2m", 0.0, False), ("dpmpp-2m", 0.0, True)]
 CASES += [("euler", 0.0, False), ("euler", 0.0, True), ("heun", 0.0, False), ("heun", 0.0, True), ("plms", 0.0, False)]
 CASES += [("lms", 0.0, False), ("lms", 0.0, True), ("dpmpp-2m-sde", 0.0, False), ("dpmpp-2m-sde", 0.0, True)]
-CASES += [("unipc", 0.0, False)]
+CASES += [("unipc", 0.0, False), ("unipc", 0.0, True)]
 CASE_IDS = ["ddim-eta0", "ddim-eta1", "ddpm", "euler-a", "dpmpp-2m", "dpmpp-2m-karras"]
-CASE_IDS += ["euler", "euler-karras", "heun", "heun-karras", "plms", "lms", "lms-karras", "dpmpp-2m-sde", "dpmpp-2m-sde-karras", "unipc"]
+CASE_IDS += ["euler", "euler-karras", "heun", "heun-karras", "plms", "lms", "lms-karras", "dpmpp-2m-sde", "dpmpp-2m-sde-karras", "unipc", "unipc-karras"]
 # The samplers that draw nothing: their runs depend on the initial noise alone.
 DETERMINISTIC = ["ddim", "dpmpp-2m", "euler", "heun", "plms", "lms", "unipc"]
 
@@ -257,10 +257,9 @@ def test_step_refuses_noise_that_would_shift_the_generators():
         (("dpm++", 10), "choose one of ddim, ddpm, euler-a, dpmpp-2m"),
         (("euler-a", 10, 0.5), "eta applies only to the ddim sampler"),
         (("ddim", 10, 1.5), r"eta must be in \[0, 1\]"),
-        (("ddim", 10, 0.0, True), "karras sigmas apply only to the euler, heun, lms, dpmpp-2m, dpmpp-2m-sde samplers, not ddim"),
+        (("ddim", 10, 0.0, True), "karras sigmas apply only to the euler, heun, lms, dpmpp-2m, dpmpp-2m-sde, unipc samplers, not ddim"),
         (("euler-a", 10, 0.0, True), "karras sigmas apply only to .* samplers, not euler-a"),
         (("plms", 10, 0.0, True), "karras sigmas apply only to .* samplers, not plms"),
-        (("unipc", 10, 0.0, True), "karras sigmas apply only to .* samplers, not unipc"),
         (("ddim", 0), r"num_steps must be in \[1, 999\]"),
         (("dpmpp-2m", 999), "reach timestep 1000 >= 1000"),
     ],

@@ -27,7 +27,7 @@ def test_both_commands_parse_the_flags_to_the_same_settings(sample):
 @pytest.mark.parametrize("args, message", [
     (["--guidance-rescale", "1.5"], "--guidance-rescale must be in [0, 1], got 1.5"),
     (["--clip-skip", "0"], "--clip-skip must be at least 1, got 0"),
-    (["--sampler", "ddim", "--karras"], "karras sigmas apply only to the euler, heun, lms, dpmpp-2m, dpmpp-2m-sde samplers, not ddim"),
+    (["--sampler", "ddim", "--karras"], "karras sigmas apply only to the euler, heun, lms, dpmpp-2m, dpmpp-2m-sde, unipc samplers, not ddim"),
 ], ids=["rescale", "clip-skip", "karras"])
 def test_evaluate_refuses_what_sample_refuses(sample, capsys, args, message):
     for parse in (lambda: sample.parse_args(["--weights", "w", "--prompt", "a dog", *args]),

@@ -104,9 +104,11 @@ CASES = [
     ("lms", 0.0, True, 7.5, 32, 48, 45, 1),
     ("dpmpp-2m-sde", 0.0, True, 7.5, 32, 48, 46, 2),
     ("unipc", 0.0, False, 7.5, 48, 32, 47, 1),
+    ("unipc", 0.0, True, 7.5, 32, 48, 48, 1),
 ]
 CASE_IDS = ["ddim", "ddim-guidance1-nonsquare", "ddim-eta1", "ddpm", "euler-a-tall", "euler-a-guidance1",
-            "dpmpp-2m", "dpmpp-2m-karras", "euler", "euler-karras", "heun-karras", "plms", "lms-karras", "dpmpp-2m-sde-karras", "unipc"]
+            "dpmpp-2m", "dpmpp-2m-karras", "euler", "euler-karras", "heun-karras", "plms", "lms-karras", "dpmpp-2m-sde-karras", "unipc",
+            "unipc-karras"]
 
 
 @pytest.mark.parametrize("sampler, eta, karras, guidance, height, width, seed, batch_size", CASES, ids=CASE_IDS)

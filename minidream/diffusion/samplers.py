@@ -49,7 +49,7 @@ from minidream.diffusion import schedule
 
 KARRAS_RHO = 7.0  # Karras et al. 2022, sec. 3: rho = 7 balances the step sizes over sigma
 # The samplers with a Karras-sigma form (diffusers' use_karras_sigmas).
-KARRAS_SAMPLERS = ("euler", "heun", "lms", "dpmpp-2m", "dpmpp-2m-sde")
+KARRAS_SAMPLERS = ("euler", "heun", "lms", "dpmpp-2m", "dpmpp-2m-sde", "unipc")
 LMS_ORDER = 4  # diffusers' LMSDiscreteScheduler.step default, as pipelines call it
 
 
@@ -122,7 +122,7 @@ def make_sampler(
     elif name == "lms":
         sampler = _lms(schedule_config, alphas_cumprod, num_steps, karras)
     elif name == "unipc":
-        sampler = UniPCSampler(*_dpm_solver_schedule(schedule_config, alphas_cumprod, num_steps, karras=False),
+        sampler = UniPCSampler(*_dpm_solver_schedule(schedule_config, alphas_cumprod, num_steps, karras, unipc=True),
                                prediction_type=schedule_config.prediction_type)  # fmt: skip
     else:
         sampler = _dpmpp_2m(name, schedule_config, alphas_cumprod, num_steps, karras)
@@ -621,18 +621,19 @@ def _dpmpp_2m(
 
 
 def _dpm_solver_schedule(
-    config: ScheduleConfig, alphas_cumprod: torch.Tensor, num_steps: int, karras: bool
+    config: ScheduleConfig, alphas_cumprod: torch.Tensor, num_steps: int, karras: bool, unipc: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(timesteps int64 [N], sigmas float32 [N + 1]) as diffusers' DPM-Solver and UniPC set them."""
+    """(timesteps int64 [N], sigmas float32 [N + 1]) as diffusers' DPM-Solver and UniPC set them
+    (they differ only in how Karras timesteps are made integers, below)."""
     total, spacing, offset = config.num_train_timesteps, config.timestep_spacing, config.steps_offset
     sigma_table = _sigma_table(alphas_cumprod)
     if karras:
         # The Karras ramp spans the whole schedule whatever the spacing; each step's timestep is
-        # where its sigma falls. diffusers rounds it, except for the cosine schedule, where its
-        # cast to int64 truncates (a quirk kept for parity).
+        # where its sigma falls. diffusers rounds it, except DPM-Solver for the cosine schedule,
+        # where its cast to int64 truncates (a quirk kept for parity; UniPC rounds always).
         sigmas = karras_sigmas(sigma_table[0].item(), sigma_table[-1].item(), num_steps)
         timesteps = sigma_to_timestep(sigmas, _log_sigma_table(sigma_table))
-        if config.beta_schedule != "squaredcos_cap_v2":
+        if unipc or config.beta_schedule != "squaredcos_cap_v2":
             timesteps = timesteps.round()
         timesteps = timesteps.to(torch.int64)
     else:
