@@ -1,9 +1,11 @@
-"""DDIM sampling loop with classifier-free guidance, minidream against diffusers.
+"""Sampling loop with classifier-free guidance (any sampler, DDIM by default), minidream against diffusers.
 
 minidream: `minidream.diffusion.sampling.denoise`, what `generate` runs between encoding the prompts
 and decoding. diffusers: the real `StableDiffusionPipeline` (SDXL: `StableDiffusionXLPipeline`,
-also given the pooled vectors; the size ids are both sides' defaults), given the same prompt
-embeddings and `output_type="latent"`, so it runs the same span. Weights are cast to --dtype
+also given the pooled vectors; the size ids are both sides' defaults) with the sampler's diffusers
+scheduler (`--sampler`, `--karras`; bench/schedulers.py), given the same prompt embeddings and
+`output_type="latent"`, so it runs the same span. The rows count UNet calls per image (Heun makes
+2N - 1 for N steps, PLMS N + 1), each a forward on the doubled (uncond + cond) batch. Weights are cast to --dtype
 (as `sample.py` and diffusers' `torch_dtype` do); both start from the same per-image seeds,
 so their final latents must agree, and the largest difference is printed as a check.
 """
@@ -12,7 +14,8 @@ import sys
 from collections.abc import Callable
 
 import torch
-from diffusers import DDIMScheduler, DiffusionPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
+from diffusers import DiffusionPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
+from diffusers.schedulers import scheduling_lms_discrete
 
 from bench.common import (
     Row,
@@ -25,6 +28,9 @@ from bench.common import (
     time_alternating,
 )
 from bench.models import unet_pair, unet_tflop
+from bench.schedulers import GaussLegendre20, lms_integrator_missing, scheduler_from_config
+from minidream.config import SAMPLERS
+from minidream.diffusion.samplers import KARRAS_SAMPLERS, make_sampler
 from minidream.diffusion.sampling import Conditioning, denoise, image_generators
 from minidream.io.diffusers_folder import schedule_config_to_diffusers
 from minidream.models.pipeline import Pipeline
@@ -46,10 +52,11 @@ def prompt_embeddings(settings: Settings, batch: int) -> tuple[Conditioning, Con
     return conditioning(), conditioning()
 
 
-def diffusers_pipeline(settings: Settings, twin) -> DiffusionPipeline:
-    """diffusers' pipeline of the model family around the UNet twin, with DDIM on the same schedule."""
+def diffusers_pipeline(settings: Settings, twin, sampler: str, karras: bool) -> DiffusionPipeline:
+    """diffusers' pipeline of the model family around the UNet twin, with the sampler's scheduler
+    made from the same schedule config."""
     cfg = settings.model_config
-    scheduler = DDIMScheduler.from_config(schedule_config_to_diffusers(cfg.schedule))
+    scheduler = scheduler_from_config(schedule_config_to_diffusers(cfg.schedule), sampler, karras)
     if cfg.text_encoder_2 is None:
         pipe = StableDiffusionPipeline(
             vae=None, text_encoder=None, tokenizer=None, unet=twin, scheduler=scheduler,
@@ -65,13 +72,14 @@ def diffusers_pipeline(settings: Settings, twin) -> DiffusionPipeline:
 
 
 def sampling_runs(
-    settings: Settings, unet, twin, batch: int, latent: int, steps: int, guidance: float
+    settings: Settings, unet, twin, batch: int, latent: int, steps: int, guidance: float, sampler: str = "ddim",
+    karras: bool = False,
 ) -> dict[str, Callable[[], torch.Tensor]]:
-    """One whole DDIM loop of each implementation, from the same seeds: each returns its final latents."""
+    """One whole sampling loop of each implementation, from the same seeds: each returns its final latents."""
     cfg = settings.model_config
     # denoise reads only the UNet and the schedule of the pipeline.
     pipe = Pipeline(unet=unet, vae=None, text_encoder=None, tokenizer=None, config=cfg)
-    diffusers_pipe = diffusers_pipeline(settings, twin)
+    diffusers_pipe = diffusers_pipeline(settings, twin, sampler, karras)
     cond, uncond = prompt_embeddings(settings, batch)
     # SDXL's pooled vectors, by diffusers' names (none for SD 1.x and 2.x)
     pooled = {} if cond.pooled is None else {
@@ -81,7 +89,7 @@ def sampling_runs(
     latent_shape = (cfg.unet.in_channels, latent, latent)
 
     def run_minidream() -> torch.Tensor:
-        return denoise(pipe, cond, uncond, image_generators(seeds), latent_shape, "ddim", steps, guidance)
+        return denoise(pipe, cond, uncond, image_generators(seeds), latent_shape, sampler, steps, guidance, karras=karras)
 
     def run_diffusers() -> torch.Tensor:
         return diffusers_pipe(
@@ -99,12 +107,15 @@ def largest_difference(runs: dict[str, Callable[[], torch.Tensor]]) -> float:
 
 
 def sampling_row(
-    batch: int, latent: int, steps: int, guidance: float, seconds: dict[str, float], settings: Settings
+    batch: int, latent: int, steps: int, guidance: float, seconds: dict[str, float], settings: Settings,
+    sampler: str = "ddim", karras: bool = False,
 ) -> Row:
-    # Each denoising step runs the UNet forward on the doubled (uncond + cond) batch.
-    tflop = unet_tflop(settings, 2 * batch, latent, backward=False) * steps
-    shape = f"batch {batch}, latent {latent}x{latent}, {steps} steps"
-    return compared(f"DDIM loop, guidance {guidance:g}", shape, steps, "steps/s", tflop, seconds)
+    # Each UNet call runs the forward on the doubled (uncond + cond) batch.
+    calls = len(make_sampler(sampler, settings.model_config.schedule, steps, karras=karras).timesteps)
+    tflop = unet_tflop(settings, 2 * batch, latent, backward=False) * calls
+    shape = f"batch {batch}, latent {latent}x{latent}, {steps} steps = {calls} UNet calls"
+    name = f"{sampler}{' karras' if karras else ''} loop, guidance {guidance:g}"
+    return compared(name, shape, steps, "steps/s", tflop, seconds)
 
 
 def main(argv: list[str] | None = None) -> list[Row]:
@@ -114,16 +125,25 @@ def main(argv: list[str] | None = None) -> list[Row]:
     options.add_argument("--latent", type=int, default=64, help="latent height and width (64: 512px images)")
     options.add_argument("--steps", type=int, default=50, help="denoising steps")
     options.add_argument("--guidance", type=float, default=7.5)
+    options.add_argument("--sampler", choices=SAMPLERS, default="ddim", help="the sampler (sample.py's names)")
+    options.add_argument("--karras", action="store_true", help=f"Karras sigmas ({', '.join(KARRAS_SAMPLERS)})")
     args = options.parse_args(argv)
     settings = settings_from(args)
     if settings.channels_last:
         options.error("--channels-last is for the UNet and VAE benches: the sampling loop makes its own latents")
 
+    if args.karras and args.sampler not in KARRAS_SAMPLERS:
+        options.error(f"--karras applies to {', '.join(KARRAS_SAMPLERS)}, not {args.sampler}")
+    if args.sampler == "lms" and lms_integrator_missing():  # diffusers' LMS weights need an integrator
+        scheduling_lms_discrete.integrate = GaussLegendre20
+
     unet, twin = unet_pair(settings, settings.dtype)
-    runs = sampling_runs(settings, unet, twin, args.batch, args.latent, args.steps, args.guidance)
+    runs = sampling_runs(
+        settings, unet, twin, args.batch, args.latent, args.steps, args.guidance, args.sampler, args.karras
+    )
     difference = largest_difference(runs)
     seconds = time_alternating(runs, settings)
-    row = sampling_row(args.batch, args.latent, args.steps, args.guidance, seconds, settings)
+    row = sampling_row(args.batch, args.latent, args.steps, args.guidance, seconds, settings, args.sampler, args.karras)
     report([row], settings, command(__spec__.name, argv))
     print(f"\nFinal latents, max |minidream - diffusers| = {difference:.2e}")
     return [row]

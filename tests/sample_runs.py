@@ -9,26 +9,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from diffusers import (
-    AutoencoderKL,
-    DDIMScheduler,
-    DDPMScheduler,
-    DPMSolverMultistepScheduler,
-    EulerAncestralDiscreteScheduler,
-    EulerDiscreteScheduler,
-    HeunDiscreteScheduler,
-    PNDMScheduler,
-    StableDiffusionPipeline,
-    UNet2DConditionModel,
-    UniPCMultistepScheduler,
-)
+from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from diffusers.schedulers import scheduling_lms_discrete
-from diffusers.schedulers.scheduling_lms_discrete import LMSDiscreteScheduler  # diffusers' own is a stub without scipy
 from PIL import Image
 from reference_models import seeded_diffusers_model
 from transformers import CLIPTextConfig, CLIPTextModel
 from transformers import CLIPTokenizer as TransformersCLIPTokenizer
 
+from bench.schedulers import GaussLegendre20, lms_integrator_missing, scheduler_from_config
 from minidream.config import TINY
 from minidream.io.diffusers_layout import (
     unet_config_to_diffusers,
@@ -115,52 +103,15 @@ def load_reference(folder: Path) -> StableDiffusionPipeline:
     return pipe
 
 
-class GaussLegendre20:
-    """Stands in for scipy.integrate (not installed) in diffusers' LMS weights: a 20-point
-    Gauss-Legendre rule, exact for their cubic integrands, independent of minidream's 2-point one."""
-
-    @staticmethod
-    def quad(function, low, high, epsrel=None):
-        nodes, weights = np.polynomial.legendre.leggauss(20)
-        half, middle = (high - low) / 2, (high + low) / 2
-        return half * sum(w * float(function(middle + half * x)) for x, w in zip(nodes, weights)), 0.0
-
-
 def use_lms_quadrature(monkeypatch: pytest.MonkeyPatch) -> None:
     """diffusers' LMSDiscreteScheduler integrates with scipy when it is installed, else with GaussLegendre20."""
-    if not hasattr(scheduling_lms_discrete, "integrate"):
+    if lms_integrator_missing():
         monkeypatch.setattr(scheduling_lms_discrete, "integrate", GaussLegendre20, raising=False)
 
 
 def reference_scheduler(pipe: StableDiffusionPipeline, sampler: str, karras: bool = False):
     """The diffusers scheduler of a sample.py sampler, made as users make it: from_config."""
     return scheduler_from_config(pipe.scheduler.config, sampler, karras)
-
-
-def scheduler_from_config(config, sampler: str, karras: bool = False):
-    """diffusers' scheduler for a minidream sampler name, from a scheduler config, with diffusers'
-    defaults otherwise (DPM-Solver++: order 2, midpoint, first order on the last step; UniPC: bh2)."""
-    if sampler == "ddim":
-        return DDIMScheduler.from_config(config)
-    if sampler == "ddpm":
-        return DDPMScheduler.from_config(config)
-    if sampler == "euler-a":
-        return EulerAncestralDiscreteScheduler.from_config(config)
-    if sampler == "dpmpp-2m":
-        return DPMSolverMultistepScheduler.from_config(config, use_karras_sigmas=karras)
-    if sampler == "dpmpp-2m-sde":
-        return DPMSolverMultistepScheduler.from_config(config, algorithm_type="sde-dpmsolver++", use_karras_sigmas=karras)
-    if sampler == "euler":
-        return EulerDiscreteScheduler.from_config(config, use_karras_sigmas=karras)
-    if sampler == "heun":
-        return HeunDiscreteScheduler.from_config(config, use_karras_sigmas=karras)
-    if sampler == "plms":
-        return PNDMScheduler.from_config(config, skip_prk_steps=True)
-    if sampler == "lms":
-        return LMSDiscreteScheduler.from_config(config, use_karras_sigmas=karras)
-    if sampler == "unipc":
-        return UniPCMultistepScheduler.from_config(config, use_karras_sigmas=karras)
-    raise ValueError(sampler)
 
 
 def reference_images(

@@ -65,12 +65,15 @@ def test_counted_unet_flops_equal_design_mds_at_sd15():
         assert counted_unet_tflop(SD15.unet, 1, 64, 77, backward) == pytest.approx(figure, rel=5e-3)
 
 
-@pytest.mark.parametrize("config", ["tiny", "tiny-sdxl"])
-def test_sampling_loop_times_identical_runs(capsys, config):
-    rows = sampling_loop.main([*TIMING, "--config", config, "--latent", "8", "--steps", "2"])
+@pytest.mark.parametrize("config, sampler, calls", [
+    ("tiny", ["--sampler", "ddim"], 2), ("tiny-sdxl", [], 2), ("tiny", ["--sampler", "heun", "--karras"], 3),
+])
+def test_sampling_loop_times_identical_runs(capsys, config, sampler, calls):
+    rows = sampling_loop.main([*TIMING, "--config", config, "--latent", "8", "--steps", "2", *sampler])
     assert_timed(rows, 1, has_flops=True)
     printed = capsys.readouterr().out
     assert_table(printed, "sampling_loop", 1)
+    assert f"2 steps = {calls} UNet calls" in printed  # Heun: 2N - 1
     difference = float(re.search(r"max \|minidream - diffusers\| = (\S+)", printed).group(1))
     assert difference < 1e-4  # the same weights and seeds give the same latents in both
 

@@ -12,10 +12,10 @@ from diffusers import DDIMScheduler
 from diffusers.utils.torch_utils import randn_tensor
 from hypothesis import given
 from hypothesis import strategies as st
-from sample_runs import scheduler_from_config
 from test_schedule_parity import fake_model, sd15_alphas_cumprod
 from tqdm.auto import tqdm
 
+from bench.schedulers import scheduler_from_config
 from minidream.config import ScheduleConfig
 from minidream.diffusion import samplers, schedule
 from minidream.diffusion.sampling import Conditioning, denoise, image_generators
