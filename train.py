@@ -164,8 +164,8 @@ def save_validation_grid(
         with amp():
             images = generate(
                 pipe, prompts, seeds=[val.seed + i for i in range(len(prompts))], steps=val.steps,
-                guidance=val.guidance, guidance_rescale=val.guidance_rescale, clip_skip=cfg.model.clip_skip,
-                height=height, width=width,
+                sampler=val.sampler, karras=val.karras, guidance=val.guidance, guidance_rescale=val.guidance_rescale,
+                clip_skip=cfg.model.clip_skip, height=height, width=width,
             )
         name = f"step-{step:08d}.png" if len(sizes) == 1 else f"step-{step:08d}-{width}x{height}.png"
         if write:

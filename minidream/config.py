@@ -360,6 +360,8 @@ class RunSection:
 class ValidationSection:
     prompts: tuple[str, ...] = ()
     every_n_steps: int = 200
+    sampler: Sampler = "ddim"  # any of sample.py's (docs/sampling.md)
+    karras: bool = False  # Karras sigmas, for the samplers that have them
     steps: int = 25
     guidance: float = 7.5
     guidance_rescale: float = 0.0  # Lin et al. 2024 eq. 15-16; 0.7 is their choice for zero-terminal-SNR models

@@ -1,11 +1,15 @@
 """Issue 8: each way a run can fail says what happened and what to do, and loses nothing:
 earlier checkpoints, metrics and the resolved config stay as they were."""
 
+import contextlib
+import dataclasses
 import json
 import os
 import shutil
 
+import numpy as np
 import pytest
+from PIL import Image
 from train_runs import (
     STEPS,
     checkpoint_names,
@@ -20,6 +24,9 @@ from train_runs import (
 )
 
 import train
+from minidream.config import TINY, TrainConfig, ValidationSection
+from minidream.diffusion.sampling import generate, image_grid
+from minidream.models.pipeline import random_pipeline
 
 
 @pytest.fixture
@@ -267,3 +274,26 @@ def test_an_sdxl_architecture_is_refused_in_one_line_naming_what_works(tmp_path,
         "error: model.architecture=tiny-sdxl: an SDXL model; train.py trains SD 1.x and 2.x for now "
         "(sample.py, python -m minidream.convert and SDXL LoRA files work with SDXL)\n"
     )
+
+
+def test_validation_karras_on_a_sampler_without_it_is_one_line_before_any_model_loads(
+    tmp_path, training_data, no_model_loading, capsys
+):
+    args = train_args(tmp_path / "run", training_data, ("validation.sampler=plms", "validation.karras=true"))
+    assert train.main(args) == 2
+    assert capsys.readouterr().err == ("error: validation.karras: karras sigmas apply only to the euler, heun, lms, "
+                                       "dpmpp-2m, dpmpp-2m-sde, unipc samplers, not plms\n")
+
+
+def test_the_validation_grid_is_drawn_with_the_validation_sampler(tmp_path):
+    """validation.sampler and validation.karras reach generate: the grid is heun-karras's images."""
+    pipe = random_pipeline(TINY, seed=0)
+    validation = ValidationSection(sampler="heun", karras=True, steps=3, guidance=5.0, seed=4)
+    cfg = dataclasses.replace(TrainConfig(), validation=validation)
+    prompts = ["a photo of sks dog", "a dog"]
+    train.save_validation_grid(cfg, pipe, tmp_path, 7, contextlib.nullcontext, prompts, [(32, 32)])
+    expected = generate(pipe, prompts, seeds=[4, 5], steps=3, sampler="heun", karras=True, guidance=5.0, height=32, width=32)
+    ddim = generate(pipe, prompts, seeds=[4, 5], steps=3, guidance=5.0, height=32, width=32)
+    grid = np.asarray(Image.open(tmp_path / "samples" / "step-00000007.png"))
+    assert np.array_equal(grid, np.asarray(image_grid(expected, columns=2)))
+    assert not np.array_equal(grid, np.asarray(image_grid(ddim, columns=2)))

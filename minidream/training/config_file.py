@@ -23,6 +23,7 @@ from minidream.config import (
     takes_text,
     to_dict,
 )
+from minidream.diffusion.samplers import check_sampler_options
 from minidream.files import atomic_file
 from minidream.training.subjects import subjects_of
 
@@ -165,6 +166,10 @@ def check_combinations(config: TrainConfig) -> None:
     if config.eval.every_n_steps and config.eval.prompts and config.data.subjects:
         raise ConfigError("eval.prompts with data.subjects: each subject is evaluated on the paper's prompts for its "
                           "class_noun with its identifier; leave eval.prompts empty (eval.num_prompts sets how many)")
+    try:  # the validation sampler's options, refused now rather than at the first grid
+        check_sampler_options(config.validation.sampler, karras=config.validation.karras)
+    except ValueError as error:
+        raise ConfigError(f"validation.karras: {error}") from None
     if config.data.bucket_step % 8:
         raise ConfigError(f"data.bucket_step={config.data.bucket_step} must be a multiple of 8 (the VAE's downsampling)")
     if train.sharding == "fsdp" and not lora.rank:  # LoRA adapters are replicated under fsdp (training/sharding.py)
