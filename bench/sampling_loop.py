@@ -33,6 +33,7 @@ from minidream.config import SAMPLERS
 from minidream.diffusion.samplers import KARRAS_SAMPLERS, make_sampler
 from minidream.diffusion.sampling import Conditioning, denoise, image_generators
 from minidream.io.diffusers_folder import schedule_config_to_diffusers
+from minidream.sampling_flags import A1111_NAMES
 from minidream.models.pipeline import Pipeline
 
 
@@ -114,7 +115,7 @@ def sampling_row(
     calls = len(make_sampler(sampler, settings.model_config.schedule, steps, karras=karras).timesteps)
     tflop = unet_tflop(settings, 2 * batch, latent, backward=False) * calls
     shape = f"batch {batch}, latent {latent}x{latent}, {steps} steps = {calls} UNet calls"
-    name = f"{sampler}{' karras' if karras else ''} loop, guidance {guidance:g}"
+    name = f"{A1111_NAMES[sampler]}{' Karras' if karras else ''} loop, guidance {guidance:g}"  # "DDIM loop", "Heun Karras loop"
     return compared(name, shape, steps, "steps/s", tflop, seconds)
 
 
