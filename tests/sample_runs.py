@@ -25,6 +25,12 @@ from minidream.io.diffusers_layout import (
 from minidream.models.tokenizer import CLIPTokenizer
 
 REPO = Path(__file__).resolve().parents[1]
+# The marks of every file that runs diffusers' schedulers: their numpy-2 __array__ warning is not
+# ours to fix, and their LMS needs an integrator without scipy (conftest.lms_quadrature).
+DIFFUSERS_SCHEDULER_MARKS = [
+    pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning"),
+    pytest.mark.usefixtures("lms_quadrature"),
+]
 
 # stable-diffusion-v1-5's scheduler settings (its scheduler_config.json, less the PNDM-only keys).
 SD15_SCHEDULER = dict(

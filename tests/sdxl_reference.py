@@ -60,10 +60,7 @@ def bigg(pipe: Pipeline) -> transformers.CLIPTextModelWithProjection:
     cfg = pipe.config.text_encoder_2
     model = transformers.CLIPTextModelWithProjection(clip_config(cfg, cfg.layers)).eval()
     ours = pipe.text_encoder_2.state_dict()
-    state = open_clip_layout.to_transformers(ours, cfg.layers + 1, strict=False)  # +1: every resblock
-    state = {key: tensor for key, tensor in state.items() if key not in open_clip_layout.UNUSED}
-    state["text_projection.weight"] = ours["text_projection"].T.contiguous()
-    model.load_state_dict(state, strict=True)
+    model.load_state_dict(open_clip_layout.to_with_projection(ours, cfg.layers), strict=True)
     return model.to(ours["positional_embedding"].dtype)
 
 

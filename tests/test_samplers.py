@@ -12,6 +12,7 @@ from diffusers import DDIMScheduler
 from diffusers.utils.torch_utils import randn_tensor
 from hypothesis import given
 from hypothesis import strategies as st
+from sample_runs import DIFFUSERS_SCHEDULER_MARKS
 from test_schedule_parity import fake_model, sd15_alphas_cumprod
 from tqdm.auto import tqdm
 
@@ -20,11 +21,7 @@ from minidream.config import ScheduleConfig
 from minidream.diffusion import samplers, schedule
 from minidream.diffusion.sampling import Conditioning, denoise, image_generators
 
-# diffusers' own schedulers trip over numpy 2's __array__ protocol; not ours to fix.
-pytestmark = [
-    pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning"),
-    pytest.mark.usefixtures("lms_quadrature"),  # diffusers' LMS without scipy
-]
+pytestmark = DIFFUSERS_SCHEDULER_MARKS
 
 SHAPE = (2, 4, 8, 6)
 SEED = 11

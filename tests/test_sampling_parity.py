@@ -17,6 +17,7 @@ from diffusers import DDIMScheduler, StableDiffusionPipeline, UNet2DConditionMod
 from PIL import Image
 from reference_models import SD15_UNET_CONFIG, SD15_VAE_CONFIG, seeded_diffusers_model
 from sample_runs import (
+    DIFFUSERS_SCHEDULER_MARKS,
     SD15_SCHEDULER,
     load_reference,
     max_difference,
@@ -43,11 +44,7 @@ from minidream.models.tokenizer import CLIPTokenizer
 from minidream.models.unet import UNet
 from minidream.models.vae import AutoencoderKL
 
-# diffusers' own schedulers trip over numpy 2's __array__ protocol; not ours to fix.
-pytestmark = [
-    pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning"),
-    pytest.mark.usefixtures("lms_quadrature"),  # diffusers' LMS without scipy
-]
+pytestmark = DIFFUSERS_SCHEDULER_MARKS
 
 PROMPT = "a photo of sks dog on the beach"
 NEGATIVE = "blurry, low quality"

@@ -11,7 +11,7 @@ import torch
 from diffusers import EulerDiscreteScheduler
 from PIL import Image
 from reference_models import relative_error
-from sample_runs import max_difference, one_torch_thread, read_pngs, reference_images
+from sample_runs import DIFFUSERS_SCHEDULER_MARKS, max_difference, one_torch_thread, read_pngs, reference_images
 from sdxl_reference import diffusers_pipeline, spread_weights
 
 from minidream import save_pipeline
@@ -28,11 +28,7 @@ from minidream.models.pipeline import random_pipeline
 from minidream.models.tokenizer import CLIPTokenizer
 from minidream.sampling_flags import check_flags_fit, fill_model_defaults, parameters_text
 
-# diffusers' own schedulers trip over numpy 2's __array__ protocol; not ours to fix.
-pytestmark = [
-    pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning"),
-    pytest.mark.usefixtures("lms_quadrature"),  # diffusers' LMS without scipy
-]
+pytestmark = DIFFUSERS_SCHEDULER_MARKS
 
 PROMPT = "a photo of sks dog on the beach"
 PROMPTS = [PROMPT, "an oil painting of a lighthouse"]

@@ -115,8 +115,7 @@ def test_bigg_penultimate_states_and_pooled_projection_match_transformers():
     ours = build_ours(cfg, random_open_clip_state(cfg, seed=4))
     assert sum(p.numel() for p in ours.parameters()) + ours.text_projection.numel() == 694_659_840
     # diffusers' text_encoder_2: every resblock, and the projection as a Linear (weight P^T for x @ P).
-    state = open_clip_layout.to_transformers(ours.state_dict(), cfg.layers + 1, strict=False)
-    state["text_projection.weight"] = ours.text_projection.T
+    state = open_clip_layout.to_with_projection(ours.state_dict(), cfg.layers)
     config = clip_config(cfg, cfg.layers)
     reference = transformers_twin(transformers.CLIPTextModelWithProjection, config, state)
     assert sum(p.numel() for p in reference.parameters()) == 694_659_840
