@@ -27,9 +27,9 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
-from minidream.config import ARCHITECTURES, ConfigError, ModelConfig, ScheduleConfig, TrainConfig, to_dict
+from minidream.config import ARCHITECTURES, ConfigError, ScheduleConfig, TrainConfig, to_dict
 from minidream.diffusion import schedule
-from minidream.diffusion.sampling import generate, image_grid
+from minidream.diffusion.sampling import clip_skip_limit, generate, image_grid, unet_conditioning
 from minidream.dreambooth_prompts import subject_prompts
 from minidream.evaluate import Sampling, Scores, embed_images, evaluate, load_eval_models, read_prompt_templates, subject_images
 from minidream.files import WriteError, atomic_file
@@ -128,19 +128,9 @@ def resume_command(argv: list[str], env: Distributed) -> str:
 
 def load_models(cfg: TrainConfig, env: Distributed) -> Pipeline:
     if cfg.model.weights:
-        pipe = load_pipeline(cfg.model.weights, device=env.device, dtype=torch.float32, use_ema=cfg.model.use_ema)
-        refuse_sdxl(pipe.config, f"model.weights={cfg.model.weights}")
-        return pipe
-    refuse_sdxl(ARCHITECTURES[cfg.model.architecture], f"model.architecture={cfg.model.architecture}")
+        return load_pipeline(cfg.model.weights, device=env.device, dtype=torch.float32, use_ema=cfg.model.use_ema)
     log(env, f"model.weights is not set: starting from random {cfg.model.architecture} weights (seed {cfg.train.seed})")
     return random_pipeline(ARCHITECTURES[cfg.model.architecture], seed=cfg.train.seed).to(env.device)
-
-
-def refuse_sdxl(config: ModelConfig, source: str) -> None:
-    """DreamBooth on SDXL (two encoders, the size conditioning of every batch) is not built yet."""
-    if config.is_sdxl:
-        raise ConfigError(f"{source}: an SDXL model; train.py trains SD 1.x and 2.x for now "
-                          "(sample.py, python -m minidream.convert and SDXL LoRA files work with SDXL)")
 
 
 def validation_prompts(cfg: TrainConfig, subjects: list[Subject]) -> list[str]:
@@ -201,20 +191,23 @@ def prepare_models(cfg: TrainConfig, pipe: Pipeline, amp_dtype: torch.dtype) -> 
     text_encoder_lr = tcfg.text_encoder_lr or tcfg.lr
     pipe.vae.requires_grad_(False).to(dtype=vae_dtype(amp_dtype))  # fp16 keeps an fp32 VAE: its decoder overflows fp16
     trained = {"unet": pipe.unet}
+    encoders = text_encoders_by_name(pipe)  # SDXL: both train, or neither
     if lora.rank:
         add_lora(pipe.unet, lora.targets, lora.rank, lora.alpha, lora.dropout, generator=lora.init_seed)
         groups = [{"params": train_adapters_only(pipe.unet, amp_dtype), "lr": tcfg.lr}]
-        if lora.text_encoder_rank:  # kohya's text-encoder targets (attention and MLP), same alpha
-            add_lora(pipe.text_encoder, "all", lora.text_encoder_rank, lora.alpha, lora.dropout, generator=lora.init_seed + 1)
-            groups.append({"params": train_adapters_only(pipe.text_encoder, amp_dtype), "lr": text_encoder_lr})
-            trained["text_encoder"] = pipe.text_encoder
+        for i, (name, encoder) in enumerate(encoders.items() if lora.text_encoder_rank else ()):
+            # kohya's text-encoder targets (attention and MLP), same alpha
+            add_lora(encoder, "all", lora.text_encoder_rank, lora.alpha, lora.dropout, generator=lora.init_seed + 1 + i)
+            groups.append({"params": train_adapters_only(encoder, amp_dtype), "lr": text_encoder_lr})
+            trained[name] = encoder
     else:
         groups = [{"params": list(pipe.unet.parameters()), "lr": tcfg.lr}]
-        if tcfg.train_text_encoder:
-            groups.append({"params": list(pipe.text_encoder.parameters()), "lr": text_encoder_lr})
-            trained["text_encoder"] = pipe.text_encoder
-    if "text_encoder" not in trained:
-        pipe.text_encoder.requires_grad_(False).to(dtype=amp_dtype)
+        for name, encoder in encoders.items() if tcfg.train_text_encoder else ():
+            groups.append({"params": list(encoder.parameters()), "lr": text_encoder_lr})
+            trained[name] = encoder
+    for name, encoder in encoders.items():
+        if name not in trained:
+            encoder.requires_grad_(False).to(dtype=amp_dtype)
     pipe.unet.gradient_checkpointing = tcfg.gradient_checkpointing
     if tcfg.compile:  # in place: parameter names, DDP and checkpoints see the same module
         pipe.unet.compile(fullgraph=True)
@@ -223,11 +216,16 @@ def prepare_models(cfg: TrainConfig, pipe: Pipeline, amp_dtype: torch.dtype) -> 
     return trained, groups
 
 
+def text_encoders_by_name(pipe: Pipeline) -> dict[str, nn.Module]:
+    """The text encoders by checkpoint name: "text_encoder", and SDXL's "text_encoder_2"."""
+    return {"text_encoder": pipe.text_encoder} | ({"text_encoder_2": pipe.text_encoder_2} if pipe.text_encoder_2 else {})
+
+
 def distribute(
     pipe: Pipeline, trained: dict[str, nn.Module], groups: list[dict], env: Distributed, amp_dtype: torch.dtype, fsdp: bool,
-) -> tuple[nn.Module, nn.Module, list[nn.Module], list[dict]]:
+) -> tuple[nn.Module, list[nn.Module], list[nn.Module], list[dict]]:
     """The trained modules made to train together on all ranks: FSDP-sharded in place (`fsdp`), or
-    each wrapped in DDP (2+ ranks). Returns the UNet and text encoder as the loop calls them, the
+    each wrapped in DDP (2+ ranks). Returns the UNet and text encoders as the loop calls them, the
     modules whose gradients are reduced across ranks, and the optimizer's groups (over the shards)."""
     if fsdp:  # in place: the modules become FSDP modules of DTensor parameters
         groups = sharding.shard(trained, groups, amp_dtype, env.device, env.world_size)
@@ -237,11 +235,9 @@ def distribute(
             return module
         return DistributedDataParallel(module, device_ids=[env.local_rank] if env.device.type == "cuda" else None)
 
-    unet = wrap(pipe.unet)
-    if "text_encoder" not in trained:
-        return unet, pipe.text_encoder, [unet] if env.world_size > 1 else [], groups
-    text_encoder = wrap(pipe.text_encoder)
-    return unet, text_encoder, [unet, text_encoder] if env.world_size > 1 else [], groups
+    wrapped = {name: wrap(module) for name, module in trained.items()}
+    text_encoders = [wrapped.get(name, encoder) for name, encoder in text_encoders_by_name(pipe).items()]
+    return wrapped["unet"], text_encoders, list(wrapped.values()) if env.world_size > 1 else [], groups
 
 
 def build_optimizer(groups: list[dict], tcfg) -> tuple[torch.optim.Optimizer | FusedBackward, torch.optim.lr_scheduler.LRScheduler | None]:
@@ -268,8 +264,9 @@ def weights_as_exported(cfg: TrainConfig, pipe: Pipeline, ema: EMA | None, run_d
             yield None
             return
         path = run_dir / "lora.safetensors"
-        text_encoder = pipe.text_encoder if cfg.lora.text_encoder_rank else None
-        save_lora(path, pipe.unet, text_encoder, settings=kohya)
+        adapted = pipe.text_encoders if cfg.lora.text_encoder_rank else []
+        save_lora(path, pipe.unet, *adapted[:1], settings=kohya, text_encoder_2=adapted[1] if len(adapted) > 1 else None,
+                  schedule=pipe.config.schedule)
         with lora_merged(pipe, read_lora_file(path, pipe.config)):
             yield path
 
@@ -294,7 +291,8 @@ def export(cfg: TrainConfig, env: Distributed, pipe: Pipeline, trained: dict[str
         if cfg.run.export_ema == "both" and shadow:
             unet_ema = sharding.gathered({k.removeprefix("unet."): v for k, v in shadow.items() if k.startswith("unet.")}, env.is_main)
         if env.is_main:
-            exported = dataclasses.replace(pipe, unet=twins["unet"], text_encoder=twins.get("text_encoder", pipe.text_encoder))
+            exported = dataclasses.replace(pipe, **{name: twins.get(name, module) for name, module in
+                                                    {"unet": pipe.unet, **text_encoders_by_name(pipe)}.items()})
             save_pipeline(exported, path, dtype=dtype, unet_ema=unet_ema)
         return path
     if not env.is_main:
@@ -410,13 +408,13 @@ def train(cfg: TrainConfig, env: Distributed, resume_hint: str) -> int:
     # 2. Models: what trains (the UNet, or its LoRA adapters; optionally the text encoder) keeps
     #    fp32 master weights; the frozen parts run in the AMP dtype.
     pipe = load_models(cfg, env)
-    if cfg.model.clip_skip > pipe.config.text_encoder.conditioning_layers:
-        raise ConfigError(f"model.clip_skip={cfg.model.clip_skip}, but the text encoder has {pipe.config.text_encoder.conditioning_layers} layers")
+    if cfg.model.clip_skip > clip_skip_limit(pipe.config):
+        raise ConfigError(f"model.clip_skip={cfg.model.clip_skip}, but this model's text encoders count back at most {clip_skip_limit(pipe.config)} layers")
     data.prepare(pipe, amp)
     sched = training_schedule(cfg, pipe)
     trained, groups = prepare_models(cfg, pipe, amp_dtype)
-    unet, text_encoder, synced_modules, groups = distribute(pipe, trained, groups, env, amp_dtype, fsdp)
-    encode_prompts = PromptEncoder(pipe.tokenizer, text_encoder, "text_encoder" in trained, cfg.model.clip_skip)
+    unet, text_encoders, synced_modules, groups = distribute(pipe, trained, groups, env, amp_dtype, fsdp)
+    encode_prompts = PromptEncoder(pipe.tokenizers, text_encoders, "text_encoder" in trained, cfg.model.clip_skip)
     alphas_cumprod = schedule.alphas_cumprod_of(sched).to(env.device)
     recipe = Recipe.from_config(tcfg, sched)
     val_prompts = validation_prompts(cfg, data.subjects)
@@ -462,7 +460,8 @@ def train(cfg: TrainConfig, env: Distributed, resume_hint: str) -> int:
             # Gradients are reduced across ranks only on the last micro-step of the accumulation.
             with sharding.gradient_sync(synced_modules, micro == accum - 1):
                 with amp():
-                    prediction = unet(noisy, t, encode_prompts(batch.prompts, env.device))
+                    conditioning = encode_prompts(batch.prompts, env.device)  # SDXL: y from each sample's size ids
+                    prediction = unet(noisy, t, *unet_conditioning(conditioning, batch.size_ids, pipe.config.unet.size_embed_dim))
                 losses = recipe_loss(prediction, target, t, alphas_cumprod, recipe, batch.num_instance, tcfg.prior_loss_weight, batch.masks)
                 scaler.scale(losses.total / accum).backward()
             totals += torch.stack([losses.total.detach(), losses.instance.detach(), losses.prior.detach()]) / accum

@@ -2,6 +2,7 @@
 
 import functools
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -9,12 +10,22 @@ from hypothesis import settings
 from sample_runs import load_sample_script, use_lms_quadrature
 from train_runs import run_setup, write_training_data
 
+from minidream.models.tokenizer import CLIPTokenizer
+
 # These machines are shared and noisy: per-example deadlines would fail on timing, not on
 # behaviour. CI derandomizes so a landing never hinges on a lucky draw; locally each run
 # explores new examples.
 settings.register_profile("local", deadline=None)
 settings.register_profile("ci", deadline=None, derandomize=True, print_blob=True)
 settings.load_profile("ci" if os.environ.get("CI") else "local")
+
+
+@pytest.fixture(scope="session")
+def tokenizer_folder(tmp_path_factory) -> Path:
+    """minidream's CLIP tokenizer saved as transformers' files, for the diffusers pipelines the tests build."""
+    folder = tmp_path_factory.mktemp("tokenizer")
+    CLIPTokenizer().save_folder(folder)
+    return folder
 
 
 @pytest.fixture(scope="session")

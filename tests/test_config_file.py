@@ -77,7 +77,8 @@ def test_saved_config_loads_back_identically(tmp_path):
     assert not list(tmp_path.glob("*.tmp"))
 
 
-@pytest.mark.parametrize("preset", ["configs/tiny.yaml", "configs/dreambooth-sd15.yaml", "configs/dreambooth-lora-sd15.yaml", "configs/dreambooth-sd21.yaml"])
+@pytest.mark.parametrize("preset", ["configs/tiny.yaml", "configs/dreambooth-sd15.yaml", "configs/dreambooth-lora-sd15.yaml",
+                                    "configs/dreambooth-sd21.yaml", "configs/dreambooth-lora-sdxl.yaml", "configs/dreambooth-sdxl.yaml"])
 def test_presets_load(preset):
     from pathlib import Path
 

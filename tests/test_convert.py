@@ -9,7 +9,7 @@ import pytest
 import torch
 from pipeline_checks import assert_same_weights
 from safetensors.torch import save_file
-from test_lora_files import adapt, assert_opens_as_in_diffusers, pair, tokenizer_folder  # noqa: F401 (fixtures)
+from test_lora_files import adapt, assert_opens_as_in_diffusers, pair  # noqa: F401 (a fixture)
 
 from minidream import load_pipeline, save_pipeline
 from minidream.config import TINY

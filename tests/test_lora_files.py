@@ -60,13 +60,6 @@ UNET_PEFT_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", 
 TEXT_PEFT_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"]
 
 
-@pytest.fixture(scope="module")
-def tokenizer_folder(tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("tokenizer")
-    CLIPTokenizer().save_folder(folder)
-    return folder
-
-
 @pytest.fixture
 def pair(tokenizer_folder):
     """(diffusers' StableDiffusionPipeline, minidream's Pipeline) with the same random UNet and

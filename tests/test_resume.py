@@ -7,6 +7,7 @@ import re
 import signal
 
 import pytest
+from safetensors.torch import load_file
 from train_runs import (
     RUN_TIMEOUT_S,
     SETUPS,
@@ -40,10 +41,13 @@ def assert_resumes_as_if_never_stopped(run_dir, data, setup, never_stopped) -> t
     steps_and_losses = [(r["step"], r["loss"]) for r in metrics(run_dir)]
     assert steps_and_losses == [(r["step"], r["loss"]) for r in metrics(never_stopped)]
     assert same_tensors(exported_weights(run_dir), exported_weights(never_stopped))
+    if (never_stopped / "lora.safetensors").exists():
+        assert same_tensors(load_file(run_dir / "lora.safetensors"), load_file(never_stopped / "lora.safetensors"))
     return resumed_from, log
 
 
-@pytest.mark.parametrize("setup", ["single", "text-encoder", "torchrun", "recipe", "torchrun-recipe", "fused", "lora", "torchrun-lora"])
+@pytest.mark.parametrize(
+    "setup", ["single", "text-encoder", "torchrun", "recipe", "torchrun-recipe", "fused", "lora", "torchrun-lora", "sdxl-lora"])
 def test_sigterm_then_resume(setup, tmp_path, training_data, uninterrupted):
     """SIGTERM finishes the step, checkpoints, says how to resume and exits 143 (128 + SIGTERM: not
     finished). Under torchrun only rank 1 gets the signal: every rank must agree to stop at the same

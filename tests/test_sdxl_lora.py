@@ -60,13 +60,6 @@ POOLED = torch.randn(2, CFG.text_encoder_2.width, generator=torch.Generator().ma
 SIZE_IDS = torch.tensor([[1024.0, 768, 0, 0, 1024, 1024], [512, 896, 32, 64, 768, 1344]])
 
 
-@pytest.fixture(scope="module")
-def tokenizer_folder(tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("tokenizer")
-    CLIPTokenizer().save_folder(folder)
-    return folder
-
-
 def base(cfg: ModelConfig = CFG) -> Pipeline:
     """The base model, built afresh (merging and adapting change it) with the same weights."""
     return spread_weights(random_pipeline(cfg, seed=0))

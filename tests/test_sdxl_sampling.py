@@ -68,13 +68,6 @@ def listening_pipeline(config=TINY_SDXL):
     return pipe
 
 
-@pytest.fixture(scope="module")
-def tokenizer_folder(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("tokenizer")
-    CLIPTokenizer().save_folder(folder)
-    return folder
-
-
 def reference_of(pipe, tokenizer_folder, scheduler_config=SDXL_SCHEDULER):
     reference = diffusers_pipeline(pipe, tokenizer_folder, EulerDiscreteScheduler.from_config(scheduler_config))
     reference.set_progress_bar_config(disable=True)

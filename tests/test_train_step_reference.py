@@ -29,8 +29,9 @@ def test_first_training_step_equals_a_reference_step_on_diffusers(
 
     class RecordingPromptEncoder(train.PromptEncoder):
         def __call__(self, prompts, device):
-            seen["context"] = super().__call__(prompts, device)
-            return seen["context"]
+            conditioning = super().__call__(prompts, device)
+            seen["context"] = conditioning.context
+            return conditioning
 
     noisy_latents = train.noisy_latents_and_target
     monkeypatch.setattr(train, "noisy_latents_and_target", recording_noisy_latents)

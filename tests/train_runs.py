@@ -45,6 +45,7 @@ SUBJECTS = (
     "data.caption_dropout=0.5", "data.masks=true", "data.random_flip=true", "data.center_crop=false",
 )
 TEXT_ENCODER_EMA = ("train.train_text_encoder=true", "train.ema_decay=0.9")
+SDXL = ("model.architecture=tiny-sdxl",)
 SETUPS = {
     "single": Setup(1, ("train.batch_size=2",)),
     "text-encoder": Setup(1, ("train.batch_size=2", "train.train_text_encoder=true")),
@@ -69,6 +70,13 @@ SETUPS = {
     "fsdp-subjects": Setup(2, ("train.batch_size=1", *SUBJECTS, "train.sharding=fsdp")),  # issues 16 + 19 together
     "fsdp-accumulate": Setup(2, ("train.batch_size=1", "train.gradient_accumulation_steps=2", "train.gradient_checkpointing=true",
                                  "train.sharding=fsdp")),
+    # SDXL (tests/test_sdxl_train.py): LoRA on the UNet and both text encoders with EMA, on the real
+    # photo sets (buckets, random crops and flips: every sample's size ids differ); the full model.
+    "sdxl-lora": Setup(1, (*SDXL, "train.batch_size=2", *LORA, "lora.alpha=8", *SUBJECTS)),
+    "torchrun-sdxl-lora": Setup(2, (*SDXL, "train.batch_size=1", *LORA, "lora.alpha=8", *SUBJECTS)),
+    "sdxl-text-encoder-ema": Setup(1, (*SDXL, "train.batch_size=2", *TEXT_ENCODER_EMA)),
+    "torchrun-sdxl-text-encoder-ema": Setup(2, (*SDXL, "train.batch_size=1", *TEXT_ENCODER_EMA)),
+    "fsdp-sdxl-text-encoder-ema": Setup(2, (*SDXL, "train.batch_size=1", *TEXT_ENCODER_EMA, "train.sharding=fsdp")),
     # Elastic (tests/test_elastic.py): the fsdp run above under torchrun --max-restarts=1.
     "elastic-fsdp": Setup(2, ("train.batch_size=1", *TEXT_ENCODER_EMA, "train.sharding=fsdp"), restarts=1),
 }

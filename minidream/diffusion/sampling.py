@@ -18,6 +18,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 from PIL import Image
+from torch import nn
 from tqdm.auto import tqdm
 
 from minidream.config import ModelConfig, image_size_multiple
@@ -77,15 +78,21 @@ def encode_prompts(pipe: Pipeline, prompts: Sequence[str], clip_skip: int | None
     2 = one earlier, which is diffusers' SDXL clip_skip=1). The pooled vector always comes from
     bigG's last layer, as in sgm and diffusers.
     """
-    ids = pipe.tokenizer(list(prompts)).to(pipe.device)
-    if pipe.text_encoder_2 is None:
-        return Conditioning(pipe.text_encoder(ids, clip_skip=clip_skip).to(pipe.dtype))
+    ids = [tokenizer(list(prompts)).to(pipe.device) for tokenizer in pipe.tokenizers]
+    return Conditioning(*(part.to(pipe.dtype) if part is not None else None
+                          for part in text_conditioning(pipe.text_encoders, ids, clip_skip)))
+
+
+def text_conditioning(text_encoders: Sequence[nn.Module], ids: Sequence[torch.Tensor], clip_skip: int | None) -> Conditioning:
+    """The Conditioning of token ids, one tensor per text encoder (in their dtype; autograd on: the
+    training loop calls it too, through DDP or FSDP wrappers of the encoders)."""
+    if len(text_encoders) == 1:
+        return Conditioning(text_encoders[0](ids[0], clip_skip=clip_skip))
     # CLIP-L counts its layers from the last (its SDXL config's clip_skip 2 is the penultimate),
     # bigG from the penultimate: the same user setting is one more for CLIP-L.
-    states_1 = pipe.text_encoder(ids, clip_skip=None if clip_skip is None else clip_skip + 1)
-    ids_2 = pipe.tokenizer_2(list(prompts)).to(pipe.device)
-    states_2, pooled = pipe.text_encoder_2.encode(ids_2, clip_skip=clip_skip)
-    return Conditioning(torch.cat([states_1, states_2], dim=-1).to(pipe.dtype), pooled.to(pipe.dtype))
+    states_1 = text_encoders[0](ids[0], clip_skip=None if clip_skip is None else clip_skip + 1)
+    states_2, pooled = text_encoders[1](ids[1], clip_skip=clip_skip, pooled=True)
+    return Conditioning(torch.cat([states_1, states_2], dim=-1), pooled)
 
 
 def clip_skip_limit(config: ModelConfig) -> int:
@@ -119,8 +126,15 @@ def unet_arguments(
         return (conditioning.context,)
     height, width = (PIXELS_PER_LATENT * side for side in latent_shape[1:])
     ids = torch.tensor(sizes.ids(height, width), dtype=torch.float32, device=conditioning.pooled.device)
-    batch_ids = ids.expand(conditioning.pooled.shape[0], -1)
-    return conditioning.context, size_conditioning(conditioning.pooled, batch_ids, pipe.config.unet.size_embed_dim)
+    return unet_conditioning(conditioning, ids.expand(conditioning.pooled.shape[0], -1), pipe.config.unet.size_embed_dim)
+
+
+def unet_conditioning(conditioning: Conditioning, size_ids: torch.Tensor | None, size_embed_dim: int | None) -> tuple[torch.Tensor, ...]:
+    """(context,), or for SDXL (context, y): y is the pooled vector beside the Fourier features
+    of each image's six size ids (B x 6, `SizeConditioning.ids`' order)."""
+    if conditioning.pooled is None:
+        return (conditioning.context,)
+    return conditioning.context, size_conditioning(conditioning.pooled, size_ids, size_embed_dim)
 
 
 def image_generators(seeds: Sequence[int]) -> list[torch.Generator]:

@@ -96,16 +96,19 @@ class OpenCLIPTextModel(nn.Module):
         self.register_buffer("text_projection", torch.eye(cfg.width))
         self.register_buffer("logit_scale", torch.tensor(2.6592))  # log(1 / 0.07), CLIP's initial temperature
 
-    def forward(self, input_ids: torch.Tensor, clip_skip: int | None = None) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, clip_skip: int | None = None, pooled: bool = False):
         """The conditioning states; clip_skip (default: the config's) 1 = the penultimate layer, SD 2.x's
-        and SDXL's, after `ln_final` in SD 2.x and without it in SDXL (config.final_norm)."""
-        return self._run(input_ids, clip_skip, pooled=False)[0]
+        and SDXL's, after `ln_final` in SD 2.x and without it in SDXL (config.final_norm).
+        pooled=True: (states, pooled), see `encode` (a keyword of forward so that DDP and FSDP,
+        which hook forward, see the call when SDXL trains this encoder)."""
+        states, projected = self._run(input_ids, clip_skip, pooled)
+        return (states, projected) if pooled else states
 
     def encode(self, input_ids: torch.Tensor, clip_skip: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """(conditioning states, pooled B x width): the pooled vector runs every layer, then
         `ln_final`, takes each prompt's EOS state (the largest id, open_clip's argmax) and
         projects it: SDXL's `FrozenOpenCLIPEmbedder2(always_return_pooled=True)`."""
-        return self._run(input_ids, clip_skip, pooled=True)
+        return self(input_ids, clip_skip, pooled=True)
 
     def _run(self, input_ids: torch.Tensor, clip_skip: int | None, pooled: bool):
         clip_skip = self.config.clip_skip if clip_skip is None else clip_skip

@@ -32,6 +32,11 @@ class Pipeline:
     def text_encoders(self) -> list[CLIPTextModel | OpenCLIPTextModel]:
         return [self.text_encoder] + ([self.text_encoder_2] if self.text_encoder_2 is not None else [])
 
+    @property
+    def tokenizers(self) -> list[CLIPTokenizer]:
+        """One per text encoder, in the same order."""
+        return [self.tokenizer] + ([self.tokenizer_2] if self.tokenizer_2 is not None else [])
+
     def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> "Pipeline":
         """Move the models in place; fp16 keeps the VAE in fp32 (see `vae_dtype`)."""
         for module in (self.unet, *self.text_encoders):

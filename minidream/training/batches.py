@@ -8,7 +8,7 @@ data.latent_cache_dir a disk cache (latent_cache.LatentCache, keyed by the file'
 and the transform) takes that role for any transform. Either way the draws are those of the
 uncached run, so the losses are bit-identical. The distributions live on the host, where the
 samples are drawn: a batch then reaches the GPU as one asynchronous copy.
-Prompts: with a frozen text encoder each distinct prompt is encoded once.
+Prompts: with frozen text encoders each distinct prompt is encoded once.
 """
 
 import functools
@@ -16,8 +16,9 @@ from pathlib import Path
 from typing import Callable, NamedTuple, Protocol
 
 import torch
+from torch import nn
 
-from minidream.models.clip import CLIPTextModel
+from minidream.diffusion.sampling import Conditioning, text_conditioning
 from minidream.models.tokenizer import CLIPTokenizer
 from minidream.models.vae import AutoencoderKL
 from minidream.training.data import Example, Placement, load_image, pixels_of, place
@@ -78,11 +79,13 @@ class LatentSource:
 
     def latents(
         self, examples: list[Example], size: tuple[int, int], generators: list[torch.Generator], masks: bool,
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(latents B x 4 x h x w, with `masks` their loss weights B x 1 x h x w)."""
-        out, weights = [], []
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+        """(latents B x 4 x h x w, with `masks` their loss weights B x 1 x h x w, and each sample's
+        SDXL size ids B x 6 from what was done to its image: `Placement.size_ids`)."""
+        out, weights, size_ids = [], [], []
         for example, g in zip(examples, generators):
             placement = self.placement(example, size, g)
+            size_ids.append(placement.size_ids(example.size))
             if self.store is None:
                 mean, std = self._encode(example.path, placement)
             else:
@@ -92,31 +95,52 @@ class LatentSource:
             out.append((mean + std * noise) * self.scaling_factor)
             if masks:
                 weights.append(load_mask(example.mask, placement, tuple(mean.shape[-2:])))
-        return torch.cat(out), torch.cat(weights) if masks else None
+        return torch.cat(out), torch.cat(weights) if masks else None, torch.tensor(size_ids, dtype=torch.float32)
 
 
 class PromptEncoder:
-    """Prompts -> text-encoder states (of layer -clip_skip); remembers them when the encoder is frozen."""
+    """Prompts -> the UNet's text conditioning (diffusion.sampling.Conditioning: the states of layer
+    -clip_skip, and SDXL's pooled vector), from one text encoder or SDXL's two. What is frozen is
+    remembered per prompt: a run encodes each distinct prompt once.
 
-    def __init__(self, tokenizer: CLIPTokenizer, text_encoder: CLIPTextModel, trainable: bool, clip_skip: int = 1):
-        self.tokenizer, self.text_encoder, self.trainable = tokenizer, text_encoder, trainable
+    SDXL: the empty prompt, which caption dropout gives, conditions on zeros, states and pooled
+    alike. That is the unconditional input SDXL was trained with (sgm zeroes dropped captions) and
+    the one its pipeline guides from (diffusers' force_zeros_for_empty_prompt): dropout then trains
+    the branch that classifier-free guidance reads at sampling time."""
+
+    def __init__(self, tokenizers: list[CLIPTokenizer], text_encoders: list[nn.Module], trainable: bool, clip_skip: int = 1):
+        self.tokenizers, self.text_encoders, self.trainable = tokenizers, text_encoders, trainable
         self.clip_skip = clip_skip
-        self.cache: dict[str, torch.Tensor] = {}
+        self.zeros_for_empty = len(text_encoders) == 2
+        self.cache: dict[str, Conditioning] = {}
 
-    def __call__(self, prompts: list[str], device: torch.device) -> torch.Tensor:
+    def __call__(self, prompts: list[str], device: torch.device) -> Conditioning:
         if self.trainable:
-            return self.text_encoder(to_device(self.tokenizer(prompts), device), clip_skip=self.clip_skip)
+            conditioning = self._encode(prompts, device)
+            if self.zeros_for_empty and "" in prompts:
+                kept = to_device(torch.tensor([float(p != "") for p in prompts]), device)
+                conditioning = Conditioning(*(part * kept.view(-1, *[1] * (part.ndim - 1)) for part in conditioning))
+            return conditioning
         missing = sorted(set(prompts) - self.cache.keys())
         if missing:
             with torch.no_grad():
-                states = self.text_encoder(self.tokenizer(missing).to(device), clip_skip=self.clip_skip)
-            self.cache.update({p: s for p, s in zip(missing, states)})
-        return torch.stack([self.cache[p] for p in prompts])
+                encoded = self._encode(missing, device)
+            for i, prompt in enumerate(missing):
+                rows = Conditioning(*(part[i] if part is not None else None for part in encoded))
+                zero = self.zeros_for_empty and prompt == ""
+                self.cache[prompt] = Conditioning(*(torch.zeros_like(r) if zero and r is not None else r for r in rows))
+        rows = [self.cache[p] for p in prompts]
+        return Conditioning(*(torch.stack(parts) if parts[0] is not None else None for parts in zip(*rows)))
+
+    def _encode(self, prompts: list[str], device: torch.device) -> Conditioning:
+        ids = [to_device(tokenizer(prompts), device) for tokenizer in self.tokenizers]
+        return text_conditioning(self.text_encoders, ids, self.clip_skip)
 
 
 class Batch(NamedTuple):
     latents: torch.Tensor  # 2B x 4 x h x w: the instance samples, then their class samples (B without classes)
     prompts: list[str]
+    size_ids: torch.Tensor  # 2B x 6: SDXL's micro-conditioning of each sample (data.Placement.size_ids)
     generators: list[torch.Generator]
     masks: torch.Tensor | None  # 2B x 1 x h x w loss weights (data.masks; class samples all ones)
     subjects: torch.Tensor  # B x S one-hot: which subject each instance sample is of
@@ -137,21 +161,21 @@ class DreamBoothBatches:
         (size,) = {entry.bucket for entry in entries}  # the data order keeps a batch in one bucket
         instance_generators = [sample_generator(self.seed, item.epoch, item.position, 0) for item in items]
         instances = [plan.instances[entry.instance] for entry in entries]
-        latents, masks = self.source.latents(instances, size, instance_generators, self.masks)
+        latents, masks, size_ids = self.source.latents(instances, size, instance_generators, self.masks)
         prompts = [self.instance_prompt(example, g) for example, g in zip(instances, instance_generators)]
         generators = list(instance_generators)
         if plan.classes:
             class_generators = [sample_generator(self.seed, item.epoch, item.position, 1) for item in items]
             classes = [plan.classes[entry.klass] for entry in entries]
-            class_latents, _ = self.source.latents(classes, size, class_generators, masks=False)
-            latents = torch.cat([latents, class_latents])
+            class_latents, _, class_ids = self.source.latents(classes, size, class_generators, masks=False)
+            latents, size_ids = torch.cat([latents, class_latents]), torch.cat([size_ids, class_ids])
             if masks is not None:
                 masks = torch.cat([masks, torch.ones(len(items), *masks.shape[1:])])
             prompts += [example.prompt for example in classes]
             generators += class_generators
         subjects = torch.zeros(len(items), len(plan.subjects))
         subjects[torch.arange(len(items)), torch.tensor([entry.subject for entry in entries])] = 1.0
-        return Batch(latents, prompts, generators, masks, subjects, len(items))
+        return Batch(latents, prompts, size_ids, generators, masks, subjects, len(items))
 
     def instance_prompt(self, example: Example, sample: torch.Generator) -> str:
         if self.caption_dropout and bool(torch.rand((), generator=caption_generator(sample)) < self.caption_dropout):

@@ -62,6 +62,15 @@ class Placement:
         """Everything that decides the VAE input besides the file: the latent cache's transform key."""
         return f"{PREPROCESSING} resize={self.resized[0]}x{self.resized[1]} crop={self.left},{self.top},{self.size[0]}x{self.size[1]} flip={int(self.flip)}"
 
+    def size_ids(self, original: Size) -> list[int]:
+        """SDXL's micro-conditioning of the sample this placement makes from an image of `original`
+        (width, height) size (Podell et al. 2023, sec. 2.2), in sgm's order: the original height and
+        width before resizing, the crop's top and left corner in the resized image, the size trained
+        at. A flipped sample's left is its crop's left edge in the flipped image, as SDXL was trained
+        (kohya's correction; diffusers #6234, fixed by flipping before cropping in PR #6547)."""
+        left = self.resized[0] - self.left - self.size[0] if self.flip else self.left
+        return [original[1], original[0], self.top, left, self.size[1], self.size[0]]
+
     def apply(self, image: Image.Image, resample: Image.Resampling = Image.Resampling.BICUBIC) -> Image.Image:
         image = image.resize(self.resized, resample)  # PIL widens the filter when shrinking: antialiased
         image = image.crop((self.left, self.top, self.left + self.size[0], self.top + self.size[1]))

@@ -118,7 +118,7 @@ class DreamBoothData:
         batch = self.batches.batch(items)
         device = self.env.device
         masks = to_device(batch.masks, device) if batch.masks is not None else None
-        return batch._replace(latents=to_device(batch.latents, device), masks=masks,
+        return batch._replace(latents=to_device(batch.latents, device), masks=masks, size_ids=to_device(batch.size_ids, device),
                               subjects=to_device(batch.subjects, device)), cursor
 
     @property
