@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 
 from minidream import sampling_flags as flags
 from minidream.files import atomic_file, prove_writable
-from minidream.io.weights import load_pipeline, size_multiple
+from minidream.io.weights import load_pipeline
 
 DEFAULT_OUT = Path("runs/samples")  # inside runs/, which .gitignore keeps out of the repository
 
@@ -67,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     made = missing_folders(args.out)
     try:
         prompts = read_prompts(args)
-        flags.check_image_size_flags(args, size_multiple(args.weights, "sd15"))
+        flags.check_image_size_flags(args)
         prove_writable(args.out)  # an unwritable --out fails now, not after the model loads
         pipe = load_pipeline(args.weights, device=device, dtype=dtype, loras=args.lora, prediction_type=args.prediction_type)
         flags.check_flags_fit(args, pipe)

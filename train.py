@@ -34,7 +34,7 @@ from minidream.dreambooth_prompts import subject_prompts
 from minidream.evaluate import Sampling, Scores, embed_images, evaluate, load_eval_models, read_prompt_templates, subject_images
 from minidream.files import WriteError, atomic_file
 from minidream.io.lora_files import kohya_settings, lora_merged, read_lora_file, save_lora
-from minidream.io.weights import WeightsError, load_pipeline, save_pipeline, size_multiple
+from minidream.io.weights import WeightsError, load_pipeline, save_pipeline
 from minidream.models.lora import add_lora, train_adapters_only
 from minidream.models.pipeline import Pipeline, random_pipeline
 from minidream.models.precision import dtype_named, vae_dtype
@@ -402,7 +402,7 @@ def train(cfg: TrainConfig, env: Distributed, resume_hint: str) -> int:
     fsdp = dcp and env.world_size > 1  # the trained weights really are sharded
     checkpointer = Checkpointer(Path(cfg.run.output_dir), cfg, env, dcp=dcp, sharded=fsdp)
     run_dir = checkpointer.run_dir
-    data = DreamBoothData.scan(cfg, env, size_multiple(cfg.model.weights, cfg.model.architecture))
+    data = DreamBoothData.scan(cfg, env)
     check_eval_models(cfg)
 
     # 2. Models: what trains (the UNet, or its LoRA adapters; optionally the text encoder) keeps

@@ -109,7 +109,7 @@ class UNetConfig:
 
 @dataclass(frozen=True)
 class VAEConfig:
-    """AutoencoderKL with 8x spatial downsampling (SD 1.x/2.x)."""
+    """AutoencoderKL with 8x spatial downsampling (PIXELS_PER_LATENT; every SD family)."""
 
     in_channels: int = 3
     out_channels: int = 3
@@ -405,17 +405,17 @@ ARCHITECTURES = {
 }
 
 
-def image_size_multiple(vae_levels: int, unet_levels: int) -> int:
-    """The multiple every image side must be for a model whose VAE and UNet have these numbers of
-    levels (len(channel_mult)): the VAE halves the image at each level after the first (SD: 8x),
-    and the UNet halves the latents at each of its own. SD 1.x and 2.x: 8 x 8 = 64; TINY: 8 x 2 = 16."""
-    return 2 ** (vae_levels - 1) * 2 ** (unet_levels - 1)
+# Pixels per latent side: the VAE halves the image at each of its levels after the first, and every SD
+# family's VAE has four (diffusers' vae_scale_factor = 2^(len(block_out_channels) - 1) = 8). An image
+# side must be a multiple of it; the UNet takes any latent size (each upsample meets its skip's size).
+PIXELS_PER_LATENT = 8
 
 
-def check_image_size(width: int, height: int, multiple: int, what: str) -> None:
+def check_image_size(width: int, height: int, what: str) -> None:
     """ConfigError, in one line naming `what`, unless both sides are positive multiples of
-    `multiple` (io/weights.size_multiple gives a model's); the nearest valid sizes are named:
-    `data.resolution=63: this model needs image sides that are multiples of 64; nearest: 64`."""
+    PIXELS_PER_LATENT, the VAE's downsampling; the nearest valid sizes are named:
+    `data.resolution=63: image sides must be multiples of 8 (the VAE's downsampling); nearest: 56 or 64`."""
+    multiple = PIXELS_PER_LATENT
     if width > 0 and height > 0 and width % multiple == 0 and height % multiple == 0:
         return
 
@@ -428,7 +428,7 @@ def check_image_size(width: int, height: int, multiple: int, what: str) -> None:
     candidates = [(down(width), down(height)), (up(width), up(height))]
     valid = list(dict.fromkeys(c for c in candidates if c[0] > 0 and c[1] > 0))
     nearest = " or ".join(str(w) if width == height else f"{w}x{h}" for w, h in valid)
-    raise ConfigError(f"{what}: this model needs image sides that are multiples of {multiple}; nearest: {nearest}")
+    raise ConfigError(f"{what}: image sides must be multiples of {multiple} (the VAE's downsampling); nearest: {nearest}")
 
 
 # --- Evaluation models (the DreamBooth paper's DINO, CLIP-I, CLIP-T; see minidream/evaluate.py) ---

@@ -55,7 +55,7 @@ from minidream.eval_report import (
 from minidream.files import prove_writable, write_errors
 from minidream.io.eval_models import load_clip, load_dino, model_files
 from minidream.io.tensor_files import WeightsError
-from minidream.io.weights import load_pipeline, size_multiple
+from minidream.io.weights import load_pipeline
 from minidream.models.pipeline import Pipeline
 from minidream.models.preprocess import preprocess
 from minidream.models.tokenizer import CLIPTokenizer
@@ -346,7 +346,7 @@ class Job:
 def prepare(args: argparse.Namespace) -> Job:
     """Read the prompts, the photos and every model; ValueError (one line) for what is wrong."""
     device, dtype = device_and_dtype(args)
-    check_image_size_flags(args, size_multiple(args.weights, "sd15"))  # before any model loads
+    check_image_size_flags(args)  # before any model loads
     prompt_list, templates = read_prompt_templates(args.prompts, args.class_noun)
     real_images = subject_images(args.subject_dir)
     # The evaluation models are small: fp32, whatever the sampling dtype.

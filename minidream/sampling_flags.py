@@ -69,8 +69,8 @@ def add_sampling_flags(parser: argparse.ArgumentParser) -> None:
                         help="condition on an earlier text-encoder layer: SD 1.x reads layer -N (2 = penultimate, as "
                         "SD UIs count); SD 2.x and SDXL count from the penultimate layer they read (1 = it, 2 = one "
                         "earlier) (default: the model's)")
-    size_rule = ("multiples of 64 for SD 1.x/2.x and 32 for SDXL (8 x 2^(UNet levels - 1) in general; checked "
-                 "before the model loads); default: 512 for SD 1.x/2.x, 1024 for SDXL")
+    size_rule = ("a multiple of 8, the VAE's downsampling, for every model (checked before the model loads); "
+                 "default: 512 for SD 1.x/2.x, 1024 for SDXL")
     parser.add_argument("--height", type=int, default=None, help=f"pixels, {size_rule}")
     parser.add_argument("--width", type=int, default=None, help=f"pixels, {size_rule}")
     sizes = parser.add_argument_group(
@@ -94,8 +94,8 @@ def add_sampling_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def check_sampling_flags(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
-    """parser.error (exit 2, one line) for flag values that cannot work together. (Which sizes the
-    model takes is checked by the commands, from its file: config.check_image_size.)"""
+    """parser.error (exit 2, one line) for flag values that cannot work together. (The image size
+    is checked by the commands as a ConfigError, exit 2 too: check_image_size_flags.)"""
     if any(side is not None and side <= 0 for side in (args.height, args.width)):
         given = "x".join("(default)" if side is None else str(side) for side in (args.height, args.width))
         parser.error(f"--height and --width must be positive, got {given}")
@@ -122,14 +122,14 @@ def check_sampling_flags(parser: argparse.ArgumentParser, args: argparse.Namespa
         parser.error("--device cuda: torch sees no CUDA GPU")
 
 
-def check_image_size_flags(args: argparse.Namespace, multiple: int) -> None:
-    """ConfigError unless the --height and --width given are multiples of `multiple` (io/weights.size_multiple,
-    read before the model loads); a side left out takes the model's default size, which fits."""
+def check_image_size_flags(args: argparse.Namespace) -> None:
+    """ConfigError unless the --height and --width given are multiples of 8 (config.check_image_size),
+    checked before the model loads; a side left out takes the model's default size, which fits."""
     width, height = args.width or args.height, args.height or args.width
     if width is not None:
         sides = (("width", args.width), ("height", args.height))
         given = " ".join(f"--{name} {side}" for name, side in sides if side is not None)
-        check_image_size(width, height, multiple, given)
+        check_image_size(width, height, given)
 
 
 def check_flags_fit(args: argparse.Namespace, pipe: Pipeline) -> None:

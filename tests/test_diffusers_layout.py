@@ -150,3 +150,8 @@ def test_vae_configs_minidream_would_compute_differently_are_refused():
         vae_config_from_diffusers({k: v for k, v in SD15_VAE_CONFIG.items() if k != "latent_channels"})
     with pytest.raises(ValueError, match="eps"):
         vae_config_to_diffusers(dataclasses.replace(VAEConfig(), norm_eps=1e-5))
+    # three levels downsample 4x: the size rule and the samplers assume SD's 8x (config.PIXELS_PER_LATENT)
+    three_levels = {**SD15_VAE_CONFIG, "block_out_channels": [128, 256, 512], "down_block_types": ["DownEncoderBlock2D"] * 3,
+                    "up_block_types": ["UpDecoderBlock2D"] * 3}
+    with pytest.raises(ValueError, match=r"unsupported VAE: 3 levels downsample 4x; SD's VAEs have 4 levels \(8x\)"):
+        vae_config_from_diffusers(three_levels)

@@ -5,6 +5,7 @@ naming the destination, and the messages of item 10 and 11 say what they mean.""
 import errno
 import os
 import pickle
+import re
 import stat
 import warnings
 from pathlib import Path
@@ -24,7 +25,6 @@ from minidream.files import WriteError, atomic_file, atomic_folder, write_errors
 from minidream.io import convert
 from minidream.io.lora_files import save_lora
 from minidream.io.tensor_files import WeightsError, read_torch_checkpoint
-from minidream.io.weights import size_multiple
 from minidream.models.pipeline import random_pipeline
 from minidream.training.config_file import load_train_config
 from minidream.training.data import DataError, find_images, scan_images
@@ -88,50 +88,25 @@ def test_a_stricter_umask_is_kept(tmp_path):
 # ---- item 2: sizes the model can take, before it loads ---------------------------------------------
 
 
-@pytest.mark.parametrize("architecture, multiple", [("sd15", 64), ("sd21", 64), ("sd21-base", 64), ("tiny", 16), ("tiny-sd2", 16)])
-def test_the_size_multiple_of_each_architecture(architecture, multiple):
-    assert size_multiple(None, architecture) == multiple
-    assert size_multiple("", architecture) == multiple
-
-
-def test_the_size_multiple_of_a_file_or_folder_comes_from_its_header(tiny, tiny_file, tmp_path, monkeypatch):
-    save_pipeline(tiny, tmp_path / "diffusers", format="diffusers")
-    (tmp_path / "run").mkdir()
-    (tmp_path / "run" / "model.safetensors").write_bytes(tiny_file.read_bytes())
-    # an SD 1.x file as the releases are: SD key names and no minidream metadata
-    safetensors.torch.save_file({"model.diffusion_model.out.2.bias": torch.zeros(4)}, tmp_path / "sd15.safetensors")
-    torch.save({"state_dict": {"model.diffusion_model.out.2.bias": torch.zeros(4)}}, tmp_path / "sd14.ckpt")
-
-    def no_tensors(*args, **kwargs):
-        raise AssertionError("size_multiple must read no tensors")
-
-    monkeypatch.setattr("minidream.io.weights.read_weights", no_tensors)
-    monkeypatch.setattr(torch, "load", no_tensors)
-    assert size_multiple(str(tiny_file), "sd15") == 16
-    assert size_multiple(str(tmp_path / "diffusers"), "sd15") == 16
-    assert size_multiple(str(tmp_path / "run"), "sd15") == 16
-    assert size_multiple(str(tmp_path / "sd15.safetensors"), "tiny") == 64
-    assert size_multiple(str(tmp_path / "sd14.ckpt"), "tiny") == 64
-    with pytest.raises(WeightsError, match="no such file or folder"):
-        size_multiple(str(tmp_path / "missing.safetensors"), "sd15")
-
-
 @pytest.mark.parametrize("width, height, what, message", [
-    (63, 63, "data.resolution=63", "data.resolution=63: this model needs image sides that are multiples of 64; nearest: 64"),
-    (72, 72, "--width 72 --height 72", "--width 72 --height 72: this model needs image sides that are multiples of 64; "
-                                       "nearest: 64 or 128"),
-    (512, 600, "--width 512 --height 600", "this model needs image sides that are multiples of 64; nearest: 512x576 or 512x640"),
-    (0, 64, "bucket 0x64", "nearest: 64x64"),
+    (63, 63, "data.resolution=63", "data.resolution=63: image sides must be multiples of 8 (the VAE's downsampling); "
+                                   "nearest: 56 or 64"),
+    (100, 100, "--width 100 --height 100", "--width 100 --height 100: image sides must be multiples of 8 (the VAE's "
+                                           "downsampling); nearest: 96 or 104"),
+    (512, 604, "--width 512 --height 604", "image sides must be multiples of 8 (the VAE's downsampling); nearest: 512x600 or 512x608"),
+    (0, 64, "bucket 0x64", "nearest: 8x64"),
 ])
 def test_a_size_the_model_cannot_take_is_one_line_with_the_nearest_valid_sizes(width, height, what, message):
     with pytest.raises(ConfigError) as error:
-        check_image_size(width, height, 64, what)
+        check_image_size(width, height, what)
     assert "\n" not in str(error.value) and message in str(error.value) and str(error.value).startswith(what)
 
 
 def test_sizes_the_model_takes_pass():
-    check_image_size(512, 768, 64, "x")
-    check_image_size(48, 32, 16, "x")
+    """Any multiple of 8: the UNet takes any latent size (tests/test_sizes.py samples and trains at 72x56
+    and 72, which are not multiples of 64 or 32)."""
+    for width, height in [(512, 768), (72, 56), (8, 8), (1024, 1016)]:
+        check_image_size(width, height, "x")
 
 
 def test_sample_refuses_a_size_before_the_model_loads(sample, tiny_file, tmp_path, capsys, monkeypatch):
@@ -139,10 +114,10 @@ def test_sample_refuses_a_size_before_the_model_loads(sample, tiny_file, tmp_pat
         raise AssertionError("the model must not load")
 
     monkeypatch.setattr(sample, "load_pipeline", no_load)
-    args = ["--weights", str(tiny_file), "--prompt", PROMPT, "--out", str(tmp_path / "out"), *SMALL, "--height", "40"]
+    args = ["--weights", str(tiny_file), "--prompt", PROMPT, "--out", str(tmp_path / "out"), *SMALL, "--height", "44"]
     assert sample.main(args) == 2
     line = one_error_line(capsys.readouterr().err)
-    assert "--width 32 --height 40: this model needs image sides that are multiples of 16; nearest: 32x32 or 32x48" in line
+    assert "--width 32 --height 44: image sides must be multiples of 8 (the VAE's downsampling); nearest: 32x40 or 32x48" in line
     assert not (tmp_path / "out").exists()
 
 
@@ -153,18 +128,20 @@ def test_evaluate_refuses_a_size_before_any_model_loads(tiny_file, tmp_path, cap
     for name in ("load_pipeline", "load_clip", "load_dino"):
         monkeypatch.setattr(minidream.evaluate, name, no_load)
     args = ["--weights", str(tiny_file), "--subject-dir", str(tmp_path), "--class-noun", "dog", "--clip", "clip",
-            "--dino", "dino", "--out", str(tmp_path / "eval"), *SMALL, "--width", "72"]
+            "--dino", "dino", "--out", str(tmp_path / "eval"), *SMALL, "--width", "70"]
     assert minidream.evaluate.main(args) == 2
-    assert "--width 72 --height 32: this model needs image sides that are multiples of 16" in one_error_line(capsys.readouterr().err)
+    line = one_error_line(capsys.readouterr().err)
+    assert "--width 70 --height 32: image sides must be multiples of 8 (the VAE's downsampling); nearest: 64x32 or 72x32" in line
 
 
 def test_the_help_and_the_docs_give_the_real_size_rule(sample, capsys):
     with pytest.raises(SystemExit):
         sample.main(["--help"])
     text = " ".join(capsys.readouterr().out.split())
-    assert "multiple of 8" not in text and "multiples of 64" in text
-    docs = (REPO / "docs" / "sampling.md").read_text()
-    assert "multiples of 8" not in docs and "multiples of 64" in docs
+    assert "a multiple of 8, the VAE's downsampling, for every model" in text and "multiples of 64" not in text
+    for name in ("sampling.md", "training.md", "sdxl.md"):
+        docs = " ".join((REPO / "docs" / name).read_text().split())
+        assert re.search(r"multiples? of \**8\b", docs) and not re.search(r"multiples? of \**(16|32|64)\b", docs), name
 
 
 # ---- items 1 and 8: full and unwritable destinations ------------------------------------------------

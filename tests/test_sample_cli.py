@@ -209,9 +209,9 @@ def test_usage_errors_exit_2_with_one_line(sample, weights, tmp_path, capsys, ar
 
 
 @pytest.mark.parametrize("args, message", [
-    # the tiny model halves its latents once: sides are multiples of 8 x 2 (issue 32: checked before it loads)
-    (["--height", "60"], "--width 48 --height 60: this model needs image sides that are multiples of 16; nearest: 48x48 or 48x64"),
-    (["--width", "40"], "--width 40 --height 32: this model needs image sides that are multiples of 16; nearest: 32x32 or 48x32"),
+    # sides are multiples of the VAE's 8 (issue 32: checked before the model loads)
+    (["--height", "60"], "--width 48 --height 60: image sides must be multiples of 8 (the VAE's downsampling); nearest: 48x56 or 48x64"),
+    (["--width", "100"], "--width 100 --height 32: image sides must be multiples of 8 (the VAE's downsampling); nearest: 96x32 or 104x32"),
     (["--steps", "1000"], "num_steps must be in [1, 999], got 1000"),
     (["--clip-skip", "3"], "--clip-skip 3: the text encoder has 2 layers"),
     (["--from-file", "missing.txt"], "--from-file missing.txt: no such file"),

@@ -35,7 +35,6 @@ from minidream.io.weights import (
     model_config,
     read_weights,
     save_pipeline,
-    size_multiple,
 )
 from minidream.models.open_clip_text import OpenCLIPTextModel
 from minidream.models.pipeline import Pipeline, default_tokenizer, random_pipeline, text_encoder_class
@@ -321,12 +320,6 @@ def test_sdxl_variants_get_one_line(tmp_path, kind):
     with pytest.raises(WeightsError) as error:
         load_pipeline(path)
     assert_one_clear_line(error, path, f"this is {what}", "not supported", "SDXL base 1.0")
-
-
-def test_image_size_multiple_of_an_unmarked_sdxl_file(tmp_path):
-    path = tmp_path / "sdxl.safetensors"
-    save_file(sdxl_keys(), path)
-    assert size_multiple(str(path), "sd15") == 32  # 8 x 2^(3 UNet levels - 1), from the header alone
 
 
 def test_refiner_folder_gets_one_line(folder, tmp_path):

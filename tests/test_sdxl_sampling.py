@@ -33,7 +33,7 @@ pytestmark = DIFFUSERS_SCHEDULER_MARKS
 PROMPT = "a photo of sks dog on the beach"
 PROMPTS = [PROMPT, "an oil painting of a lighthouse"]
 NEGATIVE = "blurry, low quality"
-HEIGHT, WIDTH = 64, 96  # not square; TINY_SDXL takes multiples of 32 (8 x 2^2: three UNet levels)
+HEIGHT, WIDTH = 64, 96  # not square (any multiples of 8 work: tests/test_sizes.py samples 72x56)
 STEPS, SEED, IMAGES = 4, 3, 2
 TOLERANCE = 1  # 8-bit levels: float rounding in the two VAE decoders (test_sampling_parity.py)
 # stabilityai/stable-diffusion-xl-base-1.0's scheduler/scheduler_config.json. Loaded as users load

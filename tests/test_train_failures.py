@@ -241,10 +241,11 @@ def test_the_last_step_gets_its_grid_and_the_final_message_names_only_what_was_w
 
 
 @pytest.mark.parametrize("override, message", [
-    ("data.resolution=63", "error: data.resolution=63: this model needs image sides that are multiples of 16; nearest: 48 or 64"),
-    ("data.resolution=72", "error: data.resolution=72: this model needs image sides that are multiples of 16; nearest: 64 or 80"),
+    ("data.resolution=63", "error: data.resolution=63: image sides must be multiples of 8 (the VAE's downsampling); nearest: 56 or 64"),
+    ("data.resolution=100", "error: data.resolution=100: image sides must be multiples of 8 (the VAE's downsampling); nearest: 96 or 104"),
+    ("data.bucket_step=20", "error: data.bucket_step=20 must be a multiple of 8 (the VAE's downsampling)"),
 ])
-def test_a_size_the_unet_cannot_take_is_one_line_before_any_model_loads(override, message, tmp_path, training_data,
+def test_a_size_the_vae_cannot_take_is_one_line_before_any_model_loads(override, message, tmp_path, training_data,
                                                                           no_model_loading, capsys):
     assert train.main(train_args(tmp_path / "run", training_data, (override,))) == 2
     assert capsys.readouterr().err == message + "\n"

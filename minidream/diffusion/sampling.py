@@ -21,13 +21,11 @@ from PIL import Image
 from torch import nn
 from tqdm.auto import tqdm
 
-from minidream.config import ModelConfig, image_size_multiple
+from minidream.config import PIXELS_PER_LATENT, ModelConfig, check_image_size
 from minidream.diffusion.guidance import guided_prediction
 from minidream.diffusion.samplers import make_sampler
 from minidream.models.pipeline import Pipeline
 from minidream.models.unet import size_conditioning
-
-PIXELS_PER_LATENT = 8  # the VAE's downsampling, in every SD family
 
 
 class Conditioning(NamedTuple):
@@ -237,9 +235,7 @@ def generate(
     defaults = family_defaults(pipe.config)
     height, width = (defaults.size if side is None else side for side in (height, width))
     guidance = defaults.guidance if guidance is None else guidance
-    multiple = image_size_multiple(len(pipe.config.vae.channel_mult), len(pipe.config.unet.channel_mult))
-    if height % multiple or width % multiple:
-        raise ValueError(f"this model needs height and width that are multiples of {multiple}, got {height}x{width}")
+    check_image_size(width, height, f"image size {width}x{height}")
     cond = encode_prompts(pipe, prompts, clip_skip)
     uncond = negative_conditioning(pipe, negative_prompts, cond, clip_skip) if guidance != 1.0 else cond
     latent_shape = (pipe.config.unet.in_channels, height // PIXELS_PER_LATENT, width // PIXELS_PER_LATENT)

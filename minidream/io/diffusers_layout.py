@@ -13,7 +13,7 @@ from typing import NamedTuple
 
 import torch
 
-from minidream.config import UNetConfig, VAEConfig
+from minidream.config import PIXELS_PER_LATENT, UNetConfig, VAEConfig
 from minidream.io.tensor_files import meta_shapes
 from minidream.models.unet import UNet
 from minidream.models.vae import AutoencoderKL
@@ -407,6 +407,9 @@ def vae_config_from_diffusers(config: dict) -> VAEConfig:
     down_types, up_types = list(config["down_block_types"]), list(config["up_block_types"])
     if down_types != ["DownEncoderBlock2D"] * len(channel_mult) or up_types != ["UpDecoderBlock2D"] * len(channel_mult):
         raise ValueError(f"unsupported VAE block types {down_types} / {up_types}")
+    if 2 ** (len(channel_mult) - 1) != PIXELS_PER_LATENT:  # the size rule and the samplers assume SD's 8x
+        raise ValueError(f"unsupported VAE: {len(channel_mult)} levels downsample {2 ** (len(channel_mult) - 1)}x; "
+                         f"SD's VAEs have 4 levels ({PIXELS_PER_LATENT}x)")
     return VAEConfig(
         in_channels=config["in_channels"],
         out_channels=config["out_channels"],

@@ -9,25 +9,20 @@ memory-mapped tensors by assignment, so loading costs about one copy of the weig
 (none more until the weights are used; a dtype cast makes the one copy in the new dtype).
 """
 
-import json
 from collections.abc import Sequence
 from pathlib import Path
 
-import safetensors
 import torch
 from torch import nn
 
-from minidream.config import ARCHITECTURES, SD15, SDXL, ModelConfig, from_dict, image_size_multiple
+from minidream.config import ModelConfig
 from minidream.io.diffusers_folder import (
     is_diffusers_folder,
     read_diffusers_folder,
     write_diffusers_folder,
 )
-from minidream.io import sdxl_layout
 from minidream.io.lora_files import apply_lora_file
 from minidream.io.single_file import (
-    CONFIG_METADATA_KEY,
-    UNET_PREFIX,
     ema_tensors,
     read_single_file,
     single_file_metadata,
@@ -38,7 +33,6 @@ from minidream.io.tensor_files import (
     StoredPipeline,
     Tensors,
     WeightsError,
-    _check_safetensors_header,
     cast,
     check_tensors,
     meta_shapes,
@@ -111,60 +105,6 @@ def model_config(path: str | Path) -> ModelConfig:
     """The architecture of the pipeline stored at `path`, without building it (its tensors are
     only memory-mapped): what a LoRA for it must fit."""
     return read_weights(Path(path), use_ema=False).config
-
-
-def size_multiple(weights: str | None, architecture: str) -> int:
-    """The multiple every image side must be for the model at `weights` (`architecture`'s when
-    weights is None or empty: the random model train.py builds then), found without loading any
-    tensor: 8 (the VAE's 2^(levels-1)) x 2^(UNet levels - 1). SD 1.x and 2.x give 64, SDXL 32, TINY 16.
-
-    Read from headers alone: a minidream single file's config metadata (other SD single files are
-    SD 1.x/2.x or SDXL base by their keys; a .ckpt's keys cannot be read without unpickling: 64,
-    which suits both), a diffusers folder's
-    unet/ and vae/ config.json, a run folder's model.safetensors. What is not a model by its header
-    (a LoRA file, a broken folder) goes to the loader, whose one-line WeightsError says what it is."""
-    if not weights:
-        return config_multiple(ARCHITECTURES[architecture])
-    path = Path(weights)
-    if not path.exists():
-        raise WeightsError(f"{path}: no such file or folder")
-    if path.is_dir() and is_diffusers_folder(path):
-        levels = [_levels(path / part / "config.json") for part in ("vae", "unet")]
-        if None not in levels:
-            return image_size_multiple(*levels)
-    elif path.is_dir() and (path / RUN_FOLDER_WEIGHTS).is_file():
-        path = path / RUN_FOLDER_WEIGHTS
-    if path.is_file() and path.suffix != ".safetensors":
-        return config_multiple(SD15)  # a pickled checkpoint: its keys cannot be read without unpickling
-    if path.is_file():
-        _check_safetensors_header(path)
-        try:
-            with safetensors.safe_open(path, framework="pt") as f:
-                recorded, keys = (f.metadata() or {}).get(CONFIG_METADATA_KEY), list(f.keys())
-        except safetensors.SafetensorError as error:
-            raise WeightsError(f"{path}: not a valid safetensors file ({error})") from None
-        if recorded is not None:
-            try:
-                return config_multiple(from_dict(ModelConfig, json.loads(recorded), where=f"{path} metadata"))
-            except ValueError as error:
-                raise WeightsError(f"{path}: unreadable {CONFIG_METADATA_KEY} metadata ({error})") from None
-        if any(key.startswith(UNET_PREFIX) for key in keys):
-            return config_multiple(SDXL if sdxl_layout.has_sdxl_keys(keys) else SD15)  # SD 2.x has SD 1.5's levels
-    # Not a model by its header: the loader refuses it in one line (or, if it reads it, says its shape).
-    return config_multiple(read_weights(path, use_ema=False).config)
-
-
-def config_multiple(cfg: ModelConfig) -> int:
-    return image_size_multiple(len(cfg.vae.channel_mult), len(cfg.unet.channel_mult))
-
-
-def _levels(file: Path) -> int | None:
-    """len(block_out_channels) of a diffusers config.json; None when it cannot be read."""
-    try:
-        channels = json.loads(file.read_text(encoding="utf-8"))["block_out_channels"]
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
-    return len(channels) if isinstance(channels, list) and channels else None
 
 
 def read_weights(path: Path, use_ema: bool, prediction_type: str | None = None) -> StoredPipeline:

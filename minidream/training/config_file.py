@@ -15,6 +15,7 @@ from pathlib import Path
 import yaml
 
 from minidream.config import (
+    PIXELS_PER_LATENT,
     ConfigError,
     TrainConfig,
     coerce,
@@ -170,8 +171,8 @@ def check_combinations(config: TrainConfig) -> None:
         check_sampler_options(config.validation.sampler, karras=config.validation.karras)
     except ValueError as error:
         raise ConfigError(f"validation.karras: {error}") from None
-    if config.data.bucket_step % 8:
-        raise ConfigError(f"data.bucket_step={config.data.bucket_step} must be a multiple of 8 (the VAE's downsampling)")
+    if config.data.bucket_step % PIXELS_PER_LATENT:
+        raise ConfigError(f"data.bucket_step={config.data.bucket_step} must be a multiple of {PIXELS_PER_LATENT} (the VAE's downsampling)")
     if train.sharding == "fsdp" and not lora.rank:  # LoRA adapters are replicated under fsdp (training/sharding.py)
         check_fsdp(config)
     subjects_of(config)  # data.subjects: each entry complete, none a twin of another

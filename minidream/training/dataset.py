@@ -14,7 +14,7 @@ images are kept (batches.py, latent_cache.py). `next` takes this rank's items in
 
 from pathlib import Path
 
-from minidream.config import ConfigError, TrainConfig, check_image_size
+from minidream.config import TrainConfig, check_image_size
 from minidream.models.pipeline import Pipeline
 from minidream.training.batches import Batch, DreamBoothBatches, LatentSource, MomentsInMemory
 from minidream.training.buckets import Size, bucket_sizes, proportional_sizes
@@ -48,11 +48,10 @@ class DreamBoothData:
         self.order: RankOrder | None = None
 
     @classmethod
-    def scan(cls, cfg: TrainConfig, env: Distributed, size_multiple: int) -> "DreamBoothData":
-        """Everything about the data that can be wrong, found before any model loads. `size_multiple`:
-        what every image side must be a multiple of for the model (io.weights.size_multiple)."""
+    def scan(cls, cfg: TrainConfig, env: Distributed) -> "DreamBoothData":
+        """Everything about the data that can be wrong, found before any model loads."""
         data = cfg.data
-        check_image_size(data.resolution, data.resolution, size_multiple, f"data.resolution={data.resolution}")
+        check_image_size(data.resolution, data.resolution, f"data.resolution={data.resolution}")
         if data.example_subject and not data.subjects and env.is_main:  # config_file.with_instance_dir: a folder of the run's own
             write_example_subject(Path(data.instance_dir), count=4, size=max(data.resolution, 64))
         barrier()
@@ -65,10 +64,7 @@ class DreamBoothData:
                 class_examples[folder] = scan_classes(folder, subjects[sharing[0]], data, buckets)
         if data.latent_cache_dir is not None:
             check_writable_folder(Path(data.latent_cache_dir))
-        scanned = cls(cfg, env, subjects, buckets, instance_sets, class_examples)
-        if buckets is not None:
-            check_bucket_sides(scanned.plan, size_multiple)
-        return scanned
+        return cls(cfg, env, subjects, buckets, instance_sets, class_examples)
 
     def _plan(self, class_counts: list[int]) -> DataPlan:
         cfg, subjects = self.cfg, self.subjects
@@ -125,14 +121,6 @@ class DreamBoothData:
     def sizes(self) -> list[Size]:
         """The (width, height) the run trains at: each bucket, or the square resolution."""
         return sorted(self.plan.bucket_counts())
-
-
-def check_bucket_sides(plan: DataPlan, factor: int) -> None:
-    """Each bucket's latent must halve cleanly at every UNet level (SD: sides divisible by 64)."""
-    for width, height in plan.bucket_counts():
-        if width % factor or height % factor:
-            raise ConfigError(f"data.bucket_step: bucket {width}x{height} has a side this model cannot take; "
-                              f"it needs multiples of {factor} (set data.bucket_step={factor})")
 
 
 def moments_store(cfg: TrainConfig, pipe: Pipeline):
