@@ -230,12 +230,15 @@ def distribute(
     if fsdp:  # in place: the modules become FSDP modules of DTensor parameters
         groups = sharding.shard(trained, groups, amp_dtype, env.device, env.world_size)
 
-    def wrap(module):
+    def wrap(name, module):
         if env.world_size == 1 or fsdp:
             return module
-        return DistributedDataParallel(module, device_ids=[env.local_rank] if env.device.type == "cuda" else None)
+        # A text encoder's last layers can be trained yet never reach the conditioning (SDXL's CLIP-L
+        # and model.clip_skip > 1 condition on an earlier layer): DDP must not wait for their gradients.
+        return DistributedDataParallel(module, device_ids=[env.local_rank] if env.device.type == "cuda" else None,
+                                       find_unused_parameters=name != "unet")
 
-    wrapped = {name: wrap(module) for name, module in trained.items()}
+    wrapped = {name: wrap(name, module) for name, module in trained.items()}
     text_encoders = [wrapped.get(name, encoder) for name, encoder in text_encoders_by_name(pipe).items()]
     return wrapped["unet"], text_encoders, list(wrapped.values()) if env.world_size > 1 else [], groups
 

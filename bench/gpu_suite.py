@@ -11,11 +11,11 @@ Stages, in order, each printing its figures as soon as it has them:
      bf16 autocast) at batch 1 and 8, eager then compiled: samples/s, MFU, peak memory;
   2. the DDIM loop, 25 steps, batch 1, guidance 7.5, eager then compiled: denoising steps/s
      (CUDA graphs once sample.py offers them);
-  3. peak memory of train.py itself on configs/dreambooth-sd15.yaml for 3 steps (random
-     weights), and of the LoRA recipe once train.py accepts `lora.rank`;
+  3. peak memory of train.py itself on its own recipes for 3 steps (random weights): SD 1.5's
+     full and LoRA (configs/dreambooth-sd15.yaml), SDXL's configs/dreambooth-sdxl.yaml and
+     dreambooth-lora-sdxl.yaml;
   4. VAE decode, batch 1.
-A stage that does not apply to the model family yet is recorded as left out, with why (SDXL: 3;
-its training step runs at batch 1 only). MFU counts DESIGN.md's model FLOPs for SD 1.5
+SDXL's training step runs at batch 1 only. MFU counts DESIGN.md's model FLOPs for SD 1.5
 and FlopCounterMode's for other shapes (bench.models.unet_tflop).
 Every measurement has an estimate: a fixed one for its kind and scale (SCALES), replaced by the
 time the same kind took once measured (each is listed under "measurements" in the JSON). It runs only when its estimate fits in the budget left
@@ -45,7 +45,6 @@ from pathlib import Path
 import torch
 
 import sample
-import train
 from bench import suite_results
 from bench.common import (
     Row,
@@ -70,7 +69,7 @@ from bench.vae import vae_row, vae_runs
 from minidream.training.example_subject import write_example_subject
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-RECIPE = REPO_ROOT / "configs" / "dreambooth-sd15.yaml"
+CONFIGS = REPO_ROOT / "configs"
 RECIPE_STEPS = 3  # AdamW allocates its state in step 1; later steps hold it alongside gradients and activations
 GUIDANCE = 7.5
 LORA_PROBE = "lora.rank=4"
@@ -86,10 +85,14 @@ class Scale:
     warmup: int
     repeats: int
     estimates: dict[str, float]  # seconds, by measurement kind (model builds and compiles included)
-    left_out: dict[int, str] = dataclasses.field(default_factory=dict)  # stage number -> why it does not apply
+    # Stage 3's train.py runs: name -> (the config in configs/, overrides); the SD 1.5 recipe by default.
+    recipes: dict[str, tuple[str, tuple[str, ...]]] = dataclasses.field(default_factory=lambda: SD_RECIPES)
 
 
-SDXL_LEFT_OUT = {3: "train.py trains SD 1.x and 2.x only (it refuses SDXL)"}
+SD_RECIPES = {"full": ("dreambooth-sd15.yaml", ()), "lora": ("dreambooth-sd15.yaml", (LORA_PROBE,))}
+# SDXL's own recipes. The full one with plain AdamW (fused into backward): the lent machine has no
+# bitsandbytes for the recipe's adamw8bit, and 2.57B weights x 12 bytes (weights and moments) fit 80 GB.
+SDXL_RECIPES = {"full": ("dreambooth-sdxl.yaml", ("train.optimizer=adamw",)), "lora": ("dreambooth-lora-sdxl.yaml", ())}
 
 SCALES = {
     # Guesses for an H100/H200 with ~16 CPU cores (compiling two UNets' forward and backward
@@ -114,16 +117,17 @@ SCALES = {
         latent=128, batches=(1,), sampling_steps=25, warmup=2, repeats=5,
         estimates={
             "training eager": 90, "training compiled": 300, "sampling eager": 40, "sampling compiled": 150,
-            "vae decode": 30,
+            "train.py recipe": 240, "vae decode": 30,
         },
-        left_out=SDXL_LEFT_OUT,
+        recipes=SDXL_RECIPES,
     ),
     "tiny-sdxl": Scale(
         latent=8, batches=(1, 8), sampling_steps=10, warmup=1, repeats=2,
         estimates={
-            "training eager": 3, "training compiled": 8, "sampling eager": 3, "sampling compiled": 5, "vae decode": 2,
+            "training eager": 3, "training compiled": 8, "sampling eager": 3, "sampling compiled": 5,
+            "train.py recipe": 15, "vae decode": 2,
         },
-        left_out=SDXL_LEFT_OUT,
+        recipes=SDXL_RECIPES,
     ),
 }
 
@@ -307,7 +311,7 @@ def sampling_stage(suite: Suite, stage: StageRecord) -> None:
 
 
 def recipe_overrides(suite: Suite, root: Path) -> list[str]:
-    """configs/dreambooth-sd15.yaml made to run 3 steps on random weights, here, without validation."""
+    """A recipe made to run 3 steps on random weights of the suite's model, here, without validation."""
     config, device = suite.base.config_name, suite.base.device
     return [
         f"model.architecture={config}", "model.weights=null", f"data.resolution={8 * suite.scale.latent}",
@@ -318,7 +322,7 @@ def recipe_overrides(suite: Suite, root: Path) -> list[str]:
     ]
 
 
-def run_recipe(suite: Suite, name: str, extra: tuple[str, ...]) -> RecipePeak:
+def run_recipe(suite: Suite, name: str, config: str, extra: tuple[str, ...]) -> RecipePeak:
     """One train.py process; its peak RSS from the kernel (wait4), its CUDA peak from its metrics.jsonl."""
     suite.scratch.mkdir(parents=True, exist_ok=True)
     # At SD 1.5 the run writes a checkpoint with AdamW state and an export: ~13 GB, removed after.
@@ -326,7 +330,7 @@ def run_recipe(suite: Suite, name: str, extra: tuple[str, ...]) -> RecipePeak:
         root = Path(tmp)
         for folder in ("instance", "class"):  # drawn images, so train.py neither draws nor generates any
             write_example_subject(root / folder, count=2, size=8 * suite.scale.latent)
-        argv = [sys.executable, "train.py", "--config", str(RECIPE), *recipe_overrides(suite, root), *extra]
+        argv = [sys.executable, "train.py", "--config", str(CONFIGS / config), *recipe_overrides(suite, root), *extra]
         start = time.perf_counter()
         with open(root / "train.log", "w") as log:
             process = subprocess.Popen(argv, cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT)
@@ -346,16 +350,11 @@ def run_recipe(suite: Suite, name: str, extra: tuple[str, ...]) -> RecipePeak:
 
 
 def recipes_stage(suite: Suite, stage: StageRecord) -> None:
-    recipes = {"full": ()}
-    if cli_accepts(train.main, ["--config", str(RECIPE), "--show-config", LORA_PROBE]):
-        recipes["lora"] = (LORA_PROBE,)
-    else:
-        suite.note(stage, f"LoRA recipe: skipped, train.py does not accept `{LORA_PROBE}` (no LoRA yet)")
-    for name, extra in recipes.items():
+    for name, (config, extra) in suite.scale.recipes.items():
         if not suite.fits(stage, "train.py recipe", f"train.py {name} recipe"):
             continue
         with suite.timed("train.py recipe", name):
-            recipe = run_recipe(suite, name, extra)
+            recipe = run_recipe(suite, name, config, extra)
         allocated = "-" if recipe.peak_allocated_mb is None else f"{recipe.peak_allocated_mb:.0f} MB"
         print(f"  train.py {name} recipe, {recipe.steps} steps: peak allocated {allocated}, "
               f"peak RSS {recipe.peak_rss_mb:.0f} MB, {recipe.wall_s:.0f} s", flush=True)
@@ -428,19 +427,15 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{record.machine}; " + ", ".join(f"{k} {v}" for k, v in record.versions.items() if v), flush=True)
     print(f"budget {args.budget:.0f} s; writing {args.out}/gpu_suite.json and gpu_suite.md", flush=True)
     numbers = sorted(args.stages)
-    left_out = suite.scale.left_out
     for index, number in enumerate(numbers):
         stage = STAGES[number]
-        suite.later_first_kinds = [STAGES[n].first_kind for n in numbers[index + 1 :] if n not in left_out]
+        suite.later_first_kinds = [STAGES[n].first_kind for n in numbers[index + 1 :]]
         stage_record = StageRecord(number, stage.title)
         record.stages.append(stage_record)
         print(f"\n== {number}. {stage.title} ({suite.budget.elapsed():.0f} s in) ==", flush=True)
         start = time.perf_counter()
         try:
-            if number in left_out:
-                suite.note(stage_record, f"left out for {args.config}: {left_out[number]}")
-            else:
-                stage.run(suite, stage_record)
+            stage.run(suite, stage_record)
         except Exception as error:  # one stage's failure must not cost the others' figures
             traceback.print_exc()
             stage_record.status = "failed"

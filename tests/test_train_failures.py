@@ -269,14 +269,6 @@ def test_a_full_disk_at_export_is_one_line_and_the_last_checkpoint_is_kept(tmp_p
     assert checkpoint_names(run_dir) == ["step-00000002"]
 
 
-def test_an_sdxl_architecture_is_refused_in_one_line_naming_what_works(tmp_path, training_data, capsys):
-    assert train.main(train_args(tmp_path / "run", training_data, ("model.architecture=tiny-sdxl",))) == 2
-    assert capsys.readouterr().err == (
-        "error: model.architecture=tiny-sdxl: an SDXL model; train.py trains SD 1.x and 2.x for now "
-        "(sample.py, python -m minidream.convert and SDXL LoRA files work with SDXL)\n"
-    )
-
-
 def test_validation_karras_on_a_sampler_without_it_is_one_line_before_any_model_loads(
     tmp_path, training_data, no_model_loading, capsys
 ):
