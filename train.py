@@ -1,4 +1,4 @@
-"""DreamBooth fine-tuning of Stable Diffusion 1.x and 2.x (Ruiz et al. 2023), hand-written.
+"""DreamBooth fine-tuning of Stable Diffusion 1.x, 2.x and XL (Ruiz et al. 2023), hand-written.
 
     python train.py                                   # the embedded default: a tiny model on the CPU
     python train.py --config configs/dreambooth-sd15.yaml model.weights=... data.instance_dir=...
@@ -69,7 +69,7 @@ DEFAULT_CONFIG = Path(__file__).resolve().parent / "configs" / "tiny.yaml"
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        description="DreamBooth fine-tuning of Stable Diffusion 1.x and 2.x. Without --config, runs the embedded "
+        description="DreamBooth fine-tuning of Stable Diffusion 1.x, 2.x and XL. Without --config, runs the embedded "
         "default (configs/tiny.yaml: a tiny model on a drawn example subject, seconds on a CPU).",
         epilog="Overrides are section.key=value, e.g. train.max_steps=400 data.instance_dir=photos/dog "
         "run.resume=latest. --show-config prints every key with its value.",

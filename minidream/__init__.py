@@ -1,4 +1,4 @@
-"""minidream: DreamBooth on Stable Diffusion 1.x and 2.x in plain PyTorch."""
+"""minidream: DreamBooth on Stable Diffusion 1.x, 2.x and XL in plain PyTorch."""
 
 __version__ = "0.1.0"
 

@@ -11,6 +11,7 @@ Tolerance: max |minidream - diffusers| <= 1e-5 * max |diffusers| (fp32), test_lo
 import contextlib
 import dataclasses
 import logging
+import re
 import warnings
 from pathlib import Path
 
@@ -43,8 +44,8 @@ from minidream.io.lora_files import (
 from minidream.io.lora_names import model_layers
 from minidream.io.tensor_files import WeightsError
 from minidream.models import lora
+from minidream.models.open_clip_text import OpenCLIPTextModel
 from minidream.models.pipeline import Pipeline, random_pipeline
-from minidream.models.tokenizer import CLIPTokenizer
 from minidream.models.unet import UNet, size_conditioning
 
 CFG = TINY_SDXL
@@ -248,6 +249,60 @@ def test_every_layer_of_full_sdxl_gets_a_name_comfyui_maps_and_reads_back(tmp_pa
     read = read_lora_file(path, SDXL)
     assert {part: part_adapters.keys() for part, part_adapters in read.parts().items()} == {
         part: part_adapters.keys() for part, part_adapters in adapters.items()}
+
+
+def a1111_layer_names(cfg: ModelConfig) -> set[str]:
+    """AUTOMATIC1111's `network_layer_mapping` for an SDXL model (extensions-builtin/Lora/networks.py,
+    assign_network_names_to_compvis_modules): every module of the SAI model, dots made underscores,
+    the embedders' numbered: CLIP-L as `0_transformer_<transformers' names>`, bigG as
+    `1_model_<open_clip's names>` (minidream's OpenCLIPTextModel keeps them). Built on the meta device."""
+    with torch.device("meta"):
+        unet = UNet(cfg.unet)
+        clip_l = transformers.CLIPTextModel(clip_config(cfg.text_encoder, cfg.text_encoder.layers))
+        bigg = OpenCLIPTextModel(cfg.text_encoder_2)
+    names = {"diffusion_model_" + name.replace(".", "_") for name, _ in unet.named_modules() if name}
+    names |= {"0_transformer_text_model_" + name.removeprefix("text_model.").replace(".", "_")  # transformers 5 drops text_model.
+              for name, _ in clip_l.named_modules() if name and name != "text_model"}
+    return names | {"1_model_" + name.replace(".", "_") for name, _ in bigg.named_modules() if name}
+
+
+A1111_X_PROJ = re.compile(r"(.*)_([qkv]_proj)$")
+
+
+def a1111_layer(stem: str, names: set[str]) -> str | None:
+    """The layer AUTOMATIC1111 applies a kohya SDXL adapter to, or None (it then reports the key as
+    failed to match), read off networks.load_network: lora_convert.convert_diffusers_name_to_compvis
+    first (for SDXL's te2: bigG's open_clip names), then q/k/v projections onto their fused
+    attention, then `lora_unet` -> `diffusion_model`, `lora_te1_text_model` -> `0_transformer_text_model`."""
+    key = stem
+    if match := re.match(r"lora_te2_text_model_encoder_layers_(\d+)_(.+)", stem):
+        part = match[2].replace("mlp_fc1", "mlp_c_fc").replace("mlp_fc2", "mlp_c_proj").replace("self_attn", "attn")
+        key = f"1_model_transformer_resblocks_{match[1]}_{part}"
+    if key in names:
+        return key
+    if (match := A1111_X_PROJ.match(key)) and match[1] in names:
+        return match[1]
+    for prefix, compvis in (("lora_unet", "diffusion_model"), ("lora_te1_text_model", "0_transformer_text_model")):
+        if prefix in stem and stem.replace(prefix, compvis) in names:
+            return stem.replace(prefix, compvis)
+    return None
+
+
+def test_every_layer_of_full_sdxl_gets_a_name_a1111_applies(tmp_path):
+    """The same every-layer file at SDXL base's shapes: AUTOMATIC1111's key resolution finds a layer
+    for each of its adapters, each its own (bigG's q, k and v share their fused attention, as A1111
+    applies them to its in_proj)."""
+    layers = model_layers(SDXL)
+    adapters = {part: {layer.minidream: rank_one(layer.shape) for layer in part_layers} for part, part_layers in layers.items()}
+    path = tmp_path / "every-layer.safetensors"
+    write_lora_file(path, LoRAFile(adapters["unet"], adapters["text_encoder"], {}, adapters["text_encoder_2"]), SDXL)
+    names = a1111_layer_names(SDXL)
+    resolved = {stem: a1111_layer(stem, names) for stem in file_stems(path)}
+    assert None not in resolved.values(), [stem for stem, layer in resolved.items() if layer is None][:5]
+    fused = [layer for stem, layer in resolved.items() if re.search(r"lora_te2_.*_self_attn_[qkv]_proj$", stem)]
+    assert len(fused) == 3 * 32 and len(set(fused)) == 32 and all(layer.endswith("_attn") for layer in fused)
+    others = [layer for layer in resolved.values() if layer not in set(fused)]
+    assert len(others) == len(set(others)) == len(resolved) - 3 * 32
 
 
 def test_kohya_sdxl_file_names_layout_and_metadata_follow_kohya_and_comfyui(tmp_path):

@@ -247,3 +247,18 @@ def test_the_runs_lora_file_is_kohyas_sdxl_layout_and_loads_whole_in_diffusers(u
     # Measured: UNet 9.6e-7, states 1.3e-7, pooled 9.0e-8; the adapters changed them by 0.21, 0.015, 0.023.
     assert max(errors.values()) <= 1e-5, errors
     assert min(changes.values()) > 100 * max(max(errors.values()), 1e-7), changes  # the adapters matter
+
+
+# ---- the full model's file ----------------------------------------------------------------------
+
+
+def test_a_v_prediction_run_exports_the_sai_file_with_its_markers(tmp_path, training_data, one_thread):
+    """Trained with the v target and zero-terminal SNR (the v-pred community models), the export
+    says so in the keys ComfyUI reads (`v_pred`, `ztsnr`) and opens as what was trained."""
+    run_dir = tmp_path / "run"
+    overrides = (*SDXL, "train.max_steps=1", "train.prediction_type=v_prediction", "model.zero_terminal_snr=true")
+    assert train.main(train_args(run_dir, training_data, overrides)) == 0
+    with safe_open(run_dir / "model.safetensors", framework="pt") as f:
+        assert {"v_pred", "ztsnr"} <= set(f.keys())
+    schedule = load_pipeline(run_dir / "model.safetensors").config.schedule
+    assert schedule.prediction_type == "v_prediction" and schedule.rescale_betas_zero_snr
