@@ -308,3 +308,18 @@ def test_a_bias_diff_for_a_layer_without_bias_and_a_layout_rewrite_are_refused(t
         convert_lora_file(loha, tmp_path / "out.safetensors", "diffusers", TINY)
     assert_one_clear_line(error, loha, "no kohya or diffusers LoRA layout")
     assert not (tmp_path / "out.safetensors").exists()
+
+
+@pytest.mark.parametrize("kind", ["dora_out", "dora_in"])
+def test_a_one_dimensional_dora_scale_is_read_along_the_axis_its_length_names(tmp_path, kind):
+    """ComfyUI broadcasts a 1-D dora_scale against out x 1 norms (its issue #12938); minidream reads
+    it as the 2-D one of the same values."""
+    weight = torch.randn(64, 32, 3, 3, generator=torch.Generator().manual_seed(4))
+    tensors = adapter_tensors(kind, weight, 2, 2.0, torch.Generator().manual_seed(5))
+    flat = {**tensors, "dora_scale": tensors["dora_scale"].flatten()}
+    stem = "lora_unet_down_blocks_1_resnets_0_conv1"  # 64 x 32 x 3 x 3 in TINY
+    for strength in STRENGTHS:
+        two_d = changed_weight(weight, read_change(tmp_path / "2d.safetensors", stem, tensors), strength)
+        one_d = changed_weight(weight, read_change(tmp_path / "1d.safetensors", stem, flat), strength)
+        assert torch.equal(one_d, two_d)
+        assert relative_error(two_d, comfy_merge(weight, tensors, strength)) <= REL
