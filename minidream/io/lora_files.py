@@ -276,8 +276,9 @@ def is_lora_file(path: str | Path) -> bool:
 
 
 def read_lora_file(path: str | Path, cfg: ModelConfig = SD15) -> LoRAFile:
-    """The adapters of a kohya (diffusers- or LDM/SAI-style names) or diffusers/PEFT LoRA file for
-    a model of `cfg`. Raises WeightsError, one line naming the file, for anything else."""
+    """The adapters of a kohya (diffusers- or LDM/SAI-style names) or diffusers/PEFT LoRA file, or
+    of a LyCORIS/DoRA/full-diff file in the kohya layout, for a model of `cfg`. Raises
+    WeightsError, one line naming the file, for anything else."""
     path = Path(path)
     if not path.is_file():
         raise WeightsError(f"{path}: no such LoRA file")
