@@ -403,9 +403,13 @@ def reshaped(key, shape):
 
 
 REFUSALS = {
-    "loha": (with_key(f"{TO_Q}.hada_w1_a", torch.zeros(4, 32)), "a LoHa (LyCORIS) file"),
-    "lokr": (with_key(f"{TO_Q}.lokr_w1", torch.zeros(4, 4)), "a LoKr (LyCORIS) file"),
-    "dora": (with_key(f"{TO_Q}.dora_scale", torch.zeros(1, 32)), "a DoRA file"),
+    "loha-beside-lora": (with_key(f"{TO_Q}.hada_w1_a", torch.zeros(4, 32)),
+                         f"1 mis-shaped ({TO_Q}.hada_w1_a mixes LoHa and LoRA tensors on one layer)"),
+    "lokr-beside-lora": (with_key(f"{TO_Q}.lokr_w1", torch.zeros(4, 4)), f"{TO_Q}.lokr_w1 mixes LoKr and LoRA"),
+    "dora-wrong-shape": (with_key(f"{TO_Q}.dora_scale", torch.zeros(1, 48)),
+                         f"{TO_Q}.dora_scale [1, 48]: neither 32 rows nor 32 inputs"),
+    "peft-dora": (with_key(f"unet.{TO_Q}.lora_magnitude_vector", torch.zeros(32)), "a diffusers/PEFT DoRA file"),
+    "tucker-locon": (with_key(f"{TO_Q}.lora_mid.weight", torch.zeros(4, 4, 3, 3)), "(lora_mid keys)"),
     "sdxl-two-text-encoders": (renamed("lora_te_", "lora_te1_"), "an SDXL LoRA"),
     "sdxl-context": (reshaped(f"{TO_K_CROSS}.lora_down.weight", (4, 2048)), "an SDXL LoRA (2048-wide cross-attention"),
     "sd2-context": (reshaped(f"{TO_K_CROSS}.lora_down.weight", (4, 1024)), "an SD 2.x LoRA (1024-wide cross-attention"),

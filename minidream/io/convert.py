@@ -3,6 +3,7 @@ convert a LoRA file between the kohya and diffusers layouts.
 
     python -m minidream.convert SRC DST [--format single-file|diffusers] [--dtype fp16|fp32] [--ema] [--lora PATH[:SCALE]]...
     python -m minidream.convert LORA DST --format kohya|diffusers [--base MODEL] [--dtype fp16|fp32]
+    python -m minidream.convert TUNED DST.safetensors --extract-lora --base BASE --rank R [--conv-rank R2] [--dtype]
 """
 
 import argparse
@@ -13,6 +14,7 @@ import torch
 
 from minidream.config import FILE_PRECISIONS, SD15
 from minidream.io.lora_files import FORMATS as LORA_FORMATS
+from minidream.io.lora_extraction import write_extracted_lora
 from minidream.io.lora_files import convert_lora_file, is_lora_file, lora_argument
 from minidream.io.weights import (
     FORMATS,
@@ -50,6 +52,13 @@ DST is written as
 
 --lora PATH[:SCALE] merges a LoRA into the model at strength SCALE (default 1) before it is
 written, as the UIs apply it: in fp32, rounded once to --dtype. Repeat it to merge several.
+LyCORIS (LoHa, LoKr), DoRA and full-diff files merge as ComfyUI merges them (docs/lora.md).
+
+--extract-lora writes a kohya LoRA of the difference between SRC (a full fine-tune) and --base
+(the model it was tuned from): a truncated SVD of each layer's difference in fp32, on the GPU when
+there is one, with .alpha = rank; it prints each layer's kept energy and the worst relative error.
+--rank R (or a kept-energy fraction such as 0.9) for Linear and 1x1 layers, --conv-rank for 3x3
+convs (default: --rank; 0 leaves them out). Use --dtype fp32 to keep the factors exact.
 
 The write is atomic: DST appears complete or not at all. An existing DST file is replaced; an
 existing non-empty DST folder is refused.
@@ -64,6 +73,7 @@ examples:
   python -m minidream.convert runs/dreambooth weights/my-dog.safetensors
   python -m minidream.convert weights/sd15.safetensors weights/sd15-my-dog.safetensors --lora runs/my-dog/lora.safetensors:0.8
   python -m minidream.convert runs/my-dog/lora.safetensors weights/my-dog-diffusers-lora.safetensors --format diffusers
+  python -m minidream.convert runs/my-dog weights/my-dog-lora.safetensors --extract-lora --base weights/sd15.safetensors --rank 32
 """
 
 
@@ -99,15 +109,38 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )  # fmt: skip
     parser.add_argument(
         "--base", metavar="MODEL",
-        help="for a LoRA SRC: the model it is for, whose layer shapes it is checked against (default: SD 1.5's)",
+        help="for a LoRA SRC: the model it is for, whose layer shapes it is checked against (default: SD 1.5's); "
+        "with --extract-lora: the model SRC was fine-tuned from",
     )  # fmt: skip
+    parser.add_argument("--extract-lora", action="store_true",
+                        help="write a kohya LoRA of SRC - --base (a truncated SVD per layer) to DST")
+    parser.add_argument("--rank", type=rank_argument, default=None, metavar="R",
+                        help="with --extract-lora: the rank of each Linear / 1x1 layer, or a kept-energy fraction (0.9)")
+    parser.add_argument("--conv-rank", type=rank_argument, default=None, metavar="R",
+                        help="with --extract-lora: the rank of each 3x3 conv (default: --rank; 0: no conv adapters)")
     return parser.parse_args(argv)
+
+
+def rank_argument(text: str) -> int | float:
+    """An integer rank (0 or more), or a kept-energy fraction in (0, 1)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a rank or a fraction") from None
+    if value.is_integer() and value >= 0:
+        return int(value)
+    if 0 < value < 1:
+        return value
+    raise argparse.ArgumentTypeError(f"{text!r}: a rank is a whole number, a kept-energy fraction lies in (0, 1)")
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
-        written = convert_lora(args) if is_lora_file(args.src) else convert_model(args)
+        if args.extract_lora:
+            written = extract(args)
+        else:
+            written = convert_lora(args) if is_lora_file(args.src) else convert_model(args)
     except (ValueError, OSError) as error:  # bad input or an unwritable destination: one line, no traceback
         print(f"error: {error}", file=sys.stderr)
         return 2
@@ -139,3 +172,23 @@ def convert_lora(args: argparse.Namespace) -> str:
     cfg = model_config(args.base) if args.base is not None else SD15
     convert_lora_file(args.src, args.dst, output_format, cfg, DTYPES[args.dtype])
     return f"{output_format} LoRA"
+
+
+def extract(args: argparse.Namespace) -> str:
+    if args.base is None or args.rank is None:
+        raise WeightsError(f"{args.src}: --extract-lora needs --base (the model SRC was tuned from) and --rank")
+    if Path(args.dst).suffix != ".safetensors" or args.lora or args.ema or args.format not in (None, "kohya"):
+        raise WeightsError(f"{args.dst}: --extract-lora writes one kohya *.safetensors; --lora, --ema and "
+                           "--format single-file/diffusers do not apply")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    tuned = load_pipeline(args.src, device=device, dtype=torch.float32)
+    base = load_pipeline(args.base, device=device, dtype=torch.float32)
+    conv_rank = args.rank if args.conv_rank is None else args.conv_rank
+    fits = write_extracted_lora(args.dst, tuned, base, args.rank, conv_rank, DTYPES[args.dtype])
+    for fit in fits:
+        print(f"{fit.part}.{fit.name}: rank {fit.rank}, kept energy {fit.kept_energy:.6f}, "
+              f"relative error {fit.relative_error:.3g}")
+    worst = max(fits, key=lambda fit: fit.relative_error)
+    print(f"{len(fits)} layers; worst relative error {worst.relative_error:.3g} ({worst.part}.{worst.name}), "
+          f"the least energy kept {min(fit.kept_energy for fit in fits):.6f}")
+    return f"kohya LoRA extracted at rank {args.rank}, conv rank {conv_rank}"

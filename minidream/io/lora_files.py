@@ -1,5 +1,7 @@
 """LoRA files: the kohya/A1111 layout (what ComfyUI and AUTOMATIC1111 map) and the diffusers/PEFT
-layout, both ways, and merging a file into a pipeline's weights.
+layout, both ways, and merging a file into a pipeline's weights. LyCORIS (LoHa, LoKr), DoRA
+(`dora_scale`) and full-diff tensors in the kohya layout are read too (io/adapter_files.py) and
+merged as ComfyUI merges them (models/adapters.py); only plain LoRA files are written.
 
 kohya names a layer by its diffusers module path with every "." as "_" under `lora_unet_` or
 `lora_te_` (`lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q`), with
@@ -43,6 +45,16 @@ from torch import nn
 
 from minidream.config import SD15, ModelConfig, ScheduleConfig, TrainConfig
 from minidream.files import file_sha256
+from minidream.io.adapter_files import (
+    LYCORIS_ROLES,
+    Problem,
+    Roles,
+    kind_of,
+    lycoris_change,
+    merge_change,
+    touched_tensors,
+    with_magnitude,
+)
 from minidream.io.lora_names import (
     DIFFUSERS_PREFIXES,
     KOHYA_PREFIXES,
@@ -63,14 +75,12 @@ from minidream.io.tensor_files import (
     write_safetensors,
 )
 from minidream.models.clip import CLIPTextModel
+from minidream.models.adapters import Change
 from minidream.models.lora import (
     Adapter,
     adapters_of,
     adapters_off,
-    fold_into,
-    layer_weight,
     lora_scale,
-    weight_delta,
 )
 from minidream.models.open_clip_text import OpenCLIPTextModel
 from minidream.models.pipeline import Pipeline
@@ -78,13 +88,13 @@ from minidream.models.unet import UNet
 
 FORMATS = ("kohya", "diffusers")
 # Keys of adapter kinds that are not LoRA, and the one line that names them.
-NOT_LORA = "minidream reads plain LoRA files (lora_down/lora_up or lora_A/lora_B)"
+NOT_LORA = "minidream reads LoRA, LoCon, LoHa, LoKr, DoRA (dora_scale) and full-diff files (docs/lora.md)"
 OTHER_KINDS = [
-    ("hada_", f"a LoHa (LyCORIS) file; {NOT_LORA}"),
-    ("lokr_", f"a LoKr (LyCORIS) file; {NOT_LORA}"),
-    ("dora_scale", f"a DoRA file (dora_scale keys: a learned magnitude); {NOT_LORA}"),
-    ("lora_magnitude_vector", f"a DoRA file (lora_magnitude_vector keys: a learned magnitude); {NOT_LORA}"),
+    ("lora_magnitude_vector", f"a diffusers/PEFT DoRA file (lora_magnitude_vector keys, which ComfyUI does "
+                              f"not read either); {NOT_LORA}"),
     ("lora_mid", f"a LyCORIS LoCon with Tucker-decomposed convs (lora_mid keys); {NOT_LORA}"),
+    ("oft_", f"an OFT/BOFT (LyCORIS) file; {NOT_LORA}"),
+    (".a1.weight", f"a GLoRA (LyCORIS) file; {NOT_LORA}"),
 ]
 # What kohya's sai_model_spec.py records in an SDXL LoRA (ModelSpec, github.com/Stability-AI/ModelSpec).
 SDXL_MODELSPEC = {
@@ -96,16 +106,21 @@ SDXL_MODELSPEC = {
 
 
 class LoRAFile(NamedTuple):
-    """A LoRA file's adapters under minidream's layer names, in minidream's shapes."""
+    """A LoRA file's adapters under minidream's layer names, in minidream's shapes: `Adapter`s
+    (LoRA, LoCon), or for a LyCORIS/DoRA file any of minidream.models.adapters' kinds."""
 
-    unet: dict[str, Adapter]
-    text_encoder: dict[str, Adapter]
+    unet: dict[str, Change]
+    text_encoder: dict[str, Change]
     metadata: dict[str, str]
-    text_encoder_2: dict[str, Adapter] = {}  # SDXL's bigG; the shared empty default is never mutated
+    text_encoder_2: dict[str, Change] = {}  # SDXL's bigG; the shared empty default is never mutated
 
-    def parts(self) -> dict[str, dict[str, Adapter]]:
+    def parts(self) -> dict[str, dict[str, Change]]:
         """The adapters of each model part, by the part's Pipeline attribute name."""
         return {"unet": self.unet, "text_encoder": self.text_encoder, "text_encoder_2": self.text_encoder_2}
+
+    def is_lora(self) -> bool:
+        """Only plain LoRA (and LoCon) adapters: what the kohya and diffusers writers can write."""
+        return all(isinstance(change, Adapter) for part in self.parts().values() for change in part.values())
 
 
 # ---- writing ------------------------------------------------------------------------------------
@@ -261,8 +276,9 @@ def is_lora_file(path: str | Path) -> bool:
 
 
 def read_lora_file(path: str | Path, cfg: ModelConfig = SD15) -> LoRAFile:
-    """The adapters of a kohya (diffusers- or LDM/SAI-style names) or diffusers/PEFT LoRA file for
-    a model of `cfg`. Raises WeightsError, one line naming the file, for anything else."""
+    """The adapters of a kohya (diffusers- or LDM/SAI-style names) or diffusers/PEFT LoRA file, or
+    of a LyCORIS/DoRA/full-diff file in the kohya layout, for a model of `cfg`. Raises
+    WeightsError, one line naming the file, for anything else."""
     path = Path(path)
     if not path.is_file():
         raise WeightsError(f"{path}: no such LoRA file")
@@ -289,7 +305,7 @@ def _parse_kohya(path: Path, tensors: dict[str, torch.Tensor], cfg: ModelConfig)
         for layer in layers[part]:
             for module in file_modules(part, layer, kohya=True):
                 table[prefix + module.replace(".", "_")] = (part, layer.minidream)
-    roles = {".lora_down.weight": "down", ".lora_up.weight": "up", ".alpha": "alpha"}
+    roles = {".lora_down.weight": "down", ".lora_up.weight": "up", ".alpha": "alpha", **LYCORIS_ROLES}
     found, unknown = {}, []
     for key, tensor in tensors.items():
         stem, role = _split_role(key, roles)
@@ -400,22 +416,39 @@ def _adapters(
     missing, misshaped = [], []
     parts = {part: {} for part in layers}
     for (part, name), roles in found.items():
-        if "down" not in roles or "up" not in roles:
-            present = (roles.get("down") or roles.get("up") or roles["alpha"])[0]
-            missing += [f"{present} has no {role}" for role in ("down", "up") if role not in roles]
-            continue
-        (down_key, down), (up_key, up) = roles["down"], roles["up"]
-        down, up = _as_layer(down, shapes[part, name]), _as_layer(up, shapes[part, name])
-        expected_down, expected_up = _adapter_shapes(shapes[part, name], down.shape[0])
-        if down.shape != expected_down or up.shape != expected_up:
-            misshaped.append(f"{down_key} {list(down.shape)} / {up_key} {list(up.shape)}, expected "
-                             f"{list(expected_down)} / {list(expected_up)}")
-            continue
-        alpha = roles["alpha"][1].float().reshape(-1)[0].item() if "alpha" in roles else None
-        parts[part][name] = Adapter(down, up, alpha if alpha else float(down.shape[0]))
+        change = _layer_change(roles, shapes[part, name])
+        if isinstance(change, Problem):
+            (missing if change.missing else misshaped).append(change.message)
+        else:
+            parts[part][name] = change
     if missing or unknown or misshaped:
         raise mismatch(str(path), f"the LoRA layers of this model ({family(cfg)})", missing, unknown, misshaped)
     return parts
+
+
+def _layer_change(roles: Roles, shape: torch.Size) -> Change | Problem:
+    """One layer's adapter from its tensors (any kind, with DoRA's magnitude), or what is wrong."""
+    kind = kind_of(roles)
+    if isinstance(kind, Problem):
+        return kind
+    alpha = roles["alpha"][1].float().reshape(-1)[0].item() if "alpha" in roles else None
+    change = _lora_adapter(roles, shape, alpha) if kind == "LoRA" else lycoris_change(kind, roles, shape, alpha)
+    if "dora_scale" in roles and not isinstance(change, Problem):
+        return with_magnitude(change, roles, shape)
+    return change
+
+
+def _lora_adapter(roles: Roles, shape: torch.Size, alpha: float | None) -> Adapter | Problem:
+    if "down" not in roles or "up" not in roles:
+        present = (roles.get("down") or roles.get("up") or next(iter(roles.values())))[0]
+        return Problem(", ".join(f"{present} has no {role}" for role in ("down", "up") if role not in roles), True)
+    (down_key, down), (up_key, up) = roles["down"], roles["up"]
+    down, up = _as_layer(down, shape), _as_layer(up, shape)
+    expected_down, expected_up = _adapter_shapes(shape, down.shape[0])
+    if down.shape != expected_down or up.shape != expected_up:
+        return Problem(f"{down_key} {list(down.shape)} / {up_key} {list(up.shape)}, expected "
+                       f"{list(expected_down)} / {list(expected_up)}")
+    return Adapter(down, up, alpha if alpha else float(down.shape[0]))
 
 
 def _as_layer(tensor: torch.Tensor, weight_shape: torch.Size) -> torch.Tensor:
@@ -440,13 +473,12 @@ def _adapter_shapes(weight_shape: torch.Size, rank: int) -> tuple[torch.Size, to
 
 @torch.no_grad()
 def merge_lora(pipe: Pipeline, lora: LoRAFile, scale: float = 1.0) -> None:
-    """W += scale * (alpha / rank) * up . down for every adapter, in fp32, rounded once to W's
-    dtype: what ComfyUI and A1111 do when they apply a LoRA at strength `scale`."""
+    """W += scale * (alpha / rank) * up . down for every LoRA adapter, and each LyCORIS/DoRA kind
+    as ComfyUI folds it (minidream.models.adapters), in fp32, rounded once to W's dtype: what
+    ComfyUI and A1111 do when they apply the file at strength `scale`."""
     for model, adapters in _models_and_adapters(pipe, lora):
-        for name, adapter in adapters.items():
-            weight = layer_weight(model, name)
-            down, up = adapter.down.to(weight.device), adapter.up.to(weight.device)
-            fold_into(weight, weight_delta(down, up, scale * lora_scale(adapter.alpha, adapter.rank)))
+        for name, change in adapters.items():
+            merge_change(model, name, change, scale)
 
 
 @contextlib.contextmanager
@@ -454,7 +486,8 @@ def lora_merged(pipe: Pipeline, lora: LoRAFile, scale: float = 1.0) -> Iterator[
     """`pipe` with `lora` merged into its weights as UIs merge it, and any live adapters off, for the
     block (e.g. to render validation grids from the exported file); afterwards every weight is
     restored bit for bit from a host copy of the layers the file touches."""
-    weights = [layer_weight(model, name) for model, adapters in _models_and_adapters(pipe, lora) for name in adapters]
+    weights = [tensor for model, adapters in _models_and_adapters(pipe, lora)
+               for name, change in adapters.items() for tensor in touched_tensors(model, name, change)]
     saved = [weight.detach().to("cpu", copy=True) for weight in weights]
     with contextlib.ExitStack() as live_adapters_off:
         for model in (pipe.unet, *pipe.text_encoders):
@@ -468,7 +501,7 @@ def lora_merged(pipe: Pipeline, lora: LoRAFile, scale: float = 1.0) -> Iterator[
                     weight.copy_(copy)
 
 
-def _models_and_adapters(pipe: Pipeline, lora: LoRAFile) -> list[tuple[nn.Module, dict[str, Adapter]]]:
+def _models_and_adapters(pipe: Pipeline, lora: LoRAFile) -> list[tuple[nn.Module, dict[str, Change]]]:
     """(model, its adapters) for each part the file adapts (read_lora_file checked that `pipe` has it)."""
     return [(getattr(pipe, part), adapters) for part, adapters in lora.parts().items() if adapters]
 
@@ -498,7 +531,10 @@ def apply_lora_file(pipe: Pipeline, path: str | Path, scale: float = 1.0) -> LoR
     """Merge the LoRA file at `path` into `pipe`'s UNet and text encoders' weights at strength
     `scale` (what load_pipeline(loras=...) and convert --lora do); returns what was read."""
     lora = read_lora_file(path, pipe.config)
-    merge_lora(pipe, lora, scale)
+    try:
+        merge_lora(pipe, lora, scale)
+    except ValueError as error:  # a diff_b for a layer without a bias
+        raise WeightsError(f"{path}: {error}") from None
     return lora
 
 
@@ -508,6 +544,9 @@ def convert_lora_file(
     """Rewrite a LoRA file of any readable layout in the kohya or diffusers layout; the source's
     own `ss_*` training metadata is kept in a kohya output."""
     lora = read_lora_file(src, cfg)
+    if not lora.is_lora():
+        raise WeightsError(f"{src}: a LyCORIS/DoRA/full-diff file has no kohya or diffusers LoRA layout to be "
+                           "rewritten in; merge it with convert --lora, or extract a LoRA from the merged model")
     kept = {key: value for key, value in lora.metadata.items() if key.startswith("ss_")} if format == "kohya" else {}
     computed = kohya_metadata(lora, cfg) if format == "kohya" else {}
     write_lora_file(dst, lora, cfg, format, dtype, {key: value for key, value in kept.items() if key not in computed})

@@ -357,6 +357,15 @@ def layer_weight(model: nn.Module, name: str) -> torch.Tensor:
     return model.get_submodule(name).weight
 
 
+def layer_bias(model: nn.Module, name: str) -> torch.Tensor | None:
+    """The bias beside `layer_weight(model, name)`: the layer's, or its part of in_proj_bias; None without one."""
+    parent, _, child = name.rpartition(".")
+    if child in IN_PROJ_SLICES:
+        bias = model.get_submodule(parent).in_proj_bias
+        return bias.chunk(3)[IN_PROJ_SLICES.index(child)] if bias is not None else None
+    return model.get_submodule(name).bias
+
+
 @torch.no_grad()
 def _initialise(layer: LowRankBranch, generator: torch.Generator) -> None:
     down = torch.empty(layer.lora_down.weight.shape, dtype=ADAPTER_DTYPE)  # on the CPU, the generator's device
