@@ -1,7 +1,8 @@
-"""References for the adapter-file tests: ComfyUI's merge of one layer, transcribed from its source
-(comfy/weight_adapter/{lora,loha,lokr,base}.py `calculate_weight` and `weight_decompose`, and the
-"diff" patch of comfy/lora.py, at the commits docs/lora.md names), and random adapter tensors of
-every LyCORIS kind in the shapes the LyCORIS library writes them."""
+"""References for the adapter-file tests: what ComfyUI computes when it merges one layer, restated
+here from its source (comfy/weight_adapter/{lora,loha,lokr}.py and base.py's weight_decompose, the
+"diff" patch of comfy/lora.py, at the commits docs/lora.md names) so that minidream's formulas
+(minidream/models/adapters.py) are checked against an independent statement of them; and random
+adapter tensors of every LyCORIS kind in the shapes the LyCORIS library writes them."""
 
 import torch
 
@@ -9,74 +10,69 @@ import torch
 KINDS = ("lora", "loha", "loha_tucker", "lokr", "lokr_both", "lokr_full", "lokr_tucker", "dora_out", "dora_in",
          "dora_loha", "dora_lokr", "diff")
 TUCKER = {"loha_tucker", "lokr_tucker"}
+# A Tucker core r x r x kh x kw joined with its two factors (rank x out, rank x in) into out x in x kh x kw.
+TUCKER_JOIN = "abhw,bn,am->mnhw"
 
 
 def comfy_merge(weight: torch.Tensor, t: dict[str, torch.Tensor], strength: float,
                 tucker_as_lycoris: bool = True) -> torch.Tensor:
-    """ComfyUI's fp32 merge of one layer's file tensors `t` (keys without the layer's name); a
-    Tucker LoKr (lokr_t2), which ComfyUI cannot apply, as LyCORIS does unless tucker_as_lycoris=False."""
-    w = weight.float().clone()
+    """The layer's fp32 weight after ComfyUI applies the file tensors `t` (keys without the layer's
+    name) at `strength`: W + strength * scale * delta, scale = alpha / (the rank ComfyUI divides by)
+    or 1 without alpha or rank; DoRA rescales W + scale * delta by its magnitude, then strength
+    interpolates from W. A Tucker LoKr (lokr_t2), which ComfyUI cannot apply, is joined as LyCORIS
+    joins it unless tucker_as_lycoris=False (then it fails as ComfyUI does)."""
+    base = weight.float().clone()
     if "diff" in t:
-        return w + strength * t["diff"].float().reshape(w.shape)
-    alpha = t["alpha"].item() if "alpha" in t else None
-    if "lora_up.weight" in t:
-        mat1, mat2 = t["lora_up.weight"].float(), t["lora_down.weight"].float()
-        alpha = alpha / mat2.shape[0] if alpha is not None else 1.0
-        diff = torch.mm(mat1.flatten(start_dim=1), mat2.flatten(start_dim=1)).reshape(w.shape)
-    elif "hada_w1_a" in t:
-        w1a, w1b, w2a, w2b = (t[k].float() for k in ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b"))
-        alpha = alpha / w1b.shape[0] if alpha is not None else 1.0
-        if "hada_t1" in t:
-            m1 = torch.einsum("i j k l, j r, i p -> p r k l", t["hada_t1"].float(), w1b, w1a)
-            m2 = torch.einsum("i j k l, j r, i p -> p r k l", t["hada_t2"].float(), w2b, w2a)
-        else:
-            m1, m2 = torch.mm(w1a, w1b), torch.mm(w2a, w2b)
-        diff = (m1 * m2).reshape(w.shape)
-    else:
-        alpha, diff = _comfy_lokr(t, alpha, w.shape, tucker_as_lycoris)
+        return base + strength * t["diff"].float().reshape(base.shape)
+    delta, rank = _delta_and_rank(t, base.shape, tucker_as_lycoris)
+    scale = t["alpha"].item() / rank if "alpha" in t and rank is not None else 1.0
     if "dora_scale" in t:
-        return _comfy_weight_decompose(t["dora_scale"].float(), w, diff, alpha, strength)
-    return w + (strength * alpha) * diff
+        return _dora(base, scale * delta, t["dora_scale"].float(), strength)
+    return base + strength * scale * delta
 
 
-def _comfy_lokr(t, alpha, shape, tucker_as_lycoris):
-    dim = None
-    if "lokr_w1" in t:
-        w1 = t["lokr_w1"].float()
-    else:
-        dim = t["lokr_w1_b"].shape[0]
-        w1 = torch.mm(t["lokr_w1_a"].float(), t["lokr_w1_b"].float())
-    if "lokr_w2" in t:
-        w2 = t["lokr_w2"].float()
-    else:
-        dim = t["lokr_w2_b"].shape[0]
-        if "lokr_t2" in t:
-            w2 = torch.einsum("i j k l, j r, i p -> p r k l", t["lokr_t2"].float(), t["lokr_w2_b"].float(),
-                              t["lokr_w2_a"].float())
-            if tucker_as_lycoris:  # ComfyUI's kron fails on this non-contiguous w2 (see the test)
-                w2 = w2.contiguous()
+def _delta_and_rank(t: dict[str, torch.Tensor], shape: torch.Size, tucker_as_lycoris: bool):
+    """The unscaled change of the layer's weight, and the rank ComfyUI's scale divides alpha by."""
+    def get(key):
+        return t[key].float()
+
+    if "lora_up.weight" in t:  # up (out x r) times down (r x in...)
+        return (get("lora_up.weight").flatten(1) @ get("lora_down.weight").flatten(1)).reshape(shape), t["lora_down.weight"].shape[0]
+    if "hada_w1_a" in t:  # the Hadamard product of two low-rank products (Hyeon-Woo et al. 2022)
+        halves = [torch.einsum(TUCKER_JOIN, get(f"hada_t{i}"), get(f"hada_w{i}_b"), get(f"hada_w{i}_a"))
+                  if f"hada_t{i}" in t else get(f"hada_w{i}_a") @ get(f"hada_w{i}_b") for i in (1, 2)]
+        return (halves[0] * halves[1]).reshape(shape), t["hada_w1_b"].shape[0]
+    # LoKr: the Kronecker product of two factors, each whole or low-rank; the rank is the factored w2's, else w1's.
+    ranks = {}
+    factors = []
+    for i in (1, 2):
+        if f"lokr_w{i}" in t:
+            factors.append(get(f"lokr_w{i}"))
+            continue
+        ranks[i] = t[f"lokr_w{i}_b"].shape[0]
+        if i == 2 and "lokr_t2" in t:
+            joined = torch.einsum(TUCKER_JOIN, get("lokr_t2"), get("lokr_w2_b"), get("lokr_w2_a"))
+            factors.append(joined.contiguous() if tucker_as_lycoris else joined)  # ComfyUI's kron fails on it
         else:
-            w2 = torch.mm(t["lokr_w2_a"].float(), t["lokr_w2_b"].float())
-    if len(w2.shape) == 4:
-        w1 = w1.unsqueeze(2).unsqueeze(2)
-    alpha = alpha / dim if alpha is not None and dim is not None else 1.0
-    return alpha, torch.kron(w1, w2).reshape(shape)
+            factors.append(get(f"lokr_w{i}_a") @ get(f"lokr_w{i}_b"))
+    first, second = factors
+    if second.ndim == 4:
+        first = first[:, :, None, None]
+    return torch.kron(first, second).reshape(shape), ranks.get(2, ranks.get(1))
 
 
-def _comfy_weight_decompose(dora_scale, weight, lora_diff, alpha, strength):
-    lora_diff = lora_diff * alpha
-    weight_calc = weight + lora_diff
-    if dora_scale.shape[0] == weight_calc.shape[0]:
-        weight_norm = weight.reshape(weight.shape[0], -1).norm(dim=1, keepdim=True).reshape(
-            weight.shape[0], *[1] * (weight.dim() - 1))
+def _dora(base: torch.Tensor, delta: torch.Tensor, magnitude: torch.Tensor, strength: float) -> torch.Tensor:
+    """ComfyUI's weight decomposition (Liu et al. 2024): (W + delta) times magnitude / norm, the norm
+    per output row of the base W when the magnitude has a row per output, else per input column of
+    W + delta; strength s gives W + s * (that - W)."""
+    adapted = base + delta
+    ones = [1] * (base.ndim - 2)
+    if magnitude.shape[0] == adapted.shape[0]:
+        norm = base.flatten(1).norm(dim=1).reshape(-1, 1, *ones)
     else:
-        weight_norm = (weight_calc.transpose(0, 1).reshape(weight_calc.shape[1], -1).norm(dim=1, keepdim=True)
-                       .reshape(weight_calc.shape[1], *[1] * (weight_calc.dim() - 1)).transpose(0, 1))
-    weight_norm = weight_norm + torch.finfo(weight.dtype).eps
-    weight_calc = weight_calc * (dora_scale / weight_norm)
-    if strength != 1.0:
-        return weight + strength * (weight_calc - weight)
-    return weight_calc
+        norm = adapted.transpose(0, 1).flatten(1).norm(dim=1).reshape(1, -1, *ones)
+    decomposed = adapted * (magnitude / (norm + torch.finfo(base.dtype).eps))
+    return decomposed if strength == 1.0 else base + strength * (decomposed - base)
 
 
 def split(n: int) -> tuple[int, int]:
