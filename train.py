@@ -64,6 +64,7 @@ from minidream.training.schedule_free import evaluation_weights, restore_trainin
 from minidream.training.signals import StopRequest
 from minidream.training.step import lr_factor, optimizer_step
 from minidream.training.subjects import Subject
+from minidream.training.wandb_log import wandb_log
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent / "configs" / "tiny.yaml"
 
@@ -425,7 +426,7 @@ def train(cfg: TrainConfig, env: Distributed, resume_hint: str) -> int:
     if resumed_from is not None:
         restore_training_weights(optimizer)  # schedule-free: its checkpoints hold the evaluation weights
         log(env, f"resumed from {resumed_from} at step {state.step}")
-    metrics = MetricsLog(run_dir, cfg.run.tensorboard) if env.is_main else None
+    metrics = MetricsLog(run_dir, cfg.run.tensorboard, wandb_log(cfg, run_dir)) if env.is_main else None
     subject_names = data.plan.subjects if cfg.data.subjects else ()
     if env.is_main:  # only now: a refused resume leaves the run directory as it was
         save_config(cfg, run_dir / "config.yaml")

@@ -377,6 +377,9 @@ class RunSection:
     output_dir: str = "runs/dreambooth"
     resume: str = "none"  # "none" | "latest" (the newest intact checkpoint; an error when there is none) | "auto" (the same, or a fresh start) | a checkpoint folder
     tensorboard: bool = False
+    wandb: bool = False  # Weights & Biases (pip install wandb): the config, metrics, grids and scores; WANDB_MODE=offline works
+    wandb_project: str = "minidream"
+    wandb_name: str | None = None  # the W&B run's display name; None = the run folder's name
     log_every_n_steps: int = 10  # how often the host reads losses back from the GPU (metrics keep every step)
     export_dtype: FilePrecision = "fp16"  # dtype of the exported model.safetensors
     export_ema: ExportEMA = "ema"  # with train.ema_decay: "ema" exports the EMA; "both": raw + the UNet's EMA as model_ema.*

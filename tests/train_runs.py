@@ -44,6 +44,7 @@ SUBJECTS = (
     *BUCKET_OPTIONS, subjects_override("<data>"), "data.caption_template=a photo of {identifier} {class}",
     "data.caption_dropout=0.5", "data.masks=true", "data.random_flip=true", "data.center_crop=false",
 )
+PRODIGY = ("train.optimizer=prodigy", "train.lr=1.0")  # Prodigy's own lr: d, not lr, sets the step size
 TEXT_ENCODER_EMA = ("train.train_text_encoder=true", "train.ema_decay=0.9")
 SETUPS = {
     "single": Setup(1, ("train.batch_size=2",)),
@@ -69,6 +70,14 @@ SETUPS = {
     "fsdp-subjects": Setup(2, ("train.batch_size=1", *SUBJECTS, "train.sharding=fsdp")),  # issues 16 + 19 together
     "fsdp-accumulate": Setup(2, ("train.batch_size=1", "train.gradient_accumulation_steps=2", "train.gradient_checkpointing=true",
                                  "train.sharding=fsdp")),
+    # Issue 31: the optimizers beyond AdamW (tests/test_resume.py, tests/test_optimizer_choices.py); schedule-free
+    # with a validation grid (its evaluation weights swapped in and out) after every step.
+    "prodigy": Setup(1, ("train.batch_size=2", *PRODIGY)),
+    "torchrun-prodigy": Setup(2, ("train.batch_size=1", *PRODIGY)),
+    "lion": Setup(1, ("train.batch_size=2", "train.optimizer=lion")),
+    "adafactor": Setup(1, ("train.batch_size=2", "train.optimizer=adafactor", "train.lr=1e-3")),
+    "schedulefree-validated": Setup(1, ("train.batch_size=2", "train.optimizer=adamw-schedulefree", "train.lr=1e-3",
+                                        "validation.prompts=[a photo of sks toy]", "validation.every_n_steps=1", "validation.steps=2")),
     # Elastic (tests/test_elastic.py): the fsdp run above under torchrun --max-restarts=1.
     "elastic-fsdp": Setup(2, ("train.batch_size=1", *TEXT_ENCODER_EMA, "train.sharding=fsdp"), restarts=1),
 }

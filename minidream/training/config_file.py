@@ -177,9 +177,9 @@ def check_combinations(config: TrainConfig) -> None:
         raise ConfigError(f"validation.karras: {error}") from None
     if config.data.bucket_step % 8:
         raise ConfigError(f"data.bucket_step={config.data.bucket_step} must be a multiple of 8 (the VAE's downsampling)")
+    check_optimizer(config)
     if train.sharding == "fsdp" and not lora.rank:  # LoRA adapters are replicated under fsdp (training/sharding.py)
         check_fsdp(config)
-    check_optimizer(config)
     subjects_of(config)  # data.subjects: each entry complete, none a twin of another
 
 
