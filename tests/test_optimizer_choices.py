@@ -169,6 +169,15 @@ def test_combinations_that_cannot_work_are_refused_in_one_line(overrides, messag
     assert message in str(error.value) and "\n" not in str(error.value)
 
 
+def test_prodigy_at_an_adamw_learning_rate_gets_a_note():
+    notes = []
+    load_train_config(None, ["train.optimizer=prodigy", "train.lr=1e-4"], say=notes.append)
+    assert notes == ["note: train.optimizer=prodigy with train.lr=0.0001: Prodigy estimates its own step size and "
+                     "train.lr multiplies it; use train.lr=1.0 and tune train.prodigy_d_coef"]
+    load_train_config(None, ["train.optimizer=prodigy", "train.lr=1.0"], say=notes.append)
+    assert len(notes) == 1
+
+
 def test_a_missing_package_is_named_before_any_model_loads(tmp_path, training_data, monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "prodigyopt", None)  # `import prodigyopt` raises ImportError
     monkeypatch.setattr(train, "load_models", lambda *args: pytest.fail("a model loaded"))

@@ -93,3 +93,13 @@ def test_without_run_wandb_nothing_imports_wandb(tmp_path, training_data):
     result = subprocess.run([sys.executable, "-c", check, *args], capture_output=True, text=True, env=ENVIRONMENT,
                             cwd=TRAIN.parent, timeout=RUN_TIMEOUT_S)
     assert result.returncode == 0, output(result)
+
+
+def test_a_wandb_that_cannot_start_is_one_line(tmp_path, training_data):
+    environment = ENVIRONMENT | {"WANDB_MODE": "online", "WANDB_API_KEY": "", "WANDB_CONFIG_DIR": str(tmp_path / "config"),
+                                 "NETRC": str(tmp_path / "netrc")}  # no key from the machine
+    args = train_args(tmp_path / "run", training_data, ("train.max_steps=1", "run.wandb=true"))
+    result = subprocess.run([sys.executable, str(TRAIN), *args], capture_output=True, text=True, env=environment, timeout=RUN_TIMEOUT_S)
+    assert result.returncode == 2
+    assert result.stderr.splitlines()[-1] == ("error: run.wandb=true: No API key configured. Use `wandb login` to log in. "
+                                              "(or set WANDB_MODE=offline)")

@@ -85,10 +85,20 @@ def load_train_config(
         config = apply_override(config, override)
     check_values(config)
     config = with_instance_dir(config)
-    note = example_prompts_note(data, overrides, config)
-    if note is not None:
-        say(note)
+    for note in (example_prompts_note(data, overrides, config), prodigy_lr_note(config)):
+        if note is not None:
+            say(note)
     return config
+
+
+def prodigy_lr_note(config: TrainConfig) -> str | None:
+    """Prodigy estimates the step size itself and train.lr multiplies it: an AdamW-sized lr all but
+    stops training. kohya warns below 0.1 as well (train_util.get_optimizer)."""
+    train = config.train
+    if train.optimizer == "prodigy" and train.lr < 0.1:
+        return (f"note: train.optimizer=prodigy with train.lr={train.lr}: Prodigy estimates its own step size and "
+                "train.lr multiplies it; use train.lr=1.0 and tune train.prodigy_d_coef")
+    return None
 
 
 def example_prompts_note(preset: dict, overrides: list[str], config: TrainConfig) -> str | None:

@@ -18,7 +18,7 @@ import secrets
 import warnings
 from pathlib import Path
 
-from minidream.config import TrainConfig, to_dict
+from minidream.config import ConfigError, TrainConfig, to_dict
 from minidream.files import atomic_file
 
 RUN_ID_FILE = "wandb-run-id"
@@ -32,10 +32,13 @@ class WandbLog:
         if not id_file.exists():
             with atomic_file(id_file) as tmp:
                 tmp.write_text(secrets.token_hex(4) + "\n")  # W&B run ids: 8 characters of [a-z0-9], as its own
-        self.run = wandb.init(
-            project=cfg.run.wandb_project, name=cfg.run.wandb_name or Path(run_dir).name, id=id_file.read_text().strip(),
-            resume="allow", config=to_dict(cfg), dir=str(run_dir),
-        )
+        try:
+            self.run = wandb.init(
+                project=cfg.run.wandb_project, name=cfg.run.wandb_name or Path(run_dir).name, id=id_file.read_text().strip(),
+                resume="allow", config=to_dict(cfg), dir=str(run_dir),
+            )
+        except wandb.Error as error:  # e.g. "No API key configured. Use `wandb login` to log in."
+            raise ConfigError(f"run.wandb=true: {error} (or set WANDB_MODE=offline)") from None
         self.logged = set(self.grids())  # a resumed run's earlier grids went to W&B before it stopped
 
     def grids(self) -> dict[str, tuple[int, str]]:
