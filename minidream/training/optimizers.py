@@ -7,7 +7,7 @@ Memory per trained parameter beyond the fp32 weights (4 bytes), by arithmetic:
   adamw8bit + fused_backward two 8-bit moments 2                    ~  2 bytes
   prodigy                    gradient 4 + two moments, s, the start weights p0 16 = 20 bytes
   lion                       gradient 4 + one momentum 4            =  8 bytes
-  adamw-schedulefree         gradient 4 + z 4 + second moment 4     = 12 bytes
+  adamw-schedulefree         gradient 4 + z 4 + second moment 4     = 12 bytes (+4 during its for-each step)
   adafactor                  gradient 4 + row and column statistics ~  4 bytes (a 1-d tensor keeps a full one)
 What bench/optimizer_memory.py measures is in BENCHMARKS.md, "Optimizer memory".
 """
@@ -51,9 +51,10 @@ def make_optimizer(param_groups: list[dict], train: TrainSection) -> torch.optim
 
     "adamw": torch's fused AdamW (Loshchilov & Hutter 2019), one kernel for all weights, that can
     skip a step on the device (training.step.step_unless). Every other optimizer skips a
-    non-finite step by reading the flag on the host, once per step; Prodigy also reads its sums
-    per parameter inside step(). "adamw8bit": the moments in 8 bits per 256-value block (tensors
-    under 4096 values keep fp32 moments), the optional dependency of diffusers' `--use_8bit_adam`.
+    non-finite step by reading the flag on the host, once per step; Prodigy and torch's Adafactor
+    also read values per parameter inside step() (docs/training.md, Optimizers: host reads).
+    "adamw8bit": the moments in 8 bits per 256-value block (tensors under 4096 values keep fp32
+    moments), the optional dependency of diffusers' `--use_8bit_adam`.
     "adamw-schedulefree" is returned in its train mode (the library starts in eval mode and
     refuses to step there); training.schedule_free swaps in its evaluation weights.
     """
@@ -80,7 +81,7 @@ class FusedBackward:
     - DDP (its all-reduce lands after the hook has stepped on the local gradient);
     - fp16 GradScaler (its unscale and overflow check are per optimizer step).
     A parameter whose gradient is not finite is not stepped (fused AdamW: decided on the device;
-    adamw8bit: the host reads each parameter's flag); the others of that backward are.
+    any other: the host reads each parameter's flag); the rest of that backward are.
     `state_dict()` / `load_state_dict()` and `param_groups` make it checkpoint like an optimizer.
     """
 
