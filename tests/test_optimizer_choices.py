@@ -185,17 +185,23 @@ def test_a_missing_package_is_named_before_any_model_loads(tmp_path, training_da
     assert capsys.readouterr().err == "error: train.optimizer=prodigy needs the prodigyopt package: pip install prodigyopt\n"
 
 
-def test_two_ranks_train_what_one_process_does_with_prodigy(uninterrupted):
-    """Prodigy's step size d sums over every weight: under DDP each rank sums the same all-reduced
-    gradients, so 2 ranks x batch 1 equal 1 process x batch 2 up to the order of fp32 sums."""
+@pytest.mark.parametrize("setup", ["prodigy", "schedulefree-validated"])
+def test_two_ranks_train_what_one_process_does(setup, uninterrupted):
+    """2 ranks x batch 1 equal 1 process x batch 2 up to the order of fp32 sums. Prodigy: its step
+    size d sums over every weight, and each rank sums the same all-reduced gradients. Schedule-free:
+    rank 0 alone swaps its evaluation weights in and out for a grid after every step, and the
+    ranks stay in step."""
     def unet(run_dir):
         return {k: v for k, v in exported_weights(run_dir).items() if k.startswith(UNET)}
 
-    single, ranks = unet(uninterrupted("prodigy")), unet(uninterrupted("torchrun-prodigy"))
+    single, ranks = unet(uninterrupted(setup)), unet(uninterrupted(f"torchrun-{setup}"))
     initial = {UNET + k: v for k, v in random_pipeline(TINY, seed=0).unet.state_dict().items()}
     difference, moved = max_difference_of(single, ranks), max_difference_of(single, initial)
-    # Measured after 8 steps: 1.5e-8 apart, against 6.1e-6 moved (d starts at d0 = 1e-6).
-    assert difference <= 1e-6 and difference <= 1e-2 * moved
+    # Measured after 8 steps: prodigy 1.5e-8 apart against 6.1e-6 moved (d starts at d0 = 1e-6);
+    # schedule-free 1.65e-5 against 6.0e-3 moved, as without the grids, and as plain AdamW at the same
+    # lr 1e-3 (1.65e-5): Adam's g / (sqrt(v) + eps) magnifies the last bits of near-zero gradients
+    # (tests/test_train_distributed.py).
+    assert difference <= 1e-2 * moved
 
 
 @pytest.mark.parametrize("name, lr", [("lion", 1e-4), ("prodigy", 1.0)])
