@@ -185,7 +185,7 @@ def test_a_missing_package_is_named_before_any_model_loads(tmp_path, training_da
     assert capsys.readouterr().err == "error: train.optimizer=prodigy needs the prodigyopt package: pip install prodigyopt\n"
 
 
-@pytest.mark.parametrize("setup", ["prodigy", "schedulefree-validated"])
+@pytest.mark.parametrize("setup", ["prodigy", "schedulefree-validated", "adafactor", "lion"])
 def test_two_ranks_train_what_one_process_does(setup, uninterrupted):
     """2 ranks x batch 1 equal 1 process x batch 2 up to the order of fp32 sums. Prodigy: its step
     size d sums over every weight, and each rank sums the same all-reduced gradients. Schedule-free:
@@ -197,10 +197,17 @@ def test_two_ranks_train_what_one_process_does(setup, uninterrupted):
     single, ranks = unet(uninterrupted(setup)), unet(uninterrupted(f"torchrun-{setup}"))
     initial = {UNET + k: v for k, v in random_pipeline(TINY, seed=0).unet.state_dict().items()}
     difference, moved = max_difference_of(single, ranks), max_difference_of(single, initial)
-    # Measured after 8 steps: prodigy 1.5e-8 apart against 6.1e-6 moved (d starts at d0 = 1e-6);
-    # schedule-free 1.65e-5 against 6.0e-3 moved, as without the grids, and as plain AdamW at the same
-    # lr 1e-3 (1.65e-5): Adam's g / (sqrt(v) + eps) magnifies the last bits of near-zero gradients
-    # (tests/test_train_distributed.py).
+    differing = sum(((single[k] - ranks[k]).abs() > 1e-6).sum().item() for k in single) / sum(v.numel() for v in single.values())
+    if setup == "lion":
+        # Lion steps by lr * sign(momentum): where fp32 sums in another order flip the sign of a
+        # momentum near zero, the weight moves 2 lr apart. Measured after 8 steps at lr 1e-4: 0.028%
+        # of the weights differ by more than 1e-6, by at most 2.0e-4 (one flipped step); 6.1e-4 moved.
+        assert differing <= 1e-3 and difference <= 4 * 1e-4 + 1e-6
+        return
+    # Measured after 8 steps (apart, moved): prodigy 1.5e-8, 6.1e-6 (d starts at d0 = 1e-6);
+    # adafactor 1.4e-7, 7.9e-3; schedule-free 1.65e-5, 6.0e-3, as without the grids and as plain
+    # AdamW at the same lr 1e-3 (1.65e-5): Adam's g / (sqrt(v) + eps) magnifies the last bits of
+    # near-zero gradients (tests/test_train_distributed.py).
     assert difference <= 1e-2 * moved
 
 

@@ -77,7 +77,9 @@ SETUPS = {
     "prodigy": Setup(1, ("train.batch_size=2", *PRODIGY)),
     "torchrun-prodigy": Setup(2, ("train.batch_size=1", *PRODIGY)),
     "lion": Setup(1, ("train.batch_size=2", "train.optimizer=lion")),
+    "torchrun-lion": Setup(2, ("train.batch_size=1", "train.optimizer=lion")),
     "adafactor": Setup(1, ("train.batch_size=2", "train.optimizer=adafactor", "train.lr=1e-3")),
+    "torchrun-adafactor": Setup(2, ("train.batch_size=1", "train.optimizer=adafactor", "train.lr=1e-3")),
     "schedulefree-validated": Setup(1, ("train.batch_size=2", *SCHEDULE_FREE_VALIDATED)),
     "torchrun-schedulefree-validated": Setup(2, ("train.batch_size=1", *SCHEDULE_FREE_VALIDATED)),
     # Elastic (tests/test_elastic.py): the fsdp run above under torchrun --max-restarts=1.
