@@ -50,7 +50,9 @@ def history_rows(records) -> dict[int, dict]:
 
 
 def run_train(run_dir, data, *overrides):
-    environment = ENVIRONMENT | {"WANDB_MODE": "offline", "WANDB_SILENT": "true"}
+    # W&B's own settings and caches in the test's folder, not the home directory.
+    environment = ENVIRONMENT | {"WANDB_MODE": "offline", "WANDB_SILENT": "true"} | {
+        name: str(run_dir.parent / name.lower()) for name in ("WANDB_CONFIG_DIR", "WANDB_CACHE_DIR", "WANDB_DATA_DIR")}
     result = subprocess.run([sys.executable, str(TRAIN), *train_args(run_dir, data, overrides)], capture_output=True, text=True,
                             env=environment, timeout=RUN_TIMEOUT_S)
     assert result.returncode == 0, output(result)
