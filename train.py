@@ -58,11 +58,13 @@ from minidream.training.distributed import (
 )
 from minidream.training.ema import EMA
 from minidream.training.metrics import MetricsLog, PendingSteps
-from minidream.training.optimizers import FusedBackward, OptimizerError, make_optimizer
+from minidream.training.optimizers import OptimizerError, build_optimizer, optimizer_class
 from minidream.training.recipe import Recipe, draw_noise, noisy_latents_and_target, recipe_loss
+from minidream.training.schedule_free import evaluation_weights, restore_training_weights
 from minidream.training.signals import StopRequest
 from minidream.training.step import lr_factor, optimizer_step
 from minidream.training.subjects import Subject
+from minidream.training.wandb_log import wandb_log
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent / "configs" / "tiny.yaml"
 
@@ -243,19 +245,6 @@ def distribute(
     return wrapped["unet"], text_encoders, list(wrapped.values()) if env.world_size > 1 else [], groups
 
 
-def build_optimizer(groups: list[dict], tcfg) -> tuple[torch.optim.Optimizer | FusedBackward, torch.optim.lr_scheduler.LRScheduler | None]:
-    """train.optimizer over the groups and its LR schedule. fused_backward: the optimizer steps
-    inside backward, one weight at a time, its LR set per step (no scheduler)."""
-    def build(param_groups):
-        return make_optimizer(param_groups, tcfg.optimizer, (tcfg.adam_beta1, tcfg.adam_beta2), tcfg.adam_eps, tcfg.weight_decay)
-
-    if tcfg.fused_backward:
-        return FusedBackward(groups, build), None
-    optimizer = build(groups)
-    return optimizer, torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: lr_factor(s, tcfg.lr_schedule, tcfg.warmup_steps, tcfg.max_steps))
-
-
 @contextlib.contextmanager
 def weights_as_exported(cfg: TrainConfig, pipe: Pipeline, ema: EMA | None, run_dir: Path, kohya: dict[str, str]):
     """`pipe` holding the weights the run exports, for the block: the EMA's (run.export_ema=ema)
@@ -407,6 +396,7 @@ def train(cfg: TrainConfig, env: Distributed, resume_hint: str) -> int:
     run_dir = checkpointer.run_dir
     data = DreamBoothData.scan(cfg, env)
     check_eval_models(cfg)
+    optimizer_class(tcfg.optimizer)  # a missing optional package is named now
 
     # 2. Models: what trains (the UNet, or its LoRA adapters; optionally the text encoder) keeps
     #    fp32 master weights; the frozen parts run in the AMP dtype.
@@ -435,8 +425,9 @@ def train(cfg: TrainConfig, env: Distributed, resume_hint: str) -> int:
     )
     resumed_from = checkpointer.load(state)
     if resumed_from is not None:
+        restore_training_weights(optimizer)  # schedule-free: its checkpoints hold the evaluation weights
         log(env, f"resumed from {resumed_from} at step {state.step}")
-    metrics = MetricsLog(run_dir, cfg.run.tensorboard) if env.is_main else None
+    metrics = MetricsLog(run_dir, cfg.run.tensorboard, wandb_log(cfg, run_dir)) if env.is_main else None
     subject_names = data.plan.subjects if cfg.data.subjects else ()
     if env.is_main:  # only now: a refused resume leaves the run directory as it was
         save_config(cfg, run_dir / "config.yaml")
@@ -486,7 +477,8 @@ def train(cfg: TrainConfig, env: Distributed, resume_hint: str) -> int:
             records = pending.read()  # the host waits for the GPU here, and only here
             samples_per_s, window_samples = window_samples / (time.perf_counter() - window_started), 0
             if evaluating:  # the scores join the step's record (and TensorBoard)
-                records[-1].update(evaluate_subjects(cfg, env, pipe, ema, amp, amp_dtype, data.subjects))
+                with evaluation_weights(optimizer):
+                    records[-1].update(evaluate_subjects(cfg, env, pipe, ema, amp, amp_dtype, data.subjects))
             for record in records:
                 # fp16 gradient overflow skips a step too, but only non-finite losses count towards stopping.
                 state.nonfinite_run = 0 if math.isfinite(record["loss"]) else state.nonfinite_run + 1
@@ -503,14 +495,15 @@ def train(cfg: TrainConfig, env: Distributed, resume_hint: str) -> int:
             stop_now = any_rank(stop.requested, env.device)
             if stop_now or checkpointer.due(step, tcfg.max_steps):
                 try:
-                    saved = checkpointer.save(state)
+                    with evaluation_weights(optimizer):
+                        saved = checkpointer.save(state)
                 except CheckpointError as error:  # the previous checkpoint is intact: say how to continue from it
                     raise CheckpointError(f"{error}; to continue: {resume_hint}") from None
                 if env.is_main:
                     bar.write(f"checkpoint: {saved}")
             window_started = time.perf_counter()  # checkpoints are not training time
         if (env.is_main or fsdp) and val_prompts and (step % cfg.validation.every_n_steps == 0 or step == tcfg.max_steps):
-            with weights_as_exported(cfg, pipe, ema, run_dir, kohya):
+            with evaluation_weights(optimizer), weights_as_exported(cfg, pipe, ema, run_dir, kohya):
                 save_validation_grid(cfg, pipe, run_dir, step, amp, val_prompts, data.sizes, write=env.is_main)
             window_started = time.perf_counter()
         if stop_now:
@@ -534,7 +527,8 @@ def train(cfg: TrainConfig, env: Distributed, resume_hint: str) -> int:
         log(env, f"not exporting: {broken} holds non-finite values (the run diverged, or resumed from a damaged "
             "checkpoint); resume from an earlier checkpoint with a lower train.lr")
         return 1
-    exported = export(cfg, env, pipe, trained, ema, run_dir, kohya, fsdp)
+    with evaluation_weights(optimizer):
+        exported = export(cfg, env, pipe, trained, ema, run_dir, kohya, fsdp)
     log(env, done_message(cfg, run_dir, exported, data.subjects[0].instance_prompt, bool(val_prompts)))
     barrier()
     return 0

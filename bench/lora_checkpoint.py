@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from minidream.config import UNetConfig
+from minidream.config import TrainSection, UNetConfig
 from minidream.models.lora import adapted_layers, add_lora, train_adapters_only
 from minidream.models.unet import UNet
 from minidream.training.checkpoint import TrainerState, capture_rng, save_checkpoint
@@ -62,7 +62,7 @@ def adapted_unet_on_meta(cfg: UNetConfig, targets: str, rank: int, seed: int) ->
 def lora_checkpoint(run_dir: Path, cfg: UNetConfig, targets: str, rank: int, seed: int = 0) -> CheckpointSizes:
     """Write the checkpoint of step 1 of a UNet LoRA run into run_dir, as train.py does; its sizes."""
     unet, adapters = adapted_unet_on_meta(cfg, targets, rank, seed)
-    optimizer = make_optimizer([{"params": adapters, "lr": LR}], "adamw", (0.9, 0.999), 1e-8, 1e-2)
+    optimizer = make_optimizer([{"params": adapters, "lr": LR}], TrainSection())  # train.py's defaults: fused AdamW
     generator = torch.Generator().manual_seed(seed + 1)
     for param in adapters:
         param.grad = torch.randn(param.shape, generator=generator)

@@ -9,6 +9,7 @@ activations are a few MB, and reports the bytes per parameter beyond the fp32 we
 Each option runs in a process of its own. The activation peak is measured the same way with
 the weights frozen (only the input requires a gradient). The last column multiplies by SD 1.5's
 859.5M UNet parameters. On CUDA it reports torch.cuda.max_memory_allocated instead of RSS.
+Optimizers whose package is missing get a row saying what to install.
 (bitsandbytes' CPU 8-bit step dequantizes a tensor at a time into fp32 temporaries, which its
 CUDA kernel does not, so on the CPU the 8-bit rows include the largest tensor's temporaries.)
 """
@@ -24,7 +25,7 @@ import torch.nn.functional as F
 
 from bench.common import command, machine, versions
 from bench.memory import REPO_ROOT, proc_status_mb
-from minidream.config import SD15
+from minidream.config import SD15, TrainSection
 from minidream.models.unet import UNet
 from minidream.training.optimizers import FusedBackward, OptimizerError, make_optimizer
 
@@ -37,6 +38,12 @@ OPTIONS = [
     ("adamw + fused_backward", "adamw", True),
     ("adamw8bit", "adamw8bit", False),
     ("adamw8bit + fused_backward", "adamw8bit", True),
+    ("prodigy", "prodigy", False),
+    ("lion", "lion", False),
+    ("lion + fused_backward", "lion", True),
+    ("adamw-schedulefree", "adamw-schedulefree", False),
+    ("adafactor", "adafactor", False),
+    ("adafactor + fused_backward", "adafactor", True),
 ]
 
 
@@ -57,7 +64,7 @@ def measure(option: str, channels: int, latent: int, device: torch.device) -> di
     baseline = torch.cuda.memory_allocated(device) if device.type == "cuda" else proc_status_mb("VmRSS") * 2**20
 
     def make(groups):
-        return make_optimizer(groups, optimizer_name, (0.9, 0.999), 1e-8, 1e-2)
+        return make_optimizer(groups, TrainSection(optimizer=optimizer_name))  # train.py's default settings
 
     groups = [{"params": params, "lr": 1e-6}]
     if optimizer_name is None:

@@ -26,7 +26,7 @@ Device = Literal["auto", "cpu", "cuda"]
 ExportEMA = Literal["ema", "raw", "both"]
 Loss = Literal["mse", "huber", "smooth_l1"]  # computed in diffusion/loss_weighting.py
 HuberSchedule = Literal["constant", "exponential", "snr"]
-Optimizer = Literal["adamw", "adamw8bit"]  # built in training/optimizers.py
+Optimizer = Literal["adamw", "adamw8bit", "prodigy", "lion", "adamw-schedulefree", "adafactor"]  # built in training/optimizers.py
 Sharding = Literal["ddp", "fsdp"]
 LoRATargets = Literal["attention", "transformer", "all"]  # UNet layers adapted, models/lora.py
 
@@ -321,11 +321,38 @@ class TrainSection:
     ema_warmup: bool = True  # decay min(ema_decay, (1 + n) / (10 + n)) after n updates
     ema_every: int = 1  # update the EMA every this many optimizer steps
     prediction_type: PredictionType | None = None  # None = the model's; "v_prediction" trains (and exports) a v-prediction model
-    optimizer: Optimizer = "adamw"  # "adamw": torch's fused AdamW; "adamw8bit" needs bitsandbytes
+    optimizer: Optimizer = "adamw"  # "adamw": torch's fused AdamW; the others need their package (docs/training.md, Optimizers)
+    # prodigy (prodigyopt), at train.lr=1.0; it also takes adam_beta1/2, adam_eps and weight_decay. The defaults are
+    # diffusers' advanced DreamBooth script's and Prodigy's README ("Diffusion models"): bias correction and safeguard warmup on.
+    prodigy_d_coef: float = 1.0  # multiplies Prodigy's estimated step size d: tune this, not train.lr
+    prodigy_use_bias_correction: bool = True
+    prodigy_safeguard_warmup: bool = True
+    # lion (lion-pytorch): Chen et al. 2023's (and the library's) betas; lr 3-10x below AdamW's, weight decay 3-10x above.
+    lion_beta1: float = 0.9
+    lion_beta2: float = 0.99
+    # adafactor (torch.optim.Adafactor; Shazeer & Stern 2018): torch's defaults. It has no first moment.
+    adafactor_beta2_decay: float = -0.8  # the second moment's decay rate is 1 - step^beta2_decay
+    adafactor_d: float = 1.0  # the update's RMS is clipped to this
     fused_backward: bool = False  # step each weight inside backward and free its gradient (one process, no clipping/accumulation)
     sharding: Sharding = "ddp"  # "ddp": each rank holds all trained weights; "fsdp" (FSDP2): 1/N of them, sharded checkpoints
     collective_timeout_s: float = 600.0  # a collective waiting longer (a rank stopped answering) ends the job, naming the rank
 
+
+
+def optimizer_settings(train: TrainSection) -> dict:
+    """The keyword settings train.optimizer is built with (training/optimizers.py), besides its
+    parameter groups; kohya's ss_optimizer metadata records the same (io/lora_files.py)."""
+    adam = {"weight_decay": train.weight_decay, "betas": (train.adam_beta1, train.adam_beta2), "eps": train.adam_eps}
+    if train.optimizer in ("adamw", "adamw8bit", "adamw-schedulefree"):
+        return adam  # schedule-free's own warmup_steps stays 0: train.warmup_steps ramps its lr (the same arithmetic)
+    if train.optimizer == "prodigy":
+        return adam | {"d_coef": train.prodigy_d_coef, "use_bias_correction": train.prodigy_use_bias_correction,
+                       "safeguard_warmup": train.prodigy_safeguard_warmup}
+    if train.optimizer == "lion":
+        return {"weight_decay": train.weight_decay, "betas": (train.lion_beta1, train.lion_beta2)}
+    if train.optimizer == "adafactor":
+        return {"weight_decay": train.weight_decay, "beta2_decay": train.adafactor_beta2_decay, "d": train.adafactor_d}
+    raise ValueError(f"unknown train.optimizer {train.optimizer!r}; choose one of {', '.join(OPTIMIZERS)}")
 
 @dataclass(frozen=True)
 class LoRASection:
@@ -350,6 +377,9 @@ class RunSection:
     output_dir: str = "runs/dreambooth"
     resume: str = "none"  # "none" | "latest" (the newest intact checkpoint; an error when there is none) | "auto" (the same, or a fresh start) | a checkpoint folder
     tensorboard: bool = False
+    wandb: bool = False  # Weights & Biases (pip install wandb): the config, metrics, grids and scores; WANDB_MODE=offline works
+    wandb_project: str = "minidream"
+    wandb_name: str | None = None  # the W&B run's display name; None = the run folder's name
     log_every_n_steps: int = 10  # how often the host reads losses back from the GPU (metrics keep every step)
     export_dtype: FilePrecision = "fp16"  # dtype of the exported model.safetensors
     export_ema: ExportEMA = "ema"  # with train.ema_decay: "ema" exports the EMA; "both": raw + the UNet's EMA as model_ema.*

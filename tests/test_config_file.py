@@ -174,7 +174,7 @@ def test_every_choice_is_its_fields_literal():
 
 
 def test_a_name_outside_its_choices_in_a_file_names_the_file_and_key(tmp_path):
-    with pytest.raises(ConfigError, match=r"c.yaml: train.optimizer='sgd' is not one of adamw, adamw8bit$"):
+    with pytest.raises(ConfigError, match=r"c.yaml: train.optimizer='sgd' is not one of adamw, adamw8bit, prodigy, lion, adamw-schedulefree, adafactor$"):
         load_train_config(write(tmp_path, "train:\n  optimizer: sgd\n"), [])
     with pytest.raises(ConfigError, match=r"c.yaml: data.subjects\[0\].repeats: expected int, got 'two'$"):
         load_train_config(write(tmp_path, "data:\n  subjects:\n  - {instance_dir: a, instance_prompt: b, repeats: two}\n"), [])

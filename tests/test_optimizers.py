@@ -6,9 +6,8 @@ import pytest
 import torch
 from torch import nn
 
+from minidream.config import TrainSection
 from minidream.training.optimizers import FusedBackward, OptimizerError, make_optimizer
-
-BETAS, EPS, WD = (0.9, 0.999), 1e-8, 1e-2
 
 
 def model() -> nn.Module:
@@ -27,11 +26,11 @@ def batch(step: int) -> torch.Tensor:
 
 
 def adamw(param_groups):
-    return make_optimizer(param_groups, "adamw", BETAS, EPS, WD)
+    return make_optimizer(param_groups, TrainSection())
 
 
 def test_adamw_is_torchs_fused_adamw_with_the_settings():
-    opt = make_optimizer(groups(model()), "adamw", (0.8, 0.99), 1e-6, 0.1)
+    opt = make_optimizer(groups(model()), TrainSection(adam_beta1=0.8, adam_beta2=0.99, adam_eps=1e-6, weight_decay=0.1))
     assert isinstance(opt, torch.optim.AdamW) and opt.defaults["fused"]
     assert [g["lr"] for g in opt.param_groups] == [1e-2, 3e-3]
     assert opt.defaults["betas"] == (0.8, 0.99) and opt.defaults["eps"] == 1e-6 and opt.defaults["weight_decay"] == 0.1
@@ -40,13 +39,13 @@ def test_adamw_is_torchs_fused_adamw_with_the_settings():
 def test_adamw8bit_without_bitsandbytes_says_what_to_install(monkeypatch):
     monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # makes `import bitsandbytes` raise ImportError
     with pytest.raises(OptimizerError) as error:
-        make_optimizer(groups(model()), "adamw8bit", BETAS, EPS, WD)
+        make_optimizer(groups(model()), TrainSection(optimizer="adamw8bit"))
     assert str(error.value) == "train.optimizer=adamw8bit needs the bitsandbytes package: pip install bitsandbytes"
 
 
 def test_unknown_optimizer_lists_the_choices():
-    with pytest.raises(OptimizerError, match="unknown train.optimizer 'sgd'; choose one of adamw, adamw8bit"):
-        make_optimizer(groups(model()), "sgd", BETAS, EPS, WD)
+    with pytest.raises(OptimizerError, match="unknown train.optimizer 'sgd'; choose one of adamw, adamw8bit, prodigy, lion, "):
+        make_optimizer(groups(model()), TrainSection(optimizer="sgd"))
 
 
 def train_plain(m: nn.Module, steps: int, factors: list[float]) -> torch.optim.Optimizer:

@@ -46,8 +46,8 @@ def assert_resumes_as_if_never_stopped(run_dir, data, setup, never_stopped) -> t
     return resumed_from, log
 
 
-@pytest.mark.parametrize(
-    "setup", ["single", "text-encoder", "torchrun", "recipe", "torchrun-recipe", "fused", "lora", "torchrun-lora", "sdxl-lora"])
+@pytest.mark.parametrize("setup", ["single", "text-encoder", "torchrun", "recipe", "torchrun-recipe", "fused", "lora", "torchrun-lora",
+                                   "sdxl-lora", "prodigy", "lion", "adafactor", "schedulefree-validated"])
 def test_sigterm_then_resume(setup, tmp_path, training_data, uninterrupted):
     """SIGTERM finishes the step, checkpoints, says how to resume and exits 143 (128 + SIGTERM: not
     finished). Under torchrun only rank 1 gets the signal: every rank must agree to stop at the same

@@ -44,6 +44,9 @@ SUBJECTS = (
     *BUCKET_OPTIONS, subjects_override("<data>"), "data.caption_template=a photo of {identifier} {class}",
     "data.caption_dropout=0.5", "data.masks=true", "data.random_flip=true", "data.center_crop=false",
 )
+PRODIGY = ("train.optimizer=prodigy", "train.lr=1.0")  # Prodigy's own lr: d, not lr, sets the step size
+SCHEDULE_FREE_VALIDATED = ("train.optimizer=adamw-schedulefree", "train.lr=1e-3", "validation.prompts=[a photo of sks toy]",
+                           "validation.every_n_steps=1", "validation.steps=2")
 TEXT_ENCODER_EMA = ("train.train_text_encoder=true", "train.ema_decay=0.9")
 SDXL = ("model.architecture=tiny-sdxl",)
 SETUPS = {
@@ -77,6 +80,16 @@ SETUPS = {
     "sdxl-text-encoder-ema": Setup(1, (*SDXL, "train.batch_size=2", *TEXT_ENCODER_EMA)),
     "torchrun-sdxl-text-encoder-ema": Setup(2, (*SDXL, "train.batch_size=1", *TEXT_ENCODER_EMA)),
     "fsdp-sdxl-text-encoder-ema": Setup(2, (*SDXL, "train.batch_size=1", *TEXT_ENCODER_EMA, "train.sharding=fsdp")),
+    # Issue 31: the optimizers beyond AdamW (tests/test_resume.py, tests/test_optimizer_choices.py); schedule-free
+    # with a validation grid (its evaluation weights swapped in and out) after every step.
+    "prodigy": Setup(1, ("train.batch_size=2", *PRODIGY)),
+    "torchrun-prodigy": Setup(2, ("train.batch_size=1", *PRODIGY)),
+    "lion": Setup(1, ("train.batch_size=2", "train.optimizer=lion")),
+    "torchrun-lion": Setup(2, ("train.batch_size=1", "train.optimizer=lion")),
+    "adafactor": Setup(1, ("train.batch_size=2", "train.optimizer=adafactor", "train.lr=1e-3")),
+    "torchrun-adafactor": Setup(2, ("train.batch_size=1", "train.optimizer=adafactor", "train.lr=1e-3")),
+    "schedulefree-validated": Setup(1, ("train.batch_size=2", *SCHEDULE_FREE_VALIDATED)),
+    "torchrun-schedulefree-validated": Setup(2, ("train.batch_size=1", *SCHEDULE_FREE_VALIDATED)),
     # Elastic (tests/test_elastic.py): the fsdp run above under torchrun --max-restarts=1.
     "elastic-fsdp": Setup(2, ("train.batch_size=1", *TEXT_ENCODER_EMA, "train.sharding=fsdp"), restarts=1),
 }

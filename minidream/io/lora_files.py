@@ -43,7 +43,7 @@ import safetensors
 import torch
 from torch import nn
 
-from minidream.config import SD15, ModelConfig, ScheduleConfig, TrainConfig
+from minidream.config import SD15, ModelConfig, ScheduleConfig, TrainConfig, TrainSection, optimizer_settings
 from minidream.files import file_sha256
 from minidream.io.adapter_files import (
     LYCORIS_ROLES,
@@ -220,7 +220,11 @@ def kohya_metadata(lora: LoRAFile, cfg: ModelConfig, title: str = "LoRA") -> dic
 
 
 # The class each train.optimizer builds (training/optimizers.py), as kohya records it: module.ClassName.
-KOHYA_OPTIMIZERS = {"adamw": "torch.optim.adamw.AdamW", "adamw8bit": "bitsandbytes.optim.adamw.AdamW8bit"}
+KOHYA_OPTIMIZERS = {
+    "adamw": "torch.optim.adamw.AdamW", "adamw8bit": "bitsandbytes.optim.adamw.AdamW8bit", "prodigy": "prodigyopt.prodigy.Prodigy",
+    "lion": "lion_pytorch.lion_pytorch.Lion", "adamw-schedulefree": "schedulefree.adamw_schedulefree.AdamWScheduleFree",
+    "adafactor": "torch.optim.Adafactor",
+}
 
 
 def kohya_settings(
@@ -247,11 +251,16 @@ def kohya_settings(
         "ss_gradient_checkpointing": str(train.gradient_checkpointing),
         "ss_mixed_precision": train.mixed_precision,
         "ss_max_grad_norm": str(train.max_grad_norm),
-        "ss_optimizer": f"{KOHYA_OPTIMIZERS[train.optimizer]}(weight_decay={train.weight_decay},"
-                        f"betas=({train.adam_beta1}, {train.adam_beta2}),eps={train.adam_eps})",
+        "ss_optimizer": kohya_optimizer(train),
         "ss_seed": str(train.seed),
         "ss_training_comment": f"minidream DreamBooth: {', '.join(map(repr, instance_prompts))}",
     }
+
+
+def kohya_optimizer(train: TrainSection) -> str:
+    """kohya's ss_optimizer: the class and the keyword settings it was built with, "Class(key=value,...)"."""
+    settings = ",".join(f"{key}={value}" for key, value in optimizer_settings(train).items())
+    return f"{KOHYA_OPTIMIZERS[train.optimizer]}({settings})"
 
 
 def _number(value: float) -> str:

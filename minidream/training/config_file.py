@@ -44,6 +44,11 @@ RANGES = (
     ("data.caption_dropout", 0, 1, True),
     ("data.max_aspect", 1, float("inf"), True),
     ("train.collective_timeout_s", 0, float("inf"), False),
+    ("train.prodigy_d_coef", 0, float("inf"), False),
+    ("train.lion_beta1", 0, 1, True),
+    ("train.lion_beta2", 0, 1, True),
+    ("train.adafactor_beta2_decay", -1, 0, True),
+    ("train.adafactor_d", 0, float("inf"), False),
 )
 EXAMPLE_SUBJECT_DIR = "example-subject"  # inside run.output_dir: never a folder the user named
 # Counts and intervals: zero or less would divide by zero or train nothing.
@@ -81,10 +86,20 @@ def load_train_config(
         config = apply_override(config, override)
     check_values(config)
     config = with_instance_dir(config)
-    note = example_prompts_note(data, overrides, config)
-    if note is not None:
-        say(note)
+    for note in (example_prompts_note(data, overrides, config), prodigy_lr_note(config)):
+        if note is not None:
+            say(note)
     return config
+
+
+def prodigy_lr_note(config: TrainConfig) -> str | None:
+    """Prodigy estimates the step size itself and train.lr multiplies it: an AdamW-sized lr all but
+    stops training. kohya warns below 0.1 as well (train_util.get_optimizer)."""
+    train = config.train
+    if train.optimizer == "prodigy" and train.lr < 0.1:
+        return (f"note: train.optimizer=prodigy with train.lr={train.lr}: Prodigy estimates its own step size and "
+                "train.lr multiplies it; use train.lr=1.0 and tune train.prodigy_d_coef")
+    return None
 
 
 def example_prompts_note(preset: dict, overrides: list[str], config: TrainConfig) -> str | None:
@@ -173,6 +188,7 @@ def check_combinations(config: TrainConfig) -> None:
         raise ConfigError(f"validation.karras: {error}") from None
     if config.data.bucket_step % PIXELS_PER_LATENT:
         raise ConfigError(f"data.bucket_step={config.data.bucket_step} must be a multiple of {PIXELS_PER_LATENT} (the VAE's downsampling)")
+    check_optimizer(config)
     if train.sharding == "fsdp" and not lora.rank:  # LoRA adapters are replicated under fsdp (training/sharding.py)
         check_fsdp(config)
     subjects_of(config)  # data.subjects: each entry complete, none a twin of another
@@ -192,6 +208,31 @@ def check_fsdp(config: TrainConfig) -> None:
     if config.eval.every_n_steps:
         raise ConfigError("eval.every_n_steps with train.sharding=fsdp: the ranks split the prompts, but every sharded forward "
                           "needs all ranks; evaluate the exported model with python -m minidream.evaluate instead")
+
+
+# Why each optimizer beyond AdamW is refused with train.sharding=fsdp (docs/training.md, Optimizers).
+NOT_SHARDED = {
+    "prodigy": "its step size d sums over every weight of every rank (the library's fsdp_in_use all-reduce is not wired)",
+    "adafactor": "its factored statistics and update clipping span whole tensors, which a shard holds only part of",
+    "lion": "its state is not written to sharded (DCP) checkpoints yet",
+    "adamw-schedulefree": "its evaluation-weight swap and state are not written to sharded (DCP) checkpoints yet",
+}
+
+
+def check_optimizer(config: TrainConfig) -> None:
+    """The combinations train.optimizer cannot run with."""
+    train, lora = config.train, config.lora
+    if train.optimizer in NOT_SHARDED and train.sharding == "fsdp":
+        raise ConfigError(f"train.optimizer={train.optimizer} with train.sharding=fsdp: {NOT_SHARDED[train.optimizer]}; use train.sharding=ddp")
+    if train.optimizer != "prodigy":
+        return
+    if train.fused_backward:
+        raise ConfigError("train.optimizer=prodigy estimates one step size from all gradients before it updates any weight, "
+                          "so it cannot step inside backward: set train.fused_backward=false")
+    text_encoder_trains = train.train_text_encoder or lora.text_encoder_rank > 0
+    if text_encoder_trains and train.text_encoder_lr not in (None, train.lr):
+        raise ConfigError("train.optimizer=prodigy adapts one step size for every weight (its groups' lr must be equal): "
+                          "leave train.text_encoder_lr unset")
 
 
 def apply_override(config, override: str):

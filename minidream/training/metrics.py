@@ -16,8 +16,10 @@ class MetricsLog:
     """Appends `metrics.jsonl` in the run folder; mirrors numbers to TensorBoard when enabled
     and installed (a missing tensorboard is a warning, never a reason to stop training)."""
 
-    def __init__(self, run_dir: Path, tensorboard: bool):
+    def __init__(self, run_dir: Path, tensorboard: bool, tracker=None):
+        """`tracker`: also given each record and closed with the log (wandb_log.WandbLog)."""
         self.path = Path(run_dir) / "metrics.jsonl"
+        self.tracker = tracker
         self.writer = None
         if tensorboard:
             try:
@@ -46,10 +48,14 @@ class MetricsLog:
             for key, value in record.items():
                 if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool):
                     self.writer.add_scalar(f"train/{key}", value, record["step"])
+        if self.tracker is not None:
+            self.tracker.log(record)
 
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
+        if self.tracker is not None:
+            self.tracker.finish()
 
 
 class PendingSteps:

@@ -5,40 +5,65 @@ Memory per trained parameter beyond the fp32 weights (4 bytes), by arithmetic:
   adamw + fused_backward     two fp32 moments 8, one gradient alive ~  8 bytes
   adamw8bit                  gradient 4 + two 8-bit moments 2       ~  6 bytes
   adamw8bit + fused_backward two 8-bit moments 2                    ~  2 bytes
+  prodigy                    gradient 4 + two moments, s, the start weights p0 16 = 20 bytes
+  lion                       gradient 4 + one momentum 4            =  8 bytes
+  adamw-schedulefree         gradient 4 + z 4 + second moment 4     = 12 bytes (+4 during its for-each step)
+  adafactor                  gradient 4 + row and column statistics ~  4 bytes (a 1-d tensor keeps a full one)
 What bench/optimizer_memory.py measures is in BENCHMARKS.md, "Optimizer memory".
 """
 
+import importlib
+
 import torch
 
-from minidream.config import OPTIMIZERS
-from minidream.training.step import step_unless
+from minidream.config import OPTIMIZERS, TrainSection, optimizer_settings
+from minidream.training.step import lr_factor, step_unless
+
+# train.optimizer -> (its pip package, module, class). adamw and adafactor are torch's own.
+CLASSES = {
+    "adamw": (None, "torch.optim", "AdamW"),
+    "adamw8bit": ("bitsandbytes", "bitsandbytes.optim", "AdamW8bit"),  # Dettmers et al. 2022
+    "prodigy": ("prodigyopt", "prodigyopt", "Prodigy"),  # Mishchenko & Defazio 2024
+    "lion": ("lion-pytorch", "lion_pytorch", "Lion"),  # Chen et al. 2023, "Symbolic Discovery of Optimization Algorithms"
+    "adamw-schedulefree": ("schedulefree", "schedulefree", "AdamWScheduleFree"),  # Defazio et al. 2024
+    "adafactor": (None, "torch.optim", "Adafactor"),  # Shazeer & Stern 2018
+}
 
 
 class OptimizerError(ValueError):
     """An optimizer setting that cannot be honoured, with what to do instead (one line)."""
 
 
-def make_optimizer(
-    param_groups: list[dict], name: str, betas: tuple[float, float], eps: float, weight_decay: float
-) -> torch.optim.Optimizer:
-    """AdamW (Loshchilov & Hutter 2019) over `param_groups` (each with its "params" and "lr").
+def optimizer_class(name: str) -> type:
+    """The class train.optimizer=`name` builds; a missing optional package is named with its pip command."""
+    if name not in CLASSES:
+        raise OptimizerError(f"unknown train.optimizer {name!r}; choose one of {', '.join(OPTIMIZERS)}")
+    package, module, attribute = CLASSES[name]
+    try:
+        return getattr(importlib.import_module(module), attribute)
+    except ImportError:
+        raise OptimizerError(f"train.optimizer={name} needs the {package} package: pip install {package}") from None
 
-    "adamw": torch's fused AdamW, one kernel for all weights, that can skip a step on the
-    device (training.step.step_unless). "adamw8bit": bitsandbytes' AdamW8bit (Dettmers et al.
-    2022, "8-bit Optimizers via Block-wise Quantization"): the moments in 8 bits per 256-value
-    block (tensors under 4096 values keep fp32 moments). It is the optional dependency that
-    diffusers' `--use_8bit_adam` uses too. It has no on-device skip, so skipping a non-finite
-    step reads the flag on the host.
+
+def make_optimizer(param_groups: list[dict], train: TrainSection) -> torch.optim.Optimizer:
+    """train.optimizer over `param_groups` (each with its "params" and "lr"), with its settings
+    (config.optimizer_settings).
+
+    "adamw": torch's fused AdamW (Loshchilov & Hutter 2019), one kernel for all weights, that can
+    skip a step on the device (training.step.step_unless). Every other optimizer skips a
+    non-finite step by reading the flag on the host, once per step; Prodigy and torch's Adafactor
+    also read values per parameter inside step() (docs/training.md, Optimizers: host reads).
+    "adamw8bit": the moments in 8 bits per 256-value block (tensors under 4096 values keep fp32
+    moments), the optional dependency of diffusers' `--use_8bit_adam`.
+    "adamw-schedulefree" is returned in its train mode (the library starts in eval mode and
+    refuses to step there); training.schedule_free swaps in its evaluation weights.
     """
-    if name == "adamw":
-        return torch.optim.AdamW(param_groups, betas=betas, eps=eps, weight_decay=weight_decay, fused=True)
-    if name == "adamw8bit":
-        try:
-            import bitsandbytes
-        except ImportError:
-            raise OptimizerError("train.optimizer=adamw8bit needs the bitsandbytes package: pip install bitsandbytes") from None
-        return bitsandbytes.optim.AdamW8bit(param_groups, betas=betas, eps=eps, weight_decay=weight_decay)
-    raise OptimizerError(f"unknown train.optimizer {name!r}; choose one of {', '.join(OPTIMIZERS)}")
+    optimizer_type = optimizer_class(train.optimizer)
+    settings = optimizer_settings(train) | ({"fused": True} if train.optimizer == "adamw" else {})
+    optimizer = optimizer_type(param_groups, **settings)
+    if train.optimizer == "adamw-schedulefree":
+        optimizer.train()  # no step taken yet: only the mode flag changes
+    return optimizer
 
 
 class FusedBackward:
@@ -46,7 +71,7 @@ class FusedBackward:
     gradient is complete, by an optimizer of its own, and its gradient is freed right away.
 
     So the gradients of the whole model never exist at once. `make` builds one optimizer from a
-    one-parameter group list, e.g. `lambda groups: make_optimizer(groups, "adamw", ...)`.
+    one-parameter group list, e.g. `lambda groups: make_optimizer(groups, train_section)`.
     Use: `fused.set_lr_factor(f)` before backward (it replaces the LR scheduler), `loss.backward()`
     (this is the step), then read `fused.nonfinite` (0-d bool: some gradient was not finite).
 
@@ -56,7 +81,7 @@ class FusedBackward:
     - DDP (its all-reduce lands after the hook has stepped on the local gradient);
     - fp16 GradScaler (its unscale and overflow check are per optimizer step).
     A parameter whose gradient is not finite is not stepped (fused AdamW: decided on the device;
-    adamw8bit: the host reads each parameter's flag); the others of that backward are.
+    any other: the host reads each parameter's flag); the rest of that backward are.
     `state_dict()` / `load_state_dict()` and `param_groups` make it checkpoint like an optimizer.
     """
 
@@ -108,3 +133,16 @@ class FusedBackward:
         for handle in self.handles:
             handle.remove()
         self.handles = []
+
+
+def build_optimizer(groups: list[dict], train: TrainSection) -> tuple[torch.optim.Optimizer | FusedBackward, torch.optim.lr_scheduler.LRScheduler | None]:
+    """train.optimizer over the groups and its LR schedule. fused_backward: the optimizer steps
+    inside backward, one weight at a time, its LR set per step (no scheduler)."""
+    def build(param_groups):
+        return make_optimizer(param_groups, train)
+
+    if train.fused_backward:
+        return FusedBackward(groups, build), None
+    optimizer = build(groups)
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: lr_factor(s, train.lr_schedule, train.warmup_steps, train.max_steps))
