@@ -10,7 +10,7 @@ import copy
 import pytest
 import torch
 from reference_models import relative_error
-from test_lora_files import assert_opens_as_in_diffusers, pair, tokenizer_folder  # noqa: F401 (fixtures)
+from test_lora_files import assert_opens_as_in_diffusers, pair  # noqa: F401 (a fixture)
 
 from minidream.config import TINY, TINY_SD2
 from minidream.io import convert

@@ -57,8 +57,9 @@ def run_recording_batches(run_dir, data, monkeypatch, overrides) -> list[dict]:
 
     class RecordingPromptEncoder(train.PromptEncoder):
         def __call__(self, prompts, device):
-            steps[-1]["context"] = super().__call__(prompts, device)
-            return steps[-1]["context"]
+            conditioning = super().__call__(prompts, device)
+            steps[-1]["context"] = conditioning.context
+            return conditioning
 
     make_noisy = train.noisy_latents_and_target
     monkeypatch.setattr(train, "noisy_latents_and_target", recording)
