@@ -3,7 +3,8 @@
 One step: the forward under autocast in --dtype (the frozen base in that dtype, fp32 adapters on
 the attention's to_q/k/v/out as in train_dreambooth_lora.py), MSE loss, backward, a fused AdamW
 step on the adapters only. Both UNets hold the same base Parameters and adapters of equal values,
-so the first step's losses must agree (checked). Parts:
+so the first step's losses must agree (checked). SDXL shapes (--config sdxl) get the pooled
+vector and time ids too: minidream's y, diffusers' added_cond_kwargs. Parts:
   speed       the two steps timed alternating in this process (the ratio minidream/diffusers)
   memory      each step's peak in a process of its own, what autograd saves for backward, and the
               arithmetic of the peak
