@@ -33,19 +33,19 @@ def forget_build_peak() -> None:
         clear_refs.write("5")
 
 
-def measure_peak(build: Callable[[], Callable[[], object]], settings: Settings) -> dict[str, float]:
-    """MB at the peak of STEPS calls of the step `build()` returns, and MB resident before them
+def measure_peak(build: Callable[[], Callable[[], object]], settings: Settings, steps: int = STEPS) -> dict[str, float]:
+    """MB at the peak of `steps` calls of the step `build()` returns, and MB resident before them
     (weights and adapters), both above what this process held before the build."""
     if settings.device.type == "cuda":
         baseline = torch.cuda.memory_allocated(settings.device)
         step = build()
         resident = (torch.cuda.memory_allocated(settings.device) - baseline) / MB
-        return {"peak_mb": cuda_peak_mb(step, STEPS, settings.device) - baseline / MB, "resident_mb": resident}
+        return {"peak_mb": cuda_peak_mb(step, steps, settings.device) - baseline / MB, "resident_mb": resident}
     baseline = proc_status_mb("VmRSS")
     step = build()
     forget_build_peak()
     resident = proc_status_mb("VmRSS") - baseline
-    for _ in range(STEPS):
+    for _ in range(steps):
         step()
     return {"peak_mb": proc_status_mb("VmHWM") - baseline, "resident_mb": resident}
 

@@ -3,7 +3,8 @@
 One step: the forward under autocast in --dtype (the frozen base in that dtype, fp32 adapters on
 the attention's to_q/k/v/out as in train_dreambooth_lora.py), MSE loss, backward, a fused AdamW
 step on the adapters only. Both UNets hold the same base Parameters and adapters of equal values,
-so the first step's losses must agree (checked). Parts:
+so the first step's losses must agree (checked). SDXL shapes (--config sdxl) get the pooled
+vector and time ids too: minidream's y, diffusers' added_cond_kwargs. Parts:
   speed       the two steps timed alternating in this process (the ratio minidream/diffusers)
   memory      each step's peak in a process of its own, what autograd saves for backward, and the
               arithmetic of the peak
@@ -41,9 +42,9 @@ from bench.lora_memory import (
 )
 from bench.lora_models import LoRAPair, adapter_parameter_count, lora_pair
 from bench.memory import child_figures
-from bench.models import IMPLEMENTATIONS, unet_forward
+from bench.models import IMPLEMENTATIONS, VectorConditioning, unet_forward
 from bench.saved_tensors import saved_bytes
-from bench.unet_train_step import make_optimizer, train_step, training_inputs
+from bench.unet_train_step import make_optimizer, train_step, training_inputs, vector_inputs
 
 PARTS = ("speed", "memory", "checkpoint")
 # Relative difference allowed between the two first-step losses: the same math, summed in other orders.
@@ -54,12 +55,15 @@ class LossMismatch(RuntimeError):
     """The two implementations' first losses differ: they do not compute the same step."""
 
 
-def lora_runs(pair: LoRAPair, inputs, settings: Settings) -> dict[str, Callable[[], torch.Tensor]]:
-    """One training step of each implementation, each with its own fused AdamW over its adapters."""
+def lora_runs(
+    pair: LoRAPair, inputs, settings: Settings, vector: VectorConditioning | None = None
+) -> dict[str, Callable[[], torch.Tensor]]:
+    """One training step of each implementation, each with its own fused AdamW over its adapters;
+    `vector`: SDXL's pooled embedding and time ids (None for models without them)."""
     runs = {}
     for impl in IMPLEMENTATIONS:
         params = pair.adapters[impl]
-        runs[impl] = partial(train_step, unet_forward(impl, pair.unet, pair.twin), inputs, params,
+        runs[impl] = partial(train_step, unet_forward(impl, pair.unet, pair.twin, vector), inputs, params,
                              make_optimizer(params, "adamw"), settings)
     return runs
 
@@ -94,6 +98,8 @@ def options() -> argparse.ArgumentParser:
     options.add_argument("--rank", type=int, default=4, help="LoRA rank (alpha = rank)")
     options.add_argument("--gradient-checkpointing", action="store_true", help="on in both models")
     options.add_argument("--parts", nargs="+", choices=PARTS, default=list(PARTS))
+    options.add_argument("--steps", type=int, default=STEPS,
+                         help="steps in each memory process (default %(default)s; AdamW's state exists from step 1 on)")
     options.add_argument("--child", choices=IMPLEMENTATIONS, help=argparse.SUPPRESS)
     return options
 
@@ -105,7 +111,9 @@ def latent_size(args: argparse.Namespace, settings: Settings) -> int:
 
 def child_step(impl: str, args: argparse.Namespace, settings: Settings) -> Callable[[], torch.Tensor]:
     pair = lora_pair(settings, args.rank, args.gradient_checkpointing)
-    return lora_runs(pair, training_inputs(settings, args.batch, latent_size(args, settings)), settings)[impl]
+    latent = latent_size(args, settings)
+    inputs = training_inputs(settings, args.batch, latent)
+    return lora_runs(pair, inputs, settings, vector_inputs(settings, args.batch, latent))[impl]
 
 
 def describe(args: argparse.Namespace, settings: Settings, latent: int) -> str:
@@ -120,7 +128,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = options().parse_args(argv)
     settings = settings_from(args)
     if args.child:
-        print(json.dumps(measure_peak(partial(child_step, args.child, args, settings), settings)))
+        print(json.dumps(measure_peak(partial(child_step, args.child, args, settings), settings, args.steps)))
         return {}
     latent = latent_size(args, settings)
     command_line = command(__spec__.name, argv)
@@ -130,7 +138,8 @@ def main(argv: list[str] | None = None) -> dict:
     if {"speed", "memory"} & set(args.parts):
         pair = lora_pair(settings, args.rank, args.gradient_checkpointing)
         inputs = training_inputs(settings, args.batch, latent)
-        runs = lora_runs(pair, inputs, settings)
+        vector = vector_inputs(settings, args.batch, latent)
+        runs = lora_runs(pair, inputs, settings, vector)
         results["losses"] = first_losses(runs, settings.dtype)
         print(f"\nSetup: {describe(args, settings, latent)}; adapters: "
               f"{adapter_parameter_count(pair, 'minidream'):,} parameters (minidream), "
@@ -140,12 +149,12 @@ def main(argv: list[str] | None = None) -> dict:
         results["speed"] = [speed_row(time_alternating(runs, settings), args.batch, latent, args.rank, settings)]
         report(results["speed"], settings, command_line)
     if "memory" in args.parts:
-        saved = {impl: saved_bytes(unet_forward(impl, pair.unet, pair.twin), inputs, pair.parameters(impl), settings)
+        saved = {impl: saved_bytes(unet_forward(impl, pair.unet, pair.twin, vector), inputs, pair.parameters(impl), settings)
                  for impl in IMPLEMENTATIONS}
         figures = {impl: arithmetic(pair, impl, saved[impl]) for impl in IMPLEMENTATIONS}
         results["memory"] = {"peaks": peaks, "saved": saved, "arithmetic": figures}
         measure_name = "CUDA max_memory_allocated" if settings.device.type == "cuda" else "peak RSS above the post-import RSS"
-        print(f"\nMemory: `{command_line}` ({measure_name}, {STEPS} steps, one process per implementation; "
+        print(f"\nMemory: `{command_line}` ({measure_name}, {args.steps} steps, one process per implementation; "
               "saved for backward: one forward's activations and autocast's copies of the adapters)\n")
         print(MEMORY_HEADER)
         print("\n".join(memory_rows(figures, saved, peaks)))

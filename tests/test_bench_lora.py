@@ -11,7 +11,8 @@ from bench import lora_train_step
 from bench.common import settings_from
 from bench.lora_checkpoint import FULL_BYTES_PER_PARAMETER, lora_checkpoint
 from bench.lora_models import lora_pair
-from bench.unet_train_step import training_inputs
+from bench.models import unet_forward
+from bench.unet_train_step import training_inputs, vector_inputs
 from minidream.config import TINY
 from minidream.models.lora import adapters_off, is_adapter_key
 
@@ -37,19 +38,29 @@ def test_bench_prints_both_implementations_and_their_agreeing_losses(capsys):
     assert memory["arithmetic"]["minidream"].adapters_mb == memory["arithmetic"]["diffusers"].adapters_mb
 
 
-def test_fp32_losses_agree_closely_and_the_adapters_change_them():
-    """The agreement is the adapters' too: without them the loss moves by far more than the bf16
-    check's tolerance, so that check would catch adapters that differ."""
-    args = lora_train_step.options().parse_args([*TINIEST, "--dtype", "fp32"])
+# How far the adapters must move the loss for the check at that dtype to catch adapters that differ.
+# tiny-sdxl's adapters move it by 6.9e-4 (relative), under the bf16 tolerance: there the fp32 check catches them.
+ADAPTERS_SEEN_AT = {"tiny": torch.bfloat16, "tiny-sdxl": torch.float32}
+
+
+@pytest.mark.parametrize("config", ["tiny", "tiny-sdxl"])
+def test_fp32_losses_agree_closely_and_the_adapters_change_them(config):
+    """The agreement is the adapters' too: without them the loss moves by far more than the
+    tolerance (bf16's for tiny, fp32's for tiny-sdxl), so the check would catch adapters that differ.
+    SDXL shapes: minidream takes the pooled vector and time ids as y, diffusers as added_cond_kwargs."""
+    args = lora_train_step.options().parse_args([*TINIEST, "--config", config, "--dtype", "fp32"])
     settings = settings_from(args)
     pair = lora_pair(settings, rank=4, gradient_checkpointing=False)
     inputs = training_inputs(settings, 2, 8)
-    losses = lora_train_step.first_losses(lora_train_step.lora_runs(pair, inputs, settings), torch.float32)
+    vector = vector_inputs(settings, 2, 8)
+    assert (vector is not None) == (config == "tiny-sdxl")
+    losses = lora_train_step.first_losses(lora_train_step.lora_runs(pair, inputs, settings, vector), torch.float32)
     assert losses["minidream"] == pytest.approx(losses["diffusers"], rel=1e-5)
     x, t, context, target = inputs
     with torch.no_grad(), adapters_off(pair.unet):
-        base_loss = torch.nn.functional.mse_loss(pair.unet(x, t, context), target).item()
-    assert abs(base_loss - losses["minidream"]) / losses["minidream"] > 5 * lora_train_step.LOSS_RTOL[torch.bfloat16]
+        base = unet_forward("minidream", pair.unet, pair.twin, vector)(x, t, context)
+        base_loss = torch.nn.functional.mse_loss(base, target).item()
+    assert abs(base_loss - losses["minidream"]) / losses["minidream"] > 5 * lora_train_step.LOSS_RTOL[ADAPTERS_SEEN_AT[config]]
 
 
 def test_checkpoint_holds_only_the_adapters_and_their_optimizer_state(tmp_path):

@@ -10,6 +10,7 @@ import sys
 import pytest
 
 from bench import (
+    fsdp_memory,
     memory,
     sampling_loop,
     saved_tensors,
@@ -19,7 +20,8 @@ from bench import (
 )
 from bench.common import SD15_TFLOP
 from bench.models import counted_unet_tflop
-from minidream.config import SD15
+from minidream.config import SD15, TINY_SDXL
+from minidream.models.unet import UNet
 
 TIMING = ["--device", "cpu", "--warmup", "0", "--repeats", "1"]
 TINIEST = [*TIMING, "--config", "tiny"]
@@ -90,6 +92,19 @@ def test_memory_measures_each_implementation_in_its_own_process(capsys):
     printed = capsys.readouterr().out
     assert "Command: `python -m bench.memory " in printed
     assert "minidream/diffusers" in printed
+
+
+def test_fsdp_memory_shards_the_sdxl_unet_alone_at_16_bytes_per_parameter_over_n(capsys):
+    """SDXL's full fine-tune trains the UNet on cached text states: rank 0 of 4 holds a quarter
+    of the UNet's weights, gradients and moments (a little more: it gets the larger part of an
+    uneven split), and no text encoder."""
+    measured = fsdp_memory.main(["--ranks", "4", "--config", "tiny-sdxl", "--unet-only"])
+    assert measured["params"] == sum(p.numel() for p in UNet(TINY_SDXL.unet).parameters())
+    assert measured["expected"] <= measured["training_state"] <= 1.01 * measured["expected"]
+    assert "tiny-sdxl: UNet trained" in capsys.readouterr().out
+    with pytest.raises(SystemExit):  # both text encoders trained: not what this bench measures
+        fsdp_memory.main(["--ranks", "4", "--config", "tiny-sdxl"])
+    assert "add --unet-only" in capsys.readouterr().err
 
 
 def test_train_features_times_train_py_with_each_feature_on_and_off(capsys):
