@@ -1,6 +1,6 @@
 """Issue 17, during training: `eval.every_n_steps` writes the DreamBooth paper's DINO, CLIP-I and
 CLIP-T of the current weights into metrics.jsonl, the same numbers `minidream.evaluate` gives for
-the exported model; under torchrun the ranks split the prompts."""
+the exported model (SD and SDXL); under torchrun the ranks split the prompts."""
 
 import subprocess
 import sys
@@ -32,10 +32,10 @@ def eval_models(tmp_path_factory):
     return root
 
 
-@pytest.mark.parametrize("nproc", [1, 2])
-def test_scores_in_metrics_equal_evaluating_the_exported_model(nproc, eval_models, tmp_path, one_thread):
+@pytest.mark.parametrize("nproc, architecture", [(1, "tiny"), (2, "tiny"), (1, "tiny-sdxl")])
+def test_scores_in_metrics_equal_evaluating_the_exported_model(nproc, architecture, eval_models, tmp_path, one_thread):
     run_dir = tmp_path / "run"
-    args = [str(TRAIN), f"run.output_dir={run_dir}", f"data.instance_dir={PHOTOS / 'dog'}", "data.class_dir=null",
+    args = [str(TRAIN), f"run.output_dir={run_dir}", f"model.architecture={architecture}", f"data.instance_dir={PHOTOS / 'dog'}", "data.class_dir=null",
             "train.max_steps=4", "train.batch_size=1", "checkpoint.every_n_steps=4", "validation.prompts=[]",
             "eval.every_n_steps=2", f"eval.clip={eval_models / 'clip'}", f"eval.dino={eval_models / 'dino'}",
             f"eval.prompts=[{', '.join(PROMPTS)}]", "eval.images_per_prompt=2", "eval.steps=2"]
@@ -49,7 +49,7 @@ def test_scores_in_metrics_equal_evaluating_the_exported_model(nproc, eval_model
     models = load_eval_models(eval_models / "clip", eval_models / "dino")
     real = embed_images(models, subject_images(PHOTOS / "dog"))
     scores, _ = evaluate(load_pipeline(run_dir / "model.safetensors"), models, real, PROMPTS, images_per_prompt=2,
-                         sampling=Sampling(steps=2, height=64, width=64))
+                         sampling=Sampling(steps=2, guidance=7.5, height=64, width=64))  # eval.guidance's default
     for name in ("dino", "clip_i", "clip_t"):
         assert -1 <= final[name] <= 1
         # One thread here as in the run (one_thread): with two, sums ran in another order and a score
