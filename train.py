@@ -193,7 +193,7 @@ def prepare_models(cfg: TrainConfig, pipe: Pipeline, amp_dtype: torch.dtype) -> 
     text_encoder_lr = tcfg.text_encoder_lr or tcfg.lr
     pipe.vae.requires_grad_(False).to(dtype=vae_dtype(amp_dtype))  # fp16 keeps an fp32 VAE: its decoder overflows fp16
     trained = {"unet": pipe.unet}
-    encoders = text_encoders_by_name(pipe)  # SDXL: both train, or neither
+    encoders = pipe.text_encoders_by_name  # SDXL: both train, or neither
     if lora.rank:
         add_lora(pipe.unet, lora.targets, lora.rank, lora.alpha, lora.dropout, generator=lora.init_seed)
         groups = [{"params": train_adapters_only(pipe.unet, amp_dtype), "lr": tcfg.lr}]
@@ -218,11 +218,6 @@ def prepare_models(cfg: TrainConfig, pipe: Pipeline, amp_dtype: torch.dtype) -> 
     return trained, groups
 
 
-def text_encoders_by_name(pipe: Pipeline) -> dict[str, nn.Module]:
-    """The text encoders by checkpoint name: "text_encoder", and SDXL's "text_encoder_2"."""
-    return {"text_encoder": pipe.text_encoder} | ({"text_encoder_2": pipe.text_encoder_2} if pipe.text_encoder_2 else {})
-
-
 def distribute(
     pipe: Pipeline, trained: dict[str, nn.Module], groups: list[dict], env: Distributed, amp_dtype: torch.dtype, fsdp: bool,
 ) -> tuple[nn.Module, list[nn.Module], list[nn.Module], list[dict]]:
@@ -241,7 +236,7 @@ def distribute(
                                        find_unused_parameters=name != "unet")
 
     wrapped = {name: wrap(name, module) for name, module in trained.items()}
-    text_encoders = [wrapped.get(name, encoder) for name, encoder in text_encoders_by_name(pipe).items()]
+    text_encoders = [wrapped.get(name, encoder) for name, encoder in pipe.text_encoders_by_name.items()]
     return wrapped["unet"], text_encoders, list(wrapped.values()) if env.world_size > 1 else [], groups
 
 
@@ -256,8 +251,8 @@ def weights_as_exported(cfg: TrainConfig, pipe: Pipeline, ema: EMA | None, run_d
             yield None
             return
         path = run_dir / "lora.safetensors"
-        adapted = pipe.text_encoders if cfg.lora.text_encoder_rank else []
-        save_lora(path, pipe.unet, *adapted[:1], settings=kohya, text_encoder_2=adapted[1] if len(adapted) > 1 else None,
+        adapted = pipe.text_encoders_by_name if cfg.lora.text_encoder_rank else {}
+        save_lora(path, pipe.unet, adapted.get("text_encoder"), text_encoder_2=adapted.get("text_encoder_2"), settings=kohya,
                   schedule=pipe.config.schedule)
         with lora_merged(pipe, read_lora_file(path, pipe.config)):
             yield path
@@ -284,7 +279,7 @@ def export(cfg: TrainConfig, env: Distributed, pipe: Pipeline, trained: dict[str
             unet_ema = sharding.gathered({k.removeprefix("unet."): v for k, v in shadow.items() if k.startswith("unet.")}, env.is_main)
         if env.is_main:
             exported = dataclasses.replace(pipe, **{name: twins.get(name, module) for name, module in
-                                                    {"unet": pipe.unet, **text_encoders_by_name(pipe)}.items()})
+                                                    {"unet": pipe.unet, **pipe.text_encoders_by_name}.items()})
             save_pipeline(exported, path, dtype=dtype, unet_ema=unet_ema)
         return path
     if not env.is_main:

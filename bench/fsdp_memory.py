@@ -58,7 +58,7 @@ def text_states(trained: dict[str, torch.nn.Module], cfg: ModelConfig, generator
     return context, y
 
 
-def sharded_after_one_step(ranks: int, config_name: str, latent: int, unet_only: bool):
+def sharded_after_one_step(ranks: int, config_name: str, latent: int, unet_only: bool = False):
     """Rank 0 of `ranks` on the fake process group: the config's UNet (and, unless `unet_only`,
     its text encoder) sharded (allocated as shards only) and stepped once at a small latent, so
     FSDP itself has made the gradient shards and AdamW its moments. Returns (trained modules,
@@ -84,7 +84,7 @@ def sharded_after_one_step(ranks: int, config_name: str, latent: int, unet_only:
     return trained, [p for g in groups for p in g["params"]], optimizer
 
 
-def measure(ranks: int, config_name: str, frozen_dtype: torch.dtype, latent: int, unet_only: bool = False) -> dict:
+def measure(ranks: int, config_name: str, frozen_dtype: torch.dtype, latent: int, unet_only: bool) -> dict:
     before = rss_bytes()
     vae = AutoencoderKL(ARCHITECTURES[config_name].vae).to(frozen_dtype).requires_grad_(False)  # replicated, as train.py keeps it
     trained, weights, optimizer = sharded_after_one_step(ranks, config_name, latent, unet_only)

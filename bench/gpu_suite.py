@@ -72,7 +72,6 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = REPO_ROOT / "configs"
 RECIPE_STEPS = 3  # AdamW allocates its state in step 1; later steps hold it alongside gradients and activations
 GUIDANCE = 7.5
-LORA_PROBE = "lora.rank=4"
 
 
 @dataclass(frozen=True)
@@ -89,7 +88,7 @@ class Scale:
     recipes: dict[str, tuple[str, tuple[str, ...]]] = dataclasses.field(default_factory=lambda: SD_RECIPES)
 
 
-SD_RECIPES = {"full": ("dreambooth-sd15.yaml", ()), "lora": ("dreambooth-sd15.yaml", (LORA_PROBE,))}
+SD_RECIPES = {"full": ("dreambooth-sd15.yaml", ()), "lora": ("dreambooth-sd15.yaml", ("lora.rank=4",))}
 # SDXL's own recipes. The full one with plain AdamW (fused into backward): the lent machine has no
 # bitsandbytes for the recipe's adamw8bit, and 2.57B weights x 12 bytes (weights and moments) fit 80 GB.
 SDXL_RECIPES = {"full": ("dreambooth-sdxl.yaml", ("train.optimizer=adamw",)), "lora": ("dreambooth-lora-sdxl.yaml", ())}

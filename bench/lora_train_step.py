@@ -56,7 +56,7 @@ class LossMismatch(RuntimeError):
 
 
 def lora_runs(
-    pair: LoRAPair, inputs, settings: Settings, vector: VectorConditioning | None = None
+    pair: LoRAPair, inputs, settings: Settings, vector: VectorConditioning | None
 ) -> dict[str, Callable[[], torch.Tensor]]:
     """One training step of each implementation, each with its own fused AdamW over its adapters;
     `vector`: SDXL's pooled embedding and time ids (None for models without them)."""

@@ -21,13 +21,12 @@ from minidream.models.adapters import (
     FullDiff,
     LoHa,
     LoKr,
-    changed_bias,
     changed_weight,
     magnitude_shape,
     on_device,
     weight_change,
 )
-from minidream.models.lora import layer_bias, layer_weight
+from minidream.models.lora import fold_into, layer_bias, layer_weight
 
 LOHA_KEYS = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2")
 LOKR_KEYS = ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2")
@@ -117,7 +116,7 @@ def merge_change(model: nn.Module, name: str, change: Change, strength: float) -
         bias = layer_bias(model, name)
         if bias is None:
             raise ValueError(f"layer {name} has no bias for the file's diff_b")
-        bias.copy_(changed_bias(bias, change, strength).to(bias.dtype))
+        fold_into(bias, strength * change.diff_b.float().reshape(bias.shape))  # ComfyUI's "diff" patch on the bias
 
 
 def touched_tensors(model: nn.Module, name: str, change: Change) -> list[torch.Tensor]:

@@ -16,6 +16,7 @@ import torch
 
 from minidream.io.lora_files import LoRAFile, write_lora_file
 from minidream.io.lora_names import model_layers
+from minidream.models.adapters import on_device
 from minidream.models.lora import Adapter, layer_weight, target_layers
 from minidream.models.pipeline import Pipeline
 
@@ -45,7 +46,7 @@ def truncated_svd(delta: torch.Tensor, rank: int | float) -> tuple[Adapter, floa
     out, _, *kernel = delta.shape
     up = (u[:, :r] * s[:r]).reshape(out, r, *[1] * len(kernel))  # kohya puts S into up
     down = vh[:r].reshape(r, *delta.shape[1:])
-    return Adapter(down.contiguous(), up.contiguous(), float(r)), cumulative[r - 1].item()
+    return Adapter(down, up, float(r)), cumulative[r - 1].item()
 
 
 def extract_lora(tuned: Pipeline, base: Pipeline, rank: int | float, conv_rank: int | float) -> tuple[LoRAFile,
@@ -56,16 +57,19 @@ def extract_lora(tuned: Pipeline, base: Pipeline, rank: int | float, conv_rank: 
     parts, fits = {}, []
     for part, layers in model_layers(tuned.config).items():
         parts[part] = {}
-        targets = set(target_layers(getattr(tuned, part), "all"))
+        tuned_model, base_model = getattr(tuned, part), getattr(base, part)
+        targets = set(target_layers(tuned_model, "all"))
         for layer in (layer for layer in layers if layer.minidream in targets):
             is_conv = len(layer.shape) == 4 and layer.shape[2:] != (1, 1)
             layer_rank = conv_rank if is_conv else rank
-            delta = (layer_weight(getattr(tuned, part), layer.minidream).detach().float()
-                     - layer_weight(getattr(base, part), layer.minidream).detach().float())
-            if not layer_rank or not delta.any():
+            if not layer_rank:
+                continue
+            delta = (layer_weight(tuned_model, layer.minidream).detach().float()
+                     - layer_weight(base_model, layer.minidream).detach().float())
+            if not delta.any():
                 continue
             adapter, kept = truncated_svd(delta, layer_rank)
-            parts[part][layer.minidream] = Adapter(adapter.down.cpu(), adapter.up.cpu(), adapter.alpha)
+            parts[part][layer.minidream] = on_device(adapter, "cpu")
             fits.append(LayerFit(part, layer.minidream, adapter.rank, kept, max(0.0, 1.0 - kept) ** 0.5))
     return LoRAFile(parts["unet"], parts["text_encoder"], {}, parts.get("text_encoder_2", {})), fits
 

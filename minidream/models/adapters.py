@@ -158,18 +158,12 @@ def dora_weight(weight: torch.Tensor, delta: torch.Tensor, magnitude: torch.Tens
 
 
 def changed_weight(weight: torch.Tensor, change: Change, strength: float) -> torch.Tensor:
-    """The weight after `change` at `strength`, in fp32 (the bias of a FullDiff: `changed_bias`)."""
+    """The weight after `change` at `strength`, in fp32 (a FullDiff's bias: io.adapter_files.merge_change)."""
     if isinstance(change, Decomposed):
         return dora_weight(weight, weight_change(change.adapter, weight.shape, 1.0), change.magnitude, strength)
-    if isinstance(change, FullDiff):
-        return weight.float() if change.diff is None else weight.float() + strength * change.diff.float().reshape(
-            weight.shape)
+    if isinstance(change, FullDiff):  # merge_change calls it only with a diff
+        return weight.float() + strength * change.diff.float().reshape(weight.shape)
     return weight.float() + weight_change(change, weight.shape, strength)
-
-
-def changed_bias(bias: torch.Tensor, change: FullDiff, strength: float) -> torch.Tensor:
-    """b + s·Δb in fp32 (ComfyUI's "diff" patch on `<module>.bias`)."""
-    return bias.float() + strength * change.diff_b.float().reshape(bias.shape)
 
 
 def on_device(change: Change, device: torch.device | str) -> Change:

@@ -351,19 +351,21 @@ def _adapt_in_proj(model: nn.Module, name: str, part: str, rank: int, alpha: flo
 
 def layer_weight(model: nn.Module, name: str) -> torch.Tensor:
     """The weight the LoRA layer `name` changes: the layer's, or its rows of in_proj_weight (a view)."""
-    parent, _, child = name.rpartition(".")
-    if child in IN_PROJ_SLICES:
-        return model.get_submodule(parent).in_proj_weight.chunk(3)[IN_PROJ_SLICES.index(child)]
-    return model.get_submodule(name).weight
+    return _layer_tensor(model, name, "weight")
 
 
 def layer_bias(model: nn.Module, name: str) -> torch.Tensor | None:
     """The bias beside `layer_weight(model, name)`: the layer's, or its part of in_proj_bias; None without one."""
+    return _layer_tensor(model, name, "bias")
+
+
+def _layer_tensor(model: nn.Module, name: str, kind: str) -> torch.Tensor | None:
+    """The layer's `kind` ("weight" or "bias"); for a q/k/v slice, its third of the fused in_proj_<kind>."""
     parent, _, child = name.rpartition(".")
     if child in IN_PROJ_SLICES:
-        bias = model.get_submodule(parent).in_proj_bias
-        return bias.chunk(3)[IN_PROJ_SLICES.index(child)] if bias is not None else None
-    return model.get_submodule(name).bias
+        fused = getattr(model.get_submodule(parent), f"in_proj_{kind}")
+        return fused.chunk(3)[IN_PROJ_SLICES.index(child)] if fused is not None else None
+    return getattr(model.get_submodule(name), kind)
 
 
 @torch.no_grad()

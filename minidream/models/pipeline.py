@@ -29,8 +29,14 @@ class Pipeline:
     tokenizer_2: CLIPTokenizer | None = None
 
     @property
+    def text_encoders_by_name(self) -> dict[str, CLIPTextModel | OpenCLIPTextModel]:
+        """The text encoders by attribute (= checkpoint) name: "text_encoder", and SDXL's "text_encoder_2"."""
+        second = {"text_encoder_2": self.text_encoder_2} if self.text_encoder_2 is not None else {}
+        return {"text_encoder": self.text_encoder} | second
+
+    @property
     def text_encoders(self) -> list[CLIPTextModel | OpenCLIPTextModel]:
-        return [self.text_encoder] + ([self.text_encoder_2] if self.text_encoder_2 is not None else [])
+        return list(self.text_encoders_by_name.values())
 
     @property
     def tokenizers(self) -> list[CLIPTokenizer]:

@@ -116,25 +116,23 @@ class PromptEncoder:
 
     def __call__(self, prompts: list[str], device: torch.device) -> Conditioning:
         if self.trainable:
-            conditioning = self._encode(prompts, device)
-            if self.zeros_for_empty and "" in prompts:
-                kept = to_device(torch.tensor([float(p != "") for p in prompts]), device)
-                conditioning = Conditioning(*(part * kept.view(-1, *[1] * (part.ndim - 1)) for part in conditioning))
-            return conditioning
+            return self._encode(prompts, device)
         missing = sorted(set(prompts) - self.cache.keys())
         if missing:
             with torch.no_grad():
                 encoded = self._encode(missing, device)
             for i, prompt in enumerate(missing):
-                rows = Conditioning(*(part[i] if part is not None else None for part in encoded))
-                zero = self.zeros_for_empty and prompt == ""
-                self.cache[prompt] = Conditioning(*(torch.zeros_like(r) if zero and r is not None else r for r in rows))
+                self.cache[prompt] = Conditioning(*(part[i] if part is not None else None for part in encoded))
         rows = [self.cache[p] for p in prompts]
         return Conditioning(*(torch.stack(parts) if parts[0] is not None else None for parts in zip(*rows)))
 
     def _encode(self, prompts: list[str], device: torch.device) -> Conditioning:
         ids = [to_device(tokenizer(prompts), device) for tokenizer in self.tokenizers]
-        return text_conditioning(self.text_encoders, ids, self.clip_skip)
+        conditioning = text_conditioning(self.text_encoders, ids, self.clip_skip)
+        if not (self.zeros_for_empty and "" in prompts):
+            return conditioning
+        kept = to_device(torch.tensor([float(p != "") for p in prompts]), device)
+        return Conditioning(*(part * kept.view(-1, *[1] * (part.ndim - 1)) for part in conditioning))
 
 
 class Batch(NamedTuple):
